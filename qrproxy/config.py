@@ -1,0 +1,469 @@
+"""The one YAML config file, parsed into typed, validated objects.
+
+Every error names the key path and the line in the file, because the person reading it is a site
+engineer at a console, not a Python developer. Unknown keys are errors: a typo such as `ae_tilte` must
+not silently fall back to a default. Validation happens in two passes: pydantic checks the shape and
+types of each key, then `_cross_check` checks what refers to what (routes to nodes, refresh jobs to
+nodes with the right role, tag names, regexes, cron lines), each with its own key path.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
+from sqlalchemy.engine import make_url
+
+from .tags import parse_tag
+from .units import is_relative_date, parse_duration, parse_size
+
+ROLES = ("store", "query", "retrieve", "commitment", "worklist", "modality", "mpps")
+TRANSFER_SYNTAXES = (
+    "as-received",
+    "explicit-little",
+    "jpeg2000-lossless",
+    "jpegls-lossless",
+    "rle-lossless",
+)
+ROUTE_AE_KEYS = ("calling_ae", "called_ae")
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Size = Annotated[int, BeforeValidator(parse_size)]
+
+
+def _check_ae_title(value: str) -> str:
+    """PS3.5 AE title: 1-16 characters of the default repertoire, no backslash, not only spaces."""
+    if not isinstance(value, str):
+        raise ValueError(f"an AE title is text, got {value!r}")
+    stripped = value.strip()
+    if not stripped:
+        raise ValueError("an AE title cannot be empty")
+    if len(stripped) > 16:
+        raise ValueError(f"an AE title has at most 16 characters, {stripped!r} has {len(stripped)}")
+    if "\\" in stripped or any(ord(c) < 0x20 or ord(c) > 0x7E for c in stripped):
+        raise ValueError(f"{stripped!r}: AE titles use printable ASCII without backslash")
+    return stripped
+
+
+AETitle = Annotated[str, BeforeValidator(_check_ae_title)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class Node(_Strict):
+    ae_title: AETitle
+    host: str
+    port: Port
+    roles: list[Literal[ROLES]] = Field(default_factory=list)  # type: ignore[valid-type]
+    transfer_syntax: Literal[TRANSFER_SYNTAXES] = "as-received"  # type: ignore[valid-type]
+    impersonate: bool = False
+    tls: bool = False
+    timeout: Duration = 30.0
+    max_pdu: int = Field(default=0, ge=0)
+
+    @field_validator("roles")
+    @classmethod
+    def _unique_roles(cls, v: list[str]) -> list[str]:
+        return list(dict.fromkeys(v))
+
+
+class QuerySettings(_Strict):
+    mode: Literal["cache-first", "upstream-first", "cache-only"] = "cache-first"
+    upstream_timeout: Duration = 5.0
+    stale_after: Duration = 3600.0
+
+
+class RefreshJob(_Strict):
+    name: str
+    node: str
+    kind: Literal["worklist", "studies"]
+    every: Duration | None = None
+    cron: str | None = None
+    timeout: Duration = 300.0
+    query: dict[str, Any] = Field(default_factory=dict)
+
+
+class Route(_Strict):
+    name: str
+    when: dict[str, str] = Field(default_factory=dict)
+    to: list[str] = Field(default_factory=list)
+    remove_original: bool = False
+
+
+class Mutation(_Strict):
+    name: str
+    on: Literal["worklist", "store", "query"]
+    when: dict[str, str] = Field(default_factory=dict)
+    set: dict[str, Any] = Field(default_factory=dict)
+    remove: list[str] = Field(default_factory=list)
+    nodes: list[str] = Field(default_factory=list)
+
+
+class Encryption(_Strict):
+    key_file: Path
+
+
+class Http(_Strict):
+    host: str = "127.0.0.1"
+    port: Port = 8042
+
+
+class Tls(_Strict):
+    port: Port
+    cert_file: Path
+    key_file: Path
+    ca_file: Path | None = None
+
+
+class Logging(_Strict):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    file: Path | None = None
+    dicom_debug: bool = False
+
+
+class Config(_Strict):
+    ae_title: AETitle = "QRPROXY"
+    host: str = "0.0.0.0"
+    port: Port = 11112
+    database: str = "sqlite:///var/qrproxy.sqlite3"
+    spool_dir: Path = Path("var/spool")
+    max_associations: int = Field(default=100, ge=1, le=10000)
+    max_pdu: int = Field(default=262144, ge=0)
+    allowed_calling_ae_titles: list[AETitle] = Field(default_factory=list)
+    unknown_calling_ae: Literal["accept", "reject"] | None = None
+    nodes: dict[str, Node] = Field(default_factory=dict)
+    query: QuerySettings = Field(default_factory=QuerySettings)
+    refresh: list[RefreshJob] = Field(default_factory=list)
+    routes: list[Route] = Field(default_factory=list)
+    mutations: list[Mutation] = Field(default_factory=list)
+    encryption: Encryption | None = None
+    http: Http | None = None
+    tls: Tls | None = None
+    log: Logging = Field(default_factory=Logging)
+
+    # Not from the file: where it came from, for messages and relative paths.
+    source: Path | None = Field(default=None, exclude=True)
+
+    @property
+    def rejects_unknown_ae(self) -> bool:
+        """Unset `unknown_calling_ae` means: reject when a whitelist is given, accept otherwise."""
+        if self.unknown_calling_ae is None:
+            return bool(self.allowed_calling_ae_titles)
+        return self.unknown_calling_ae == "reject"
+
+    @property
+    def known_calling_ae_titles(self) -> set[str]:
+        return set(self.allowed_calling_ae_titles) | {n.ae_title for n in self.nodes.values()}
+
+    def nodes_with_role(self, role: str) -> dict[str, Node]:
+        return {name: n for name, n in self.nodes.items() if role in n.roles}
+
+    def node_for_ae(self, ae_title: str) -> tuple[str, Node] | None:
+        ae_title = ae_title.strip()
+        for name, node in self.nodes.items():
+            if node.ae_title == ae_title:
+                return name, node
+        return None
+
+
+class ConfigError(Exception):
+    """Raised with every problem found; `str()` is what `qrproxy check` prints."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+# --- YAML with line numbers -------------------------------------------------------------------
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false. YAML 1.1 turns the contract's `on: worklist` key into True
+    and `NO` (Norway, a country code) into False; neither is what a site engineer means."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+@dataclass
+class _Located:
+    data: Any
+    lines: dict[tuple[Any, ...], int]
+
+
+def _walk(node: yaml.Node, path: tuple[Any, ...], lines: dict, problems: list[str], fname: str) -> None:
+    if isinstance(node, yaml.MappingNode):
+        seen: set[Any] = set()
+        for key_node, value_node in node.value:
+            key = key_node.value
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                problems.append(f"{fname}:{line}: {_dotted(path + (key,))}: duplicate key")
+            seen.add(key)
+            lines[path + (key,)] = line
+            _walk(value_node, path + (key,), lines, problems, fname)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            lines[path + (i,)] = item.start_mark.line + 1
+            _walk(item, path + (i,), lines, problems, fname)
+
+
+def _dotted(path: tuple[Any, ...]) -> str:
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "(top level)"
+
+
+def _load_yaml(text: str, fname: str) -> _Located:
+    problems: list[str] = []
+    try:
+        root = yaml.compose(text, Loader=_Loader)
+        data = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{fname}:{mark.line + 1}" if mark else fname
+        raise ConfigError([f"{where}: (yaml): {getattr(exc, 'problem', None) or exc}"]) from None
+    lines: dict[tuple[Any, ...], int] = {}
+    if root is not None:
+        _walk(root, (), lines, problems, fname)
+    if problems:
+        raise ConfigError(problems)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{fname}:1: (top level): expected a mapping of keys, got {type(data).__name__}"])
+    return _Located(data, lines)
+
+
+def _line_for(path: tuple[Any, ...], lines: dict[tuple[Any, ...], int]) -> int | None:
+    for n in range(len(path), 0, -1):
+        if path[:n] in lines:
+            return lines[path[:n]]
+    return None
+
+
+def _fmt(fname: str, path: tuple[Any, ...], lines: dict, msg: str) -> str:
+    line = _line_for(path, lines)
+    where = f"{fname}:{line}" if line else fname
+    return f"{where}: {_dotted(path)}: {msg}"
+
+
+def _pydantic_problems(exc: ValidationError, fname: str, lines: dict, data: dict) -> list[str]:
+    out = []
+    for err in exc.errors():
+        # pydantic adds union-member and validator names to loc; keep only the real key path.
+        path: list[Any] = []
+        node: Any = data
+        for part in err["loc"]:
+            if isinstance(node, dict) and part in node:
+                path.append(part)
+                node = node[part]
+            elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+                path.append(part)
+                node = node[part]
+            elif err["type"] == "extra_forbidden" and part == err["loc"][-1]:
+                path.append(part)
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see README 'Configuration')"
+        elif err["type"] == "missing":
+            msg = f"missing required key {err['loc'][-1]!r}"
+            path = path[: len(path)]
+        msg = msg.replace("Value error, ", "")
+        out.append(_fmt(fname, tuple(path), lines, msg))
+    return out
+
+
+# --- Cross references -------------------------------------------------------------------------
+
+
+def _check_when(prefix: tuple, when: dict[str, str], allow_ae: bool) -> Iterator[tuple[tuple, str]]:
+    for key, pattern in when.items():
+        if not (allow_ae and key in ROUTE_AE_KEYS):
+            try:
+                parse_tag(key)
+            except ValueError as exc:
+                yield prefix + (key,), str(exc)
+                continue
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            yield prefix + (key,), f"bad regular expression {pattern!r}: {exc}"
+
+
+def _cross_check(cfg: Config) -> Iterator[tuple[tuple, str]]:
+    names = set(cfg.nodes)
+    for name, node in cfg.nodes.items():
+        if node.ae_title == cfg.ae_title:
+            yield ("nodes", name, "ae_title"), f"{node.ae_title!r} is qrproxy's own ae_title"
+    seen_ae: dict[str, str] = {}
+    for name, node in cfg.nodes.items():
+        if node.ae_title in seen_ae:
+            yield ("nodes", name, "ae_title"), (
+                f"{node.ae_title!r} is also the AE title of node {seen_ae[node.ae_title]!r}; "
+                "AE titles address nodes and must be unique"
+            )
+        seen_ae.setdefault(node.ae_title, name)
+    if cfg.rejects_unknown_ae and not cfg.known_calling_ae_titles:
+        yield ("unknown_calling_ae",), "reject with no allowed_calling_ae_titles and no nodes would refuse every peer"
+
+    job_names: set[str] = set()
+    for i, job in enumerate(cfg.refresh):
+        if job.name in job_names:
+            yield ("refresh", i, "name"), f"duplicate refresh job name {job.name!r}"
+        job_names.add(job.name)
+        if job.node not in names:
+            yield ("refresh", i, "node"), f"unknown node {job.node!r} (known: {', '.join(sorted(names)) or 'none'})"
+        else:
+            role = "worklist" if job.kind == "worklist" else "query"
+            if role not in cfg.nodes[job.node].roles:
+                yield ("refresh", i, "node"), f"node {job.node!r} needs role {role!r} for a {job.kind} refresh"
+        if (job.every is None) == (job.cron is None):
+            yield ("refresh", i), "give exactly one of 'every' or 'cron'"
+        if job.every is not None and job.every < 1:
+            yield ("refresh", i, "every"), "refresh more often than once a second is not sensible"
+        if job.cron is not None:
+            from apscheduler.triggers.cron import CronTrigger
+
+            try:
+                CronTrigger.from_crontab(job.cron)
+            except ValueError as exc:
+                yield ("refresh", i, "cron"), f"bad cron line {job.cron!r}: {exc}"
+        for key, value in job.query.items():
+            try:
+                tag = parse_tag(key)
+            except ValueError as exc:
+                yield ("refresh", i, "query", key), str(exc)
+                continue
+            from pydicom.datadict import dictionary_VR
+
+            if isinstance(value, str) and dictionary_VR(tag) == "DA" and value and value[0] in "+-t":
+                if not is_relative_date(value):
+                    yield ("refresh", i, "query", key), f"bad relative date {value!r} (use today, -7d or -1d..+1d)"
+
+    route_names: set[str] = set()
+    for i, route in enumerate(cfg.routes):
+        if route.name in route_names:
+            yield ("routes", i, "name"), f"duplicate route name {route.name!r}"
+        route_names.add(route.name)
+        yield from _check_when(("routes", i, "when"), route.when, allow_ae=True)
+        for j, dest in enumerate(route.to):
+            if dest not in names:
+                yield ("routes", i, "to", j), f"unknown node {dest!r} (known: {', '.join(sorted(names)) or 'none'})"
+        if not route.to and not route.remove_original:
+            yield ("routes", i), "a route needs 'to' destinations or remove_original: true"
+
+    for i, mut in enumerate(cfg.mutations):
+        yield from _check_when(("mutations", i, "when"), mut.when, allow_ae=mut.on == "store")
+        for key in list(mut.set) + list(mut.remove):
+            try:
+                parse_tag(key)
+            except ValueError as exc:
+                section = "set" if key in mut.set else "remove"
+                yield ("mutations", i, section, key), str(exc)
+        for j, n in enumerate(mut.nodes):
+            if n not in names:
+                yield ("mutations", i, "nodes", j), f"unknown node {n!r}"
+        if not mut.set and not mut.remove:
+            yield ("mutations", i), "a mutation needs 'set' or 'remove'"
+
+    if cfg.tls is not None and cfg.tls.port == cfg.port:
+        yield ("tls", "port"), "the TLS port must differ from the plain DICOM port"
+    if cfg.http is not None and cfg.http.port == cfg.port:
+        yield ("http", "port"), "the HTTP port must differ from the DICOM port"
+
+
+# --- Paths ------------------------------------------------------------------------------------
+
+
+def _resolve_paths(data: dict, base: Path) -> dict:
+    """Relative paths are relative to the config file's folder, so `serve` works from any cwd."""
+
+    def fix(p: Any) -> Any:
+        if isinstance(p, str) and p and not os.path.isabs(p):
+            return os.path.normpath(base / p)
+        return p
+
+    data = dict(data)
+    data["spool_dir"] = fix(data.get("spool_dir", "var/spool"))
+    db = data.get("database", "sqlite:///var/qrproxy.sqlite3")
+    if isinstance(db, str):
+        try:
+            url = make_url(db)
+        except Exception:
+            url = None
+        if url is not None and url.drivername.startswith("sqlite"):
+            if url.database and url.database != ":memory:" and not os.path.isabs(url.database):
+                db = url.set(database=os.path.normpath(base / url.database)).render_as_string(hide_password=False)
+        data["database"] = db
+    for section, keys in (("encryption", ("key_file",)), ("tls", ("cert_file", "key_file", "ca_file")), ("log", ("file",))):
+        if isinstance(data.get(section), dict):
+            sub = dict(data[section])
+            for k in keys:
+                if k in sub:
+                    sub[k] = fix(sub[k])
+            data[section] = sub
+    return data
+
+
+def _check_database_url(db: Any) -> str | None:
+    if not isinstance(db, str):
+        return "expected an SQLAlchemy URL such as sqlite:///var/qrproxy.sqlite3"
+    try:
+        url = make_url(db)
+    except Exception as exc:
+        return f"not a database URL: {exc}"
+    if not (url.drivername.startswith("sqlite") or url.drivername.startswith("postgresql")):
+        return f"unsupported database {url.drivername!r}: use sqlite:/// or postgresql+psycopg://"
+    return None
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read, validate and resolve a config file. Raises ConfigError listing every problem found."""
+    path = Path(path)
+    fname = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{fname}: cannot read the config file: {exc.strerror or exc}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{fname}: the config file is not UTF-8: {exc}"]) from None
+    located = _load_yaml(text, fname)
+    problems: list[str] = []
+    bad_db = _check_database_url(located.data.get("database", "sqlite:///x"))
+    if bad_db:
+        problems.append(_fmt(fname, ("database",), located.lines, bad_db))
+    base = path.resolve().parent
+    data = _resolve_paths(located.data, base) if not bad_db else dict(located.data)
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as exc:
+        problems += _pydantic_problems(exc, fname, located.lines, located.data)
+        raise ConfigError(problems) from None
+    problems += [_fmt(fname, p, located.lines, m) for p, m in _cross_check(cfg)]
+    if problems:
+        raise ConfigError(problems)
+    return cfg.model_copy(update={"source": path.resolve()})

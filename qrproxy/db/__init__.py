@@ -1,0 +1,1 @@
+"""Database access: typed models, engine/session set-up, Alembic upgrades."""

@@ -1,0 +1,1 @@
+"""The SCP side: one module per DICOM service, each offering `contexts()` and `handlers(proxy)`."""

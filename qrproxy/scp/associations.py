@@ -1,0 +1,134 @@
+"""Association policy and the one log line per association.
+
+The calling-AE whitelist is enforced by pynetdicom itself (`AE.require_calling_aet`), which answers
+A-ASSOCIATE-RJ rejected-permanent / service-user / calling-AE-title-not-recognized (0x01, 0x01, 0x03),
+exactly what PS3.8 9.3.4 prescribes. This module only decides the list and logs the outcome.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pynetdicom import evt
+
+from ..logs import kv
+
+if TYPE_CHECKING:
+    from ..app import Proxy
+
+log = logging.getLogger("qrproxy.assoc")
+
+_DIMSE_NAMES = {
+    "C_ECHO_RQ": "C-ECHO",
+    "C_STORE_RQ": "C-STORE",
+    "C_FIND_RQ": "C-FIND",
+    "C_MOVE_RQ": "C-MOVE",
+    "C_GET_RQ": "C-GET",
+    "C_CANCEL_RQ": "C-CANCEL",
+    "N_ACTION_RQ": "N-ACTION",
+    "N_EVENT_REPORT_RQ": "N-EVENT-REPORT",
+    "N_CREATE_RQ": "N-CREATE",
+    "N_SET_RQ": "N-SET",
+}
+
+
+@dataclass
+class _AssocState:
+    started: float = field(default_factory=time.monotonic)
+    result: str = "closed"
+    services: Counter[str] = field(default_factory=Counter)
+
+
+def called_ae_title(assoc: Any) -> str:
+    """The called AE title the peer asked for (pynetdicom keeps our own title in `acceptor.ae_title`)."""
+    primitive = getattr(assoc.requestor, "primitive", None)
+    return (getattr(primitive, "called_ae_title", None) or "").strip()
+
+
+class AssociationLog:
+    """Collects what happened on each association and logs it once, when the connection closes."""
+
+    def __init__(self, proxy: Proxy):
+        self.proxy = proxy
+        self._lock = threading.Lock()
+        self._states: dict[int, _AssocState] = {}
+
+    def _state(self, assoc: Any) -> _AssocState:
+        with self._lock:
+            return self._states.setdefault(id(assoc), _AssocState())
+
+    def on_open(self, event: Any) -> None:
+        self._state(event.assoc)
+
+    def on_established(self, event: Any) -> None:
+        self._state(event.assoc).result = "established"
+
+    def on_rejected(self, event: Any) -> None:
+        st = self._state(event.assoc)
+        calling = event.assoc.requestor.ae_title
+        if self.proxy.config.rejects_unknown_ae and calling not in self.proxy.config.known_calling_ae_titles:
+            st.result = "rejected:calling-ae-not-recognized"
+        else:
+            st.result = "rejected:local-limit-exceeded"
+
+    def on_released(self, event: Any) -> None:
+        self._state(event.assoc).result = "released"
+
+    def on_aborted(self, event: Any) -> None:
+        self._state(event.assoc).result = "aborted"
+
+    def on_dimse(self, event: Any) -> None:
+        name = type(event.message).__name__
+        if name in _DIMSE_NAMES:
+            self._state(event.assoc).services[_DIMSE_NAMES[name]] += 1
+
+    def on_close(self, event: Any) -> None:
+        assoc = event.assoc
+        with self._lock:
+            st = self._states.pop(id(assoc), None)
+        if st is None:
+            return
+        calling = assoc.requestor.ae_title or ""
+        known = calling in self.proxy.config.known_calling_ae_titles
+        services = ",".join(f"{k}:{v}" for k, v in sorted(st.services.items())) or "-"
+        level = logging.WARNING if st.result.startswith("rejected") or st.result == "aborted" else logging.INFO
+        log.log(
+            level,
+            kv(
+                event="association",
+                peer=f"{assoc.requestor.address}:{assoc.requestor.port}",
+                calling=calling,
+                called=called_ae_title(assoc),
+                known=str(known).lower(),
+                services=services,
+                result=st.result,
+                ms=int((time.monotonic() - st.started) * 1000),
+            ),
+        )
+
+    def handlers(self) -> list[tuple[Any, Any]]:
+        return [
+            (evt.EVT_CONN_OPEN, self.on_open),
+            (evt.EVT_ESTABLISHED, self.on_established),
+            (evt.EVT_REJECTED, self.on_rejected),
+            (evt.EVT_RELEASED, self.on_released),
+            (evt.EVT_ABORTED, self.on_aborted),
+            (evt.EVT_DIMSE_RECV, self.on_dimse),
+            (evt.EVT_CONN_CLOSE, self.on_close),
+        ]
+
+
+def configure_ae_policy(ae: Any, proxy: Proxy) -> None:
+    cfg = proxy.config
+    ae.maximum_associations = cfg.max_associations
+    ae.maximum_pdu_size = cfg.max_pdu
+    ae.require_called_aet = False  # called AE titles double as routing aliases (QRP_<node>)
+    if cfg.rejects_unknown_ae:
+        ae.require_calling_aet = sorted(cfg.known_calling_ae_titles)
+    else:
+        ae.require_calling_aet = []

@@ -1,0 +1,104 @@
+"""`qrproxy status`: what a site engineer needs at a glance, gathered from the database and the nodes.
+
+Collection and rendering are apart so that the HTTP status page can render the same facts.
+"""
+
+from __future__ import annotations
+
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import func, select
+
+from . import upstream
+from .config import Config
+
+
+@dataclass
+class Status:
+    config: Config
+    revision: str | None = None
+    database_error: str | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+    nodes: list[dict[str, Any]] = field(default_factory=list)
+    spool_free: int | None = None
+
+
+def collect(cfg: Config, echo_nodes: bool = True) -> Status:
+    from alembic.runtime.migration import MigrationContext
+
+    from .db import models
+    from .db.session import make_engine
+
+    st = Status(cfg)
+    engine = make_engine(cfg.database)
+    try:
+        with engine.connect() as conn:
+            st.revision = MigrationContext.configure(conn).get_current_revision()
+            if st.revision is not None:
+                for label, model in (
+                    ("patients", models.Patient),
+                    ("studies", models.Study),
+                    ("instances", models.Instance),
+                    ("spool objects", models.SpoolObject),
+                    ("worklist items", models.WorklistItem),
+                ):
+                    st.counts[label] = conn.execute(select(func.count()).select_from(model)).scalar_one()
+    except Exception as exc:
+        st.database_error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    finally:
+        engine.dispose()
+    try:
+        st.spool_free = shutil.disk_usage(cfg.spool_dir).free
+    except OSError:
+        st.spool_free = None
+    results: dict[str, upstream.EchoResult] = {}
+    if echo_nodes and cfg.nodes:
+        with ThreadPoolExecutor(max_workers=min(8, len(cfg.nodes))) as pool:
+            for r in pool.map(lambda n: upstream.echo(cfg, n), cfg.nodes):
+                results[r.node] = r
+    for name, node in cfg.nodes.items():
+        r = results.get(name)
+        st.nodes.append(
+            {
+                "name": name,
+                "ae_title": node.ae_title,
+                "address": f"{node.host}:{node.port}",
+                "roles": ",".join(node.roles) or "-",
+                "reachable": None if r is None else r.ok,
+                "detail": "not checked" if r is None else r.detail,
+                "ms": None if r is None else r.ms,
+            }
+        )
+    return st
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def render(st: Status) -> str:
+    cfg = st.config
+    out = [f"qrproxy {cfg.ae_title} on {cfg.host}:{cfg.port}  (config {cfg.source})"]
+    if st.database_error:
+        out.append(f"database: UNUSABLE: {st.database_error}")
+    elif st.revision is None:
+        out.append("database: empty (run `qrproxy db upgrade` or `serve`)")
+    else:
+        out.append(f"database: revision {st.revision}; " + ", ".join(f"{k} {v}" for k, v in st.counts.items()))
+    free = "unknown (spool folder missing)" if st.spool_free is None else f"{st.spool_free / 1e9:.1f} GB free"
+    out.append(f"spool: {cfg.spool_dir} ({free})")
+    out.append("")
+    if st.nodes:
+        rows = [["NODE", "AE TITLE", "ADDRESS", "ROLES", "REACHABLE", "DETAIL"]]
+        for n in st.nodes:
+            reach = "-" if n["reachable"] is None else ("yes" if n["reachable"] else "NO")
+            detail = n["detail"] + (f" ({n['ms']} ms)" if n["ms"] is not None else "")
+            rows.append([n["name"], n["ae_title"], n["address"], n["roles"], reach, detail])
+        out.append(_table(rows))
+    else:
+        out.append("no nodes configured")
+    return "\n".join(out)
