@@ -16,13 +16,13 @@ from pynetdicom import AE
 from . import upstream
 from .config import Config
 from .db.session import make_engine, make_sessionmaker, upgrade
+from .forwarder import Forwarder
 from .logs import kv
-from .scp import echo
+from .scp import echo, store
 from .scp.associations import AssociationLog, configure_ae_policy
+from .spool import Spool
 
 log = logging.getLogger("qrproxy")
-
-SERVICES = (echo,)
 
 
 class Proxy:
@@ -30,6 +30,8 @@ class Proxy:
         self.config = config
         self.engine = make_engine(config.database)
         self.sessions = make_sessionmaker(self.engine)
+        self.spool = Spool(config.spool_dir)
+        self.forwarder = Forwarder(self)
         self.ae: AE | None = None
         self._server: Any = None
         self._stopping = threading.Event()
@@ -40,18 +42,20 @@ class Proxy:
     def prepare(self) -> None:
         """Everything that must be true before the port opens: schema at head, spool folders."""
         upgrade(self.engine)
-        self.config.spool_dir.mkdir(parents=True, exist_ok=True)
+        self.spool.prepare()
+        store.configure_receive(self.spool.incoming)
 
     def start(self) -> None:
         self.prepare()
         ae = AE(ae_title=self.config.ae_title)
         configure_ae_policy(ae, self)
         handlers: list[tuple[Any, Any]] = list(self.assoc_log.handlers())
-        for service in SERVICES:
-            for abstract, syntaxes in service.contexts():
-                ae.add_supported_context(abstract, syntaxes)
+        for abstract, syntaxes in echo.contexts() + store.contexts(self.config.store.extra_sop_classes):
+            ae.add_supported_context(abstract, syntaxes)
+        for service in (echo, store):
             handlers += service.handlers(self)
         self.ae = ae
+        self.forwarder.start()
         self._server = ae.start_server(
             (self.config.host, self.config.port), block=False, evt_handlers=handlers
         )
@@ -66,6 +70,9 @@ class Proxy:
         except Exception:  # never fatal: a node check is information, not a precondition
             log.exception("node check failed")
 
+    def notify_forward(self, nodes: list[str]) -> None:
+        self.forwarder.notify(nodes)
+
     def stop(self) -> None:
         if self._stopping.is_set():
             return
@@ -73,6 +80,7 @@ class Proxy:
         log.info(kv(event="stopping"))
         if self.ae is not None:
             self.ae.shutdown()
+        self.forwarder.stop()
         self.engine.dispose()
         log.info(kv(event="stopped"))
 

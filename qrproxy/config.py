@@ -131,6 +131,26 @@ class Tls(_Strict):
     ca_file: Path | None = None
 
 
+class StoreSettings(_Strict):
+    """C-STORE reception (README "Store and forward")."""
+
+    min_free_space: Size = 1_000_000_000
+    # Calling AE title (or "*") -> SOP Class UIDs answered Success but not stored, as the Clara adapter does.
+    ignore_sop_classes: dict[str, list[str]] = Field(default_factory=dict)
+    extra_sop_classes: list[str] = Field(default_factory=list)
+
+
+class ForwardSettings(_Strict):
+    """The forward queue: per-instance retries, node-level backoff, leases."""
+
+    max_attempts: int = Field(default=10, ge=1)
+    retry_min: Duration = 10.0
+    retry_max: Duration = 600.0
+    lease: Duration = 300.0
+    batch: int = Field(default=200, ge=1, le=10000)
+    poll: Duration = 5.0
+
+
 class Logging(_Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     file: Path | None = None
@@ -155,6 +175,8 @@ class Config(_Strict):
     encryption: Encryption | None = None
     http: Http | None = None
     tls: Tls | None = None
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    forward: ForwardSettings = Field(default_factory=ForwardSettings)
     log: Logging = Field(default_factory=Logging)
 
     # Not from the file: where it came from, for messages and relative paths.
@@ -293,6 +315,9 @@ def _pydantic_problems(exc: ValidationError, fname: str, lines: dict, data: dict
             msg = f"missing required key {err['loc'][-1]!r}"
             path = path[: len(path)]
         msg = msg.replace("Value error, ", "")
+        value = err.get("input")
+        if err["type"] not in ("missing", "extra_forbidden", "value_error") and isinstance(value, (str, int, float)):
+            msg += f" (got {value!r})"
         out.append(_fmt(fname, tuple(path), lines, msg))
     return out
 
@@ -389,6 +414,17 @@ def _cross_check(cfg: Config) -> Iterator[tuple[tuple, str]]:
                 yield ("mutations", i, "nodes", j), f"unknown node {n!r}"
         if not mut.set and not mut.remove:
             yield ("mutations", i), "a mutation needs 'set' or 'remove'"
+
+    uid_re = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+    for ae, uids in cfg.store.ignore_sop_classes.items():
+        for j, uid in enumerate(uids):
+            if not uid_re.match(uid):
+                yield ("store", "ignore_sop_classes", ae, j), f"{uid!r} is not a UID"
+    for j, uid in enumerate(cfg.store.extra_sop_classes):
+        if not uid_re.match(uid):
+            yield ("store", "extra_sop_classes", j), f"{uid!r} is not a UID"
+    if cfg.forward.retry_min > cfg.forward.retry_max:
+        yield ("forward", "retry_min"), "retry_min is longer than retry_max"
 
     if cfg.tls is not None and cfg.tls.port == cfg.port:
         yield ("tls", "port"), "the TLS port must differ from the plain DICOM port"

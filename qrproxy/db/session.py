@@ -29,13 +29,31 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def
     cur.close()
 
 
+def _sqlite_connect(dbapi_conn, record) -> None:  # type: ignore[no-untyped-def]
+    # Let SQLAlchemy, not the driver, decide where transactions begin (SQLAlchemy's documented recipe).
+    dbapi_conn.isolation_level = None
+    _sqlite_pragmas(dbapi_conn, record)
+
+
+def _sqlite_begin(conn) -> None:  # type: ignore[no-untyped-def]
+    """BEGIN IMMEDIATE by default: a deferred transaction that reads and then writes fails with
+    SQLITE_BUSY_SNAPSHOT when another writer committed in between, and busy_timeout cannot retry that.
+    Read-only paths use `read_only(engine)`, which begins deferred so readers never queue behind writers."""
+    conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get("qrproxy_read_only") else "BEGIN IMMEDIATE")
+
+
+def read_only(engine: Engine) -> Engine:
+    return engine.execution_options(qrproxy_read_only=True)
+
+
 def make_engine(url: str) -> Engine:
     u = make_url(url)
     if u.drivername.startswith("sqlite"):
         if u.database and u.database != ":memory:":
             Path(u.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
-        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "connect", _sqlite_connect)
+        event.listen(engine, "begin", _sqlite_begin)
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
 

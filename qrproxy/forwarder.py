@@ -1,0 +1,382 @@
+"""Drains the forward queue: one worker thread per node, reused associations, retries, holds.
+
+Two kinds of failure, treated differently because a PACS down for a weekend must not turn thousands
+of instances into held rows:
+- the node cannot be reached (no association, association dropped mid-send): the *node* backs off
+  (exponential, `forward.retry_min` .. `retry_max`, with jitter); the rows go back to pending with
+  their attempt count unchanged;
+- the node answers an instance with a failure status: the *row* is retried with backoff for transient
+  statuses (0xA7xx out of resources, unknown codes) and held at once for permanent ones (0xA9xx,
+  0xCxxx, 0x0122 ...), or after `forward.max_attempts`. A held row keeps its reason for `queue list`.
+
+Rows are claimed with a lease (state inflight, lease_until, lease_owner); a crash leaves them
+inflight and the next start (or, for another proxy sharing a PostgreSQL queue, lease expiry) puts them
+back to pending: at most the in-flight instances are sent twice, which the upstream dedupes by UID.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import random
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pydicom import dcmread
+from pynetdicom import _config
+from sqlalchemy import or_, select, update
+
+from .db.models import ForwardItem, ForwardState, SpoolObject, utcnow
+from .logs import kv
+from .rules import apply_mutations, mutations_for
+from .upstream import UpstreamError, associate
+
+if TYPE_CHECKING:
+    from .app import Proxy
+
+log = logging.getLogger("qrproxy.forward")
+
+SUCCESS_CODES = {0x0000}
+WARNING_CODES = {0x0001, 0xB000, 0xB006, 0xB007}
+MAX_CONTEXTS = 120  # PS3.8 allows 128 presentation contexts; keep headroom
+
+
+def classify(status: int | None) -> str:
+    """'sent', 'transient' or 'permanent' for a C-STORE response status (None: no response)."""
+    if status is None:
+        return "transient"
+    if status in SUCCESS_CODES or status in WARNING_CODES or 0xB000 <= status <= 0xBFFF:
+        return "sent"
+    if 0xA700 <= status <= 0xA7FF or 0xFE00 <= status <= 0xFEFF:
+        return "transient"
+    if 0xA900 <= status <= 0xA9FF or 0xC000 <= status <= 0xCFFF or status in (0x0122, 0x0124, 0x0210, 0x0211, 0x0212):
+        return "permanent"
+    return "transient"
+
+
+def backoff(attempts: int, lo: float, hi: float) -> float:
+    base = min(hi, lo * (2 ** max(0, attempts - 1)))
+    return base * random.uniform(0.8, 1.2)
+
+
+@dataclass
+class Job:
+    item_id: int
+    object_pk: int
+    path: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+    calling_ae: str | None
+    attempts: int
+
+
+class NodeWorker(threading.Thread):
+    def __init__(self, forwarder: Forwarder, node: str):
+        super().__init__(name=f"forward-{node}", daemon=True)
+        self.fw = forwarder
+        self.proxy = forwarder.proxy
+        self.node = node
+        self.wake = threading.Event()
+        self.backoff_until = 0.0
+        self.node_failures = 0
+        self._assoc: Any = None
+        self._assoc_ctx: Any = None
+        self._assoc_key: tuple[str | None, frozenset[tuple[str, str]]] | None = None
+        self._idle_since = time.monotonic()
+
+    # --- queue operations (each its own short transaction) ---------------------------------------
+
+    def claim(self) -> list[Job]:
+        cfg = self.proxy.config.forward
+        now = utcnow()
+        with self.proxy.sessions.begin() as s:
+            q = (
+                select(ForwardItem.id)
+                .where(ForwardItem.node == self.node, ForwardItem.state == ForwardState.pending,
+                       ForwardItem.next_attempt_at <= now)
+                .order_by(ForwardItem.id)
+                .limit(cfg.batch)
+            )
+            if s.get_bind().dialect.name == "postgresql":
+                q = q.with_for_update(skip_locked=True)
+            ids = list(s.execute(q).scalars())
+            if not ids:
+                return []
+            s.execute(
+                update(ForwardItem)
+                .where(ForwardItem.id.in_(ids))
+                .values(state=ForwardState.inflight, lease_until=now + dt.timedelta(seconds=cfg.lease),
+                        lease_owner=self.fw.owner)
+            )
+            rows = s.execute(
+                select(ForwardItem.id, ForwardItem.object_pk, ForwardItem.calling_ae, ForwardItem.attempts,
+                       SpoolObject.path, SpoolObject.sop_class_uid, SpoolObject.sop_instance_uid,
+                       SpoolObject.transfer_syntax_uid)
+                .join(SpoolObject, SpoolObject.id == ForwardItem.object_pk)
+                .where(ForwardItem.id.in_(ids))
+                .order_by(ForwardItem.id)
+            ).all()
+        return [Job(r.id, r.object_pk, r.path, r.sop_class_uid, r.sop_instance_uid, r.transfer_syntax_uid,
+                    r.calling_ae, r.attempts) for r in rows]
+
+    def _finish(self, sent: list[int], unclaim: list[int], failed: list[tuple[Job, str, int | None]],
+                note: str | None = None) -> None:
+        if not (sent or unclaim or failed):
+            return
+        cfg = self.proxy.config.forward
+        now = utcnow()
+        with self.proxy.sessions.begin() as s:
+            if sent:
+                s.execute(update(ForwardItem).where(ForwardItem.id.in_(sent))
+                          .values(state=ForwardState.sent, sent_at=now, lease_until=None, lease_owner=None,
+                                  last_error=None))
+            if unclaim:
+                s.execute(update(ForwardItem).where(ForwardItem.id.in_(unclaim), ForwardItem.state == ForwardState.inflight)
+                          .values(state=ForwardState.pending, lease_until=None, lease_owner=None,
+                                  next_attempt_at=now, **({"last_error": note} if note else {})))
+            for job, reason, status in failed:
+                attempts = job.attempts + 1
+                permanent = reason.startswith("permanent:")
+                hold = permanent or attempts >= cfg.max_attempts
+                values: dict[str, Any] = {
+                    "attempts": attempts, "last_error": reason, "last_status": status,
+                    "lease_until": None, "lease_owner": None,
+                }
+                if hold:
+                    values["state"] = ForwardState.held
+                    if not permanent:
+                        values["last_error"] = f"gave up after {attempts} attempts: {reason}"
+                else:
+                    values["state"] = ForwardState.pending
+                    values["next_attempt_at"] = now + dt.timedelta(
+                        seconds=backoff(attempts, cfg.retry_min, cfg.retry_max))
+                s.execute(update(ForwardItem).where(ForwardItem.id == job.item_id).values(**values))
+                log.log(logging.ERROR if hold else logging.WARNING,
+                        kv(event="forward-failed", node=self.node, sop=job.sop_instance_uid, attempts=attempts,
+                           status="-" if status is None else f"0x{status:04X}", action="held" if hold else "retry",
+                           reason=values["last_error"]))
+
+    # --- associations ---------------------------------------------------------------------------
+
+    def _close(self, abort: bool = False) -> None:
+        if self._assoc_ctx is not None:
+            try:
+                if abort:
+                    self._assoc_ctx.__exit__(RuntimeError, RuntimeError("abort"), None)
+                else:
+                    self._assoc_ctx.__exit__(None, None, None)
+            except Exception:
+                pass
+        self._assoc = self._assoc_ctx = self._assoc_key = None
+
+    def _association(self, calling: str | None, pairs: frozenset[tuple[str, str]]) -> Any:
+        key = (calling, pairs)
+        if self._assoc is not None and self._assoc.is_established and self._assoc_key is not None:
+            cur_calling, cur_pairs = self._assoc_key
+            if cur_calling == calling and pairs <= cur_pairs:
+                return self._assoc
+        self._close()
+        contexts = [(sop, [ts]) for sop, ts in sorted(pairs)]
+        ctx = associate(self.proxy.config, self.node, contexts, calling_ae=calling)
+        self._assoc = ctx.__enter__()
+        self._assoc_ctx = ctx
+        self._assoc_key = key
+        return self._assoc
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> None:
+        while not self.fw.stopping.is_set():
+            delay = self.backoff_until - time.monotonic()
+            if delay > 0:
+                self._close()
+                self.fw.stopping.wait(delay)
+                continue
+            try:
+                jobs = self.claim()
+            except Exception:
+                log.exception("claim failed for node %s", self.node)
+                self.fw.stopping.wait(self.proxy.config.forward.poll)
+                continue
+            if not jobs:
+                if self._assoc is not None and time.monotonic() - self._idle_since > 5.0:
+                    self._close()
+                self.wake.wait(self.proxy.config.forward.poll if self._assoc is None else 1.0)
+                self.wake.clear()
+                continue
+            self._send_batch(jobs)
+            self._idle_since = time.monotonic()
+        self._close()
+
+    def _send_batch(self, jobs: list[Job]) -> None:
+        node_cfg = self.proxy.config.nodes[self.node]
+        by_calling: dict[str | None, list[Job]] = {}
+        for job in jobs:
+            calling = (job.calling_ae or None) if node_cfg.impersonate else None
+            by_calling.setdefault(calling, []).append(job)
+        remaining = list(jobs)
+        for calling, group in by_calling.items():
+            for chunk in _context_chunks(group):
+                done = self._send_group(calling, chunk)
+                remaining = [j for j in remaining if j.item_id not in done]
+                if self.fw.stopping.is_set() or self.backoff_until > time.monotonic():
+                    self._finish([], [j.item_id for j in remaining], [])
+                    return
+
+    def _send_group(self, calling: str | None, jobs: list[Job]) -> set[int]:
+        """Send `jobs` on one association; returns the ids that reached a final outcome this round."""
+        pairs = frozenset((j.sop_class_uid, j.transfer_syntax_uid) for j in jobs)
+        try:
+            assoc = self._association(calling, pairs)
+        except UpstreamError as exc:
+            self._node_down(str(exc), jobs)
+            return {j.item_id for j in jobs}
+        sent: list[int] = []
+        failed: list[tuple[Job, str, int | None]] = []
+        done: set[int] = set()
+        t0 = time.monotonic()
+        try:
+            for job in jobs:
+                if self.fw.stopping.is_set():
+                    break
+                outcome = self._send_one(assoc, job)
+                if outcome is None:
+                    sent.append(job.item_id)
+                elif outcome[0] == "node-down":
+                    # The association died under this instance: node-level failure, rows unclaimed.
+                    self._finish(sent, [], failed)
+                    rest = [j for j in jobs if j.item_id not in set(sent) | {f[0].item_id for f in failed}]
+                    self._close(abort=True)
+                    self._node_down(outcome[1], rest)
+                    return {j.item_id for j in jobs}
+                else:
+                    failed.append((job, outcome[1], outcome[2]))
+                done.add(job.item_id)
+                if len(sent) >= 50:
+                    self._finish(sent, [], failed)
+                    sent, failed = [], []
+        finally:
+            self._finish(sent, [], failed)
+        if done:
+            self.node_failures = 0
+            ms = (time.monotonic() - t0) * 1000
+            log.info(kv(event="forwarded", node=self.node, count=len(done), ms=int(ms),
+                        calling=calling or self.proxy.config.ae_title))
+        return done
+
+    def _send_one(self, assoc: Any, job: Job) -> tuple[str, str, int | None] | None:
+        """None when sent; else (kind, reason, status)."""
+        try:
+            path = self.proxy.spool.path(job.path)
+        except ValueError as exc:
+            return ("permanent", f"permanent: {exc}", None)
+        if not path.exists():
+            return ("permanent", "permanent: spool file missing", None)
+        cx = [c for c in assoc.accepted_contexts
+              if c.abstract_syntax == job.sop_class_uid and job.transfer_syntax_uid in c.transfer_syntax]
+        if not cx:
+            return ("permanent", f"permanent: node did not accept SOP class {job.sop_class_uid} "
+                                 f"in transfer syntax {job.transfer_syntax_uid}", None)
+        dataset: Any = path
+        muts = []
+        if self.proxy.config.mutations:
+            header = dcmread(path, stop_before_pixels=True)
+            muts = mutations_for(self.proxy.config, "store", self.node, header, job.calling_ae or "")
+        if muts:
+            dataset = dcmread(path)
+            apply_mutations(dataset, muts)
+        try:
+            rsp = assoc.send_c_store(dataset)
+        except (OSError, RuntimeError, ValueError) as exc:
+            if not assoc.is_established:
+                return ("node-down", f"association lost: {exc}", None)
+            return ("transient", f"send failed: {exc}", None)
+        status = getattr(rsp, "Status", None)
+        if status is None:
+            return ("node-down", "no C-STORE response (association dropped or timed out)", None)
+        kind = classify(int(status))
+        if kind == "sent":
+            if status != 0:
+                log.warning(kv(event="forward-warning", node=self.node, sop=job.sop_instance_uid,
+                               status=f"0x{int(status):04X}", comment=getattr(rsp, "ErrorComment", "")))
+            return None
+        comment = getattr(rsp, "ErrorComment", "") or ""
+        reason = f"{kind}: status 0x{int(status):04X}" + (f" {comment}" if comment else "")
+        return (kind, reason, int(status))
+
+    def _node_down(self, reason: str, jobs: Sequence[Job]) -> None:
+        cfg = self.proxy.config.forward
+        self.node_failures += 1
+        wait = backoff(self.node_failures, cfg.retry_min, cfg.retry_max)
+        self.backoff_until = time.monotonic() + wait
+        self._finish([], [j.item_id for j in jobs], [], note=f"node unreachable: {reason}")
+        log.warning(kv(event="node-down", node=self.node, reason=reason, retry_in=f"{wait:.1f}s",
+                       pending=len(jobs)))
+
+
+def _context_chunks(jobs: list[Job]) -> list[list[Job]]:
+    """Split so no association needs more presentation contexts than PS3.8 allows."""
+    chunks: list[list[Job]] = []
+    current: list[Job] = []
+    pairs: set[tuple[str, str]] = set()
+    for job in jobs:
+        pair = (job.sop_class_uid, job.transfer_syntax_uid)
+        if pair not in pairs and len(pairs) >= MAX_CONTEXTS:
+            chunks.append(current)
+            current, pairs = [], set()
+        pairs.add(pair)
+        current.append(job)
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+class Forwarder:
+    def __init__(self, proxy: Proxy):
+        self.proxy = proxy
+        self.owner = f"{socket.gethostname()}:{proxy.config.port}"
+        self.stopping = threading.Event()
+        self.workers: dict[str, NodeWorker] = {}
+
+    def recover(self) -> int:
+        """Put back to pending what a previous run of this proxy left in flight, and expired leases."""
+        now = utcnow()
+        with self.proxy.sessions.begin() as s:
+            n = s.execute(
+                update(ForwardItem)
+                .where(ForwardItem.state == ForwardState.inflight,
+                       or_(ForwardItem.lease_owner == self.owner, ForwardItem.lease_until < now,
+                           ForwardItem.lease_owner.is_(None)))
+                .values(state=ForwardState.pending, lease_until=None, lease_owner=None, next_attempt_at=now)
+            ).rowcount
+        if n:
+            log.info(kv(event="forward-recovered", rows=n, reason="in flight when the previous run stopped"))
+        return n or 0
+
+    def start(self) -> None:
+        # Send spool files as stored, byte for byte, streamed from disk (no whole dataset in memory).
+        _config.STORE_SEND_CHUNKED_DATASET = True
+        self.recover()
+        for node in self.proxy.config.nodes:
+            w = NodeWorker(self, node)
+            self.workers[node] = w
+            w.start()
+
+    def notify(self, nodes: Sequence[str]) -> None:
+        for n in nodes:
+            w = self.workers.get(n)
+            if w is not None:
+                w.wake.set()
+
+    def stop(self, timeout: float = 6.0) -> None:
+        self.stopping.set()
+        for w in self.workers.values():
+            w.wake.set()
+        deadline = time.monotonic() + timeout
+        for w in self.workers.values():
+            w.join(max(0.1, deadline - time.monotonic()))

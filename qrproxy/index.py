@@ -1,0 +1,222 @@
+"""Writing what qrproxy learns into the index: received instances, their hierarchy, and forward rows.
+
+Every path that learns something (C-STORE in, refresh, retrieve-through) comes through here, so that
+the patient/study/series/instance rows are built one way. Inserts race between associations (two
+modalities sending the same new study), so parents are created with INSERT .. ON CONFLICT DO NOTHING
+and then read back, on SQLite and PostgreSQL alike.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydicom.dataset import Dataset
+from sqlalchemy import delete, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from .db.models import ForwardItem, ForwardState, Instance, Patient, Series, SpoolObject, Study, utcnow
+from .spool import Committed
+
+
+def _s(ds: Dataset, keyword: str, limit: int | None = None) -> str | None:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        text = "\\".join(str(v) for v in value)
+    else:
+        text = str(value)
+    text = text.strip()
+    if not text:
+        return None
+    return text[:limit] if limit else text
+
+
+def _i(ds: Dataset, keyword: str) -> int | None:
+    try:
+        v = ds.get(keyword)
+        return None if v is None or v == "" else int(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def normalize_name(name: str | None) -> str | None:
+    """Upper case, trailing empty components dropped: `Doe^John^^` and `DOE^JOHN` compare equal."""
+    if not name:
+        return None
+    groups = []
+    for group in name.split("="):
+        groups.append("^".join(c.strip() for c in group.split("^")).rstrip("^"))
+    return "=".join(groups).rstrip("=").upper() or None
+
+
+@dataclass
+class Header:
+    """The attributes of one instance that the index and the routing need, read once on receipt."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str | None
+    series_instance_uid: str | None
+    patient: dict[str, Any] = field(default_factory=dict)
+    study: dict[str, Any] = field(default_factory=dict)
+    series: dict[str, Any] = field(default_factory=dict)
+    instance: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dataset(cls, ds: Dataset) -> Header:
+        name = _s(ds, "PatientName", 324)
+        return cls(
+            sop_class_uid=_s(ds, "SOPClassUID", 64) or "",
+            sop_instance_uid=_s(ds, "SOPInstanceUID", 64) or "",
+            study_instance_uid=_s(ds, "StudyInstanceUID", 64),
+            series_instance_uid=_s(ds, "SeriesInstanceUID", 64),
+            patient={
+                "patient_id": _s(ds, "PatientID", 64) or "",
+                "issuer": _s(ds, "IssuerOfPatientID", 64) or "",
+                "patient_name": name,
+                "patient_name_norm": normalize_name(name),
+                "birth_date": _s(ds, "PatientBirthDate", 8),
+                "sex": _s(ds, "PatientSex", 16),
+            },
+            study={
+                "study_date": _s(ds, "StudyDate", 8),
+                "study_time": _s(ds, "StudyTime", 16),
+                "accession_number": _s(ds, "AccessionNumber", 16),
+                "study_id": _s(ds, "StudyID", 16),
+                "study_description": _s(ds, "StudyDescription", 64),
+                "referring_physician_name": _s(ds, "ReferringPhysicianName", 324),
+            },
+            series={
+                "modality": _s(ds, "Modality", 16),
+                "series_number": _i(ds, "SeriesNumber"),
+                "series_description": _s(ds, "SeriesDescription", 64),
+                "body_part_examined": _s(ds, "BodyPartExamined", 16),
+            },
+            instance={"sop_class_uid": _s(ds, "SOPClassUID", 64), "instance_number": _i(ds, "InstanceNumber")},
+        )
+
+
+def _insert(session: Session):  # type: ignore[no-untyped-def]
+    return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+
+
+def _get_or_create(session: Session, model: Any, key: dict[str, Any], values: dict[str, Any]) -> int:
+    """Id of the row with `key`, created with `values` if missing; non-empty `values` update it."""
+    cols = [getattr(model, k) for k in key]
+    where = [c == v for c, v in zip(cols, key.values())]
+    row_id = session.execute(select(model.id).where(*where)).scalar()
+    if row_id is None:
+        stmt = _insert(session)(model).values(**key, **values).on_conflict_do_nothing(index_elements=list(key))
+        session.execute(stmt)
+        row_id = session.execute(select(model.id).where(*where)).scalar_one()
+    else:
+        changed = {k: v for k, v in values.items() if v is not None}
+        if changed:
+            session.execute(update(model).where(model.id == row_id).values(**changed, updated_at=utcnow()))
+    return int(row_id)
+
+
+def upsert_hierarchy(session: Session, hdr: Header, object_pk: int | None, source_node: str | None = None,
+                     refreshed: bool = False) -> int | None:
+    """Patient -> study -> series -> instance rows for `hdr`; None when the UIDs to hang it on are missing."""
+    if not (hdr.study_instance_uid and hdr.series_instance_uid and hdr.sop_instance_uid):
+        return None
+    now = utcnow()
+    patient_pk = _get_or_create(
+        session, Patient, {"patient_id": hdr.patient["patient_id"], "issuer": hdr.patient["issuer"]},
+        {k: v for k, v in hdr.patient.items() if k not in ("patient_id", "issuer")} | {"source_node": source_node},
+    )
+    study_values = dict(hdr.study, patient_pk=patient_pk, source_node=source_node)
+    if refreshed:
+        study_values["refreshed_at"] = now
+    study_pk = _get_or_create(session, Study, {"study_instance_uid": hdr.study_instance_uid}, study_values)
+    series_pk = _get_or_create(
+        session, Series, {"series_instance_uid": hdr.series_instance_uid}, dict(hdr.series, study_pk=study_pk)
+    )
+    return _get_or_create(
+        session, Instance, {"sop_instance_uid": hdr.sop_instance_uid},
+        dict(hdr.instance, series_pk=series_pk, object_pk=object_pk),
+    )
+
+
+@dataclass
+class Received:
+    object_pk: int
+    duplicate_of: int | None
+    enqueued: list[str]
+    superseded: int | None = None
+
+
+def record_received(
+    session: Session,
+    hdr: Header,
+    committed: Committed,
+    transfer_syntax_uid: str,
+    calling_ae: str,
+    called_ae: str,
+    peer: str,
+    destinations: list[str],
+    origin: str = "received",
+) -> Received:
+    """Index a file just committed to the spool and queue it for `destinations`, in the caller's
+    transaction. A byte-identical copy of an instance already held is recorded as a duplicate and
+    queued nowhere; a different copy supersedes the old one, whose unsent rows are dropped."""
+    previous = session.execute(
+        select(SpoolObject)
+        .where(SpoolObject.sop_instance_uid == hdr.sop_instance_uid, SpoolObject.origin != "superseded")
+        .order_by(SpoolObject.id.desc())
+        .limit(1)
+    ).scalar()
+    if previous is not None and previous.sha256 == committed.sha256:
+        return Received(previous.id, previous.id, [])
+    obj = SpoolObject(
+        sop_instance_uid=hdr.sop_instance_uid,
+        sop_class_uid=hdr.sop_class_uid,
+        study_instance_uid=hdr.study_instance_uid,
+        series_instance_uid=hdr.series_instance_uid,
+        transfer_syntax_uid=transfer_syntax_uid,
+        path=committed.relpath,
+        size=committed.size,
+        sha256=committed.sha256,
+        calling_ae=calling_ae or None,
+        called_ae=called_ae or None,
+        peer_address=peer,
+        origin=origin,
+    )
+    session.add(obj)
+    session.flush()
+    superseded = None
+    if previous is not None:
+        previous.origin = "superseded"
+        session.execute(
+            delete(ForwardItem).where(
+                ForwardItem.object_pk == previous.id,
+                ForwardItem.state.in_([ForwardState.pending, ForwardState.held]),
+            )
+        )
+        superseded = previous.id
+    upsert_hierarchy(session, hdr, obj.id)
+    now = utcnow()
+    for node in destinations:
+        session.add(
+            ForwardItem(
+                object_pk=obj.id,
+                node=node,
+                state=ForwardState.pending,
+                calling_ae=calling_ae or None,
+                study_instance_uid=hdr.study_instance_uid,
+                next_attempt_at=now,
+                created_at=now,
+            )
+        )
+    return Received(obj.id, None, list(destinations), superseded)
+
+
+def touch(session: Session, object_pks: list[int]) -> None:
+    session.execute(
+        update(SpoolObject).where(SpoolObject.id.in_(object_pks)).values(last_access_at=dt.datetime.now(dt.timezone.utc))
+    )

@@ -1,0 +1,137 @@
+"""Routes and mutations: matching and applying them, as pure functions of (config, dataset, AE titles).
+
+Pure so that `qrproxy rules test FILE.dcm` shows exactly what `serve` would do, and so that tests can
+cover every case without a network.
+
+Routing semantics (README "Routing"):
+- default destinations come from the called AE title: qrproxy's own `ae_title` (or any title that is
+  not an alias) means every node with role `store`; a node's `ae_title` or `QRP_<ae_title>` means
+  that node only;
+- routes are tried top to bottom and the first whose `when` matches wins: its `to` nodes are added and,
+  with `remove_original: true`, the default destinations are dropped;
+- an instance is never sent back to the node whose AE title sent it (no loops with retrieve-through).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+
+from .config import ROUTE_AE_KEYS, Config, Mutation, Route
+from .tags import parse_tag, tag_label
+
+ALIAS_PREFIX = "QRP_"
+
+
+@dataclass
+class RoutingDecision:
+    destinations: list[str]
+    defaults: list[str]
+    default_reason: str
+    route: str | None = None
+    skipped_loop: list[str] = field(default_factory=list)
+
+
+@lru_cache(maxsize=1024)
+def _regex(pattern: str) -> re.Pattern[str]:
+    return re.compile(pattern)
+
+
+def element_text(ds: Dataset, tag: int) -> str:
+    """The value as matched by `when`: multi-values joined with backslash, absent or empty as ''."""
+    elem = ds.get(tag)
+    if elem is None or elem.value is None:
+        return ""
+    value = elem.value
+    if isinstance(value, (list, MultiValue)):
+        return "\\".join(str(v) for v in value)
+    if isinstance(value, bytes):
+        return value.decode("latin-1", "replace")
+    return str(value)
+
+
+def matches(when: dict[str, str], ds: Dataset, calling_ae: str = "", called_ae: str = "") -> bool:
+    for key, pattern in when.items():
+        if key == "calling_ae":
+            text = calling_ae
+        elif key == "called_ae":
+            text = called_ae
+        else:
+            text = element_text(ds, parse_tag(key))
+        if not _regex(pattern).search(text):
+            return False
+    return True
+
+
+def default_destinations(cfg: Config, called_ae: str) -> tuple[list[str], str]:
+    called = called_ae.strip()
+    for name, node in cfg.nodes.items():
+        if called in (node.ae_title, f"{ALIAS_PREFIX}{node.ae_title}"):
+            return [name], f"called AE {called} addresses node {name}"
+    stores = list(cfg.nodes_with_role("store"))
+    if called == cfg.ae_title:
+        return stores, "called AE is qrproxy: every node with role store"
+    return stores, f"called AE {called or '(none)'} is not an alias: every node with role store"
+
+
+def route(cfg: Config, ds: Dataset, calling_ae: str = "", called_ae: str = "") -> RoutingDecision:
+    defaults, why = default_destinations(cfg, called_ae or cfg.ae_title)
+    chosen: Route | None = next(
+        (r for r in cfg.routes if matches(r.when, ds, calling_ae, called_ae)), None
+    )
+    dests = [] if chosen is not None and chosen.remove_original else list(defaults)
+    if chosen is not None:
+        dests += [d for d in chosen.to if d not in dests]
+    sender = cfg.node_for_ae(calling_ae) if calling_ae else None
+    skipped = []
+    if sender is not None and sender[0] in dests:
+        dests.remove(sender[0])
+        skipped.append(sender[0])
+    return RoutingDecision(dests, defaults, why, chosen.name if chosen else None, skipped)
+
+
+def mutations_for(cfg: Config, on: str, node: str | None, ds: Dataset, calling_ae: str = "",
+                  called_ae: str = "") -> list[Mutation]:
+    return [
+        m
+        for m in cfg.mutations
+        if m.on == on and (not m.nodes or node in m.nodes) and matches(m.when, ds, calling_ae, called_ae)
+    ]
+
+
+def apply_mutations(ds: Dataset, mutations: Iterable[Mutation]) -> list[str]:
+    """Apply `set` then `remove` of each mutation in order; returns a line per change for the log."""
+    changes = []
+    for m in mutations:
+        for key, value in m.set.items():
+            tag = parse_tag(key)
+            new = "" if value is None else value
+            if tag in ds:
+                ds[tag].value = new
+            else:
+                from pydicom.datadict import dictionary_VR
+
+                ds.add_new(tag, dictionary_VR(tag), new)
+            changes.append(f"{m.name}: set {tag_label(tag)} = {new!r}")
+        for key in m.remove:
+            tag = parse_tag(key)
+            if tag in ds:
+                del ds[tag]
+                changes.append(f"{m.name}: removed {tag_label(tag)}")
+    return changes
+
+
+def describe(cfg: Config, ds: Dataset, calling_ae: str, called_ae: str) -> dict[str, Any]:
+    """What `rules test` prints: routing decision and per-destination mutations, without sending."""
+    decision = route(cfg, ds, calling_ae, called_ae)
+    per_node = {}
+    for node in decision.destinations:
+        muts = mutations_for(cfg, "store", node, ds, calling_ae, called_ae)
+        per_node[node] = [m.name for m in muts]
+    return {"decision": decision, "mutations": per_node, "aliases": [k for k in ROUTE_AE_KEYS]}

@@ -1,0 +1,186 @@
+"""Storage SCP (C-STORE): receive into the spool, index, queue for forwarding; Success only when durable.
+
+Reception streams: pynetdicom's STORE_RECV_CHUNKED_DATASET writes each dataset to a temporary file as
+P-DATA arrives (memory stays flat for a 1 GB instance). Its temporary files go to `tempfile.tempdir`,
+which qrproxy points at `spool/incoming/` (the only process-wide setting this module makes), so that
+the move into `spool/objects/` is a same-filesystem atomic rename and a crash leaves only
+`incoming/` leftovers, which the next start deletes.
+
+Order of a C-STORE, each step before the next (DESIGN.md "Durability"): free-space floor -> parse and
+validate -> route -> fsync file, rename, fsync directory -> commit index row and forward rows -> Success.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
+
+from ..index import Header, record_received
+from ..logs import kv
+from ..rules import route
+from .associations import called_ae_title
+
+if TYPE_CHECKING:
+    from ..app import Proxy
+
+log = logging.getLogger("qrproxy.store")
+
+# PS3.4 B.2.3 / GG.4: Refused: Out of Resources; Error: Cannot Understand; Data Set does not match SOP Class.
+OUT_OF_RESOURCES = 0xA700
+CANNOT_UNDERSTAND = 0xC000
+DATASET_MISMATCH = 0xA900
+
+UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+def contexts(extra_sop_classes: list[str] | None = None) -> list[tuple[str, list[str]]]:
+    """Every storage SOP class pynetdicom knows (plus configured extras), with every transfer syntax:
+    qrproxy stores as received, so there is no syntax it needs to refuse."""
+    uids = [cx.abstract_syntax for cx in AllStoragePresentationContexts]
+    uids += [u for u in extra_sop_classes or [] if u not in uids]
+    return [(uid, list(ALL_TRANSFER_SYNTAXES)) for uid in uids]
+
+
+def configure_receive(incoming: Path) -> None:
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    tempfile.tempdir = str(incoming)
+
+
+def _status(code: int, comment: str) -> Dataset:
+    ds = Dataset()
+    ds.Status = code
+    ds.ErrorComment = comment[:64]
+    return ds
+
+
+def _unlink(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+class StoreSCP:
+    def __init__(self, proxy: Proxy):
+        self.proxy = proxy
+        self.cfg = proxy.config
+
+    def _ignored(self, calling: str, sop_class: str) -> bool:
+        ign = self.cfg.store.ignore_sop_classes
+        return sop_class in ign.get(calling, ()) or sop_class in ign.get("*", ())
+
+    def _parse(self, path: Path, req: Any) -> tuple[Dataset, str] | Dataset:
+        """The dataset without its bulk values (deferred), or a failure status saying what is wrong."""
+        size = path.stat().st_size
+        try:
+            with open(path, "rb") as f:
+                ds = dcmread(f, defer_size=4096)
+                # pydicom seeks past deferred values; a length pointing past the end means truncation.
+                end = f.tell()
+        except (InvalidDicomError, EOFError, ValueError, TypeError, OSError, NotImplementedError, KeyError) as exc:
+            return _status(CANNOT_UNDERSTAND, f"cannot parse data set: {exc}")
+        if end > size:
+            return _status(CANNOT_UNDERSTAND, "data set truncated (an element runs past the end)")
+        sop_instance = str(ds.get("SOPInstanceUID", "") or "").strip()
+        sop_class = str(ds.get("SOPClassUID", "") or "").strip()
+        if not sop_instance:
+            return _status(CANNOT_UNDERSTAND, "SOP Instance UID missing")
+        if len(sop_instance) > 64 or not UID_RE.match(sop_instance):
+            return _status(CANNOT_UNDERSTAND, "SOP Instance UID is not a valid UID")
+        if sop_instance != str(req.AffectedSOPInstanceUID).strip():
+            return _status(DATASET_MISMATCH, "SOP Instance UID differs from the C-STORE request")
+        if sop_class and sop_class != str(req.AffectedSOPClassUID).strip():
+            return _status(DATASET_MISMATCH, "SOP Class UID differs from the C-STORE request")
+        return ds, ds.file_meta.TransferSyntaxUID
+
+    def handle(self, event: Any) -> int | Dataset:
+        t0 = time.monotonic()
+        assoc = event.assoc
+        calling = (assoc.requestor.ae_title or "").strip()
+        called = called_ae_title(assoc)
+        req = event.request
+        sop_class = str(req.AffectedSOPClassUID)
+        sop_instance = str(req.AffectedSOPInstanceUID)
+        path = Path(event.dataset_path)
+
+        def fail(status: Dataset, level: int = logging.WARNING) -> Dataset:
+            _unlink(path)
+            log.log(level, kv(event="c-store", calling=calling, called=called, sop=sop_instance[:64],
+                              status=f"0x{status.Status:04X}", reason=status.ErrorComment))
+            return status
+
+        if self._ignored(calling, sop_class):
+            _unlink(path)
+            log.info(kv(event="c-store", calling=calling, called=called, sop=sop_instance, status="0x0000",
+                        action="ignored", sop_class=sop_class))
+            return 0x0000
+
+        spool = self.proxy.spool
+        try:
+            free = spool.free_bytes()
+        except OSError:
+            free = 0
+        if free < self.cfg.store.min_free_space:
+            return fail(_status(OUT_OF_RESOURCES, f"spool below free-space floor ({free // 1_000_000} MB free)"),
+                        logging.ERROR)
+
+        parsed = self._parse(path, req)
+        if isinstance(parsed, Dataset):
+            return fail(parsed)
+        ds, ts = parsed
+        hdr = Header.from_dataset(ds)
+        decision = route(self.cfg, ds, calling, called)
+
+        try:
+            committed = spool.commit(path)
+        except OSError as exc:
+            return fail(_status(OUT_OF_RESOURCES, f"cannot write to the spool: {exc.strerror or exc}"),
+                        logging.ERROR)
+        final = spool.path(committed.relpath)
+        peer = f"{assoc.requestor.address}:{assoc.requestor.port}"
+        try:
+            with self.proxy.sessions.begin() as session:
+                rec = record_received(session, hdr, committed, ts, calling, called, peer, decision.destinations)
+        except Exception as exc:
+            _unlink(final)
+            log.exception("index commit failed for %s", sop_instance)
+            return fail(_status(OUT_OF_RESOURCES, f"index unavailable: {type(exc).__name__}"), logging.ERROR)
+
+        if rec.duplicate_of is not None:
+            _unlink(final)
+            action = "duplicate-identical"
+        else:
+            action = "superseded-previous" if rec.superseded else "stored"
+            if rec.enqueued:
+                self.proxy.notify_forward(rec.enqueued)
+        log.info(kv(event="c-store", calling=calling, called=called, sop=sop_instance, status="0x0000",
+                    action=action, to=",".join(rec.enqueued) or "-", route=decision.route or "-",
+                    bytes=committed.size, ms=int((time.monotonic() - t0) * 1000)))
+        return 0x0000
+
+    def on_close(self, event: Any) -> None:
+        """Drop the partial file of a transfer cut off mid-dataset: it was never acknowledged."""
+        dimse = getattr(event.assoc, "dimse", None)
+        msg = getattr(dimse, "message", None)
+        f = getattr(msg, "_data_set_file", None)
+        if f is not None:
+            try:
+                f.close()
+            finally:
+                _unlink(Path(f.name))
+            log.info(kv(event="c-store-partial-removed", calling=event.assoc.requestor.ae_title))
+
+
+def handlers(proxy: Proxy) -> list[tuple[Any, Any]]:
+    scp = StoreSCP(proxy)
+    return [(evt.EVT_C_STORE, scp.handle), (evt.EVT_CONN_CLOSE, scp.on_close)]

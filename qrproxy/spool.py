@@ -1,0 +1,126 @@
+"""The durable spool: files under spool/objects/, written Postfix-style.
+
+The state of a file is where it is: `incoming/` holds bytes nobody has been promised anything about;
+`objects/` holds instances that were fsynced, atomically renamed and whose directory was fsynced.
+A C-STORE is acknowledged only after that and the index commit (scp/store.py). On start, anything
+left in `incoming/` belonged to an association that never got Success, so it is deleted.
+
+File names are random UUIDs, never UIDs from the peer: a SOP Instance UID of `../../x` cannot
+choose where bytes land.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("qrproxy.spool")
+
+CHUNK = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Committed:
+    relpath: str
+    size: int
+    sha256: str
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def hash_and_sync(path: Path) -> tuple[int, str]:
+    """Hash the file and fsync it in one pass (the hash read comes from the page cache)."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(CHUNK)
+            if not block:
+                break
+            h.update(block)
+            size += len(block)
+        os.fsync(f.fileno())
+    return size, h.hexdigest()
+
+
+class Spool:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.incoming = self.root / "incoming"
+        self.objects = self.root / "objects"
+
+    def prepare(self) -> int:
+        """Create the folders and sweep `incoming/`; returns how many leftovers were removed."""
+        for d in (self.root, self.incoming, self.objects):
+            d.mkdir(parents=True, exist_ok=True)
+        removed = 0
+        for leftover in self.incoming.iterdir():
+            try:
+                if leftover.is_dir():
+                    shutil.rmtree(leftover)
+                else:
+                    leftover.unlink()
+                removed += 1
+            except OSError as exc:
+                log.warning("cannot remove incoming leftover %s: %s", leftover, exc)
+        if removed:
+            log.info("event=spool-sweep removed=%d reason=\"partial files of unacknowledged transfers\"", removed)
+        return removed
+
+    def new_incoming(self, suffix: str = ".part") -> Path:
+        return self.incoming / f"{uuid.uuid4().hex}{suffix}"
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def path(self, relpath: str) -> Path:
+        p = (self.objects / relpath).resolve()
+        if self.objects.resolve() not in p.parents:
+            raise ValueError(f"spool path escapes the spool: {relpath!r}")
+        return p
+
+    def commit(self, src: Path, suffix: str = ".dcm") -> Committed:
+        """fsync `src`, rename it into objects/<xx>/<uuid><suffix>, fsync the directory.
+
+        `src` must be on the same filesystem (it is: incoming/ is inside the spool), so the rename is
+        atomic: after a crash the file is either whole in objects/ or still in incoming/.
+        """
+        size, digest = hash_and_sync(src)
+        name = uuid.uuid4().hex
+        fan = self.objects / name[:2]
+        if not fan.is_dir():
+            fan.mkdir(exist_ok=True)
+            fsync_dir(self.objects)
+        dest = fan / f"{name}{suffix}"
+        os.rename(src, dest)
+        fsync_dir(fan)
+        return Committed(relpath=f"{name[:2]}/{name}{suffix}", size=size, sha256=digest)
+
+    def remove(self, relpath: str) -> None:
+        try:
+            self.path(relpath).unlink()
+        except FileNotFoundError:
+            pass
+
+    def usage(self) -> tuple[int, int]:
+        """(files, bytes) under objects/; walks the tree, so for status, not hot paths."""
+        files = total = 0
+        for dirpath, _dirs, names in os.walk(self.objects):
+            for n in names:
+                try:
+                    total += os.stat(os.path.join(dirpath, n)).st_size
+                    files += 1
+                except OSError:
+                    pass
+        return files, total
