@@ -35,8 +35,40 @@ def build_parser() -> argparse.ArgumentParser:
     db_sub = db.add_subparsers(dest="db_command", metavar="ACTION", parser_class=_Parser)
     db_sub.required = True
     db_sub.add_parser("upgrade", help="upgrade the schema to the newest revision (serve does this too)")
-    st = sub.add_parser("status", help="nodes and their reachability, database, spool")
+    st = sub.add_parser("status", help="nodes and their reachability, queues, database, spool")
     st.add_argument("--no-echo", action="store_true", help="do not C-ECHO the nodes")
+
+    q = sub.add_parser("queue", help="inspect and act on the forward queue")
+    q_sub = q.add_subparsers(dest="queue_command", metavar="ACTION", parser_class=_Parser)
+    q_sub.required = True
+    for action, text in (
+        ("list", "list queue rows"),
+        ("retry", "pending and held rows: try again now"),
+        ("hold", "pending rows: hold (not sent until released)"),
+        ("release", "held rows: back to pending with a fresh attempt budget"),
+        ("purge", "delete rows (not in flight): those instances are no longer owed to those nodes"),
+    ):
+        a = q_sub.add_parser(action, help=text)
+        a.add_argument("--node", help="node name")
+        a.add_argument("--state", choices=["pending", "inflight", "sent", "held"])
+        a.add_argument("--study", metavar="UID", help="Study Instance UID")
+        a.add_argument("--id", type=int, action="append", default=[], dest="ids", help="row id (repeatable)")
+        if action == "list":
+            a.add_argument("--limit", type=int, default=200)
+            a.add_argument("--json", action="store_true", help="JSON instead of a table")
+        if action == "hold":
+            a.add_argument("--reason", default="held by operator")
+        if action == "purge":
+            a.add_argument("--yes", action="store_true", help="really delete")
+            a.add_argument("--all", action="store_true", help="allow purging with no filter")
+
+    r = sub.add_parser("rules", help="routes and mutations")
+    r_sub = r.add_subparsers(dest="rules_command", metavar="ACTION", parser_class=_Parser)
+    r_sub.required = True
+    rt = r_sub.add_parser("test", help="which routes and mutations apply to a file, without sending")
+    rt.add_argument("file", help="a DICOM file")
+    rt.add_argument("--calling", default="", help="calling AE title of the imagined sender")
+    rt.add_argument("--called", default=None, help="called AE title (default: qrproxy's ae_title)")
     return p
 
 
@@ -86,6 +118,88 @@ def cmd_status(cfg: Config, echo_nodes: bool) -> int:
     return EXIT_OK
 
 
+def cmd_queue(cfg: Config, args: argparse.Namespace) -> int:
+    import json
+
+    from . import queue
+    from .db.session import make_engine, make_sessionmaker
+
+    f = queue.Filter(node=args.node, state=args.state, study=args.study, ids=args.ids)
+    if args.node and args.node not in cfg.nodes:
+        print(f"qrproxy: error: unknown node {args.node!r} (known: {', '.join(cfg.nodes) or 'none'})",
+              file=sys.stderr)
+        return EXIT_CONFIG
+    engine = make_engine(cfg.database)
+    sessions = make_sessionmaker(engine)
+    try:
+        action = args.queue_command
+        if action == "list":
+            with sessions() as s:
+                rows = queue.list_rows(s, f, args.limit)
+            if args.json:
+                print(json.dumps(rows, indent=1))
+            else:
+                from .status import table
+
+                lines = [["ID", "NODE", "STATE", "TRIES", "NEXT ATTEMPT", "SOP INSTANCE UID", "LAST ERROR"]]
+                for r in rows:
+                    lines.append([str(r["id"]), r["node"], r["state"], str(r["attempts"]),
+                                  (r["next_attempt_at"] or "-")[:19], r["sop_instance_uid"],
+                                  (r["last_error"] or "")[:80]])
+                print(table(lines) if rows else "queue empty for this filter")
+            return EXIT_OK
+        if action == "purge" and f.is_empty() and not args.all:
+            print("qrproxy: error: purge needs a filter (--node/--state/--study/--id) or --all", file=sys.stderr)
+            return EXIT_CONFIG
+        if action == "purge" and not args.yes:
+            with sessions() as s:
+                n = len(queue.list_rows(s, f, limit=10**9))
+            print(f"would purge up to {n} rows; add --yes to delete them")
+            return EXIT_OK
+        with sessions.begin() as s:
+            if action == "retry":
+                n = queue.retry(s, f)
+            elif action == "hold":
+                n = queue.hold(s, f, args.reason)
+            elif action == "release":
+                n = queue.release(s, f)
+            else:
+                n = queue.purge(s, f)
+        verb = {"retry": "set to retry now", "hold": "held", "release": "released", "purge": "purged"}[action]
+        print(f"{n} rows {verb}")
+        return EXIT_OK
+    finally:
+        engine.dispose()
+
+
+def cmd_rules_test(cfg: Config, args: argparse.Namespace) -> int:
+    from pydicom import dcmread
+    from pydicom.errors import InvalidDicomError
+
+    from .rules import describe
+
+    try:
+        ds = dcmread(args.file, stop_before_pixels=True, force=False)
+    except (OSError, InvalidDicomError) as exc:
+        print(f"qrproxy: error: cannot read {args.file}: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    called = args.called if args.called is not None else cfg.ae_title
+    d = describe(cfg, ds, args.calling, called)
+    dec = d["decision"]
+    print(f"file:          {args.file}")
+    print(f"sop instance:  {ds.get('SOPInstanceUID', '?')}  class {ds.get('SOPClassUID', '?')}")
+    print(f"calling/called: {args.calling or '-'} -> {called}")
+    print(f"defaults:      {', '.join(dec.defaults) or 'none'} ({dec.default_reason})")
+    print(f"route:         {dec.route or 'no route matched'}")
+    if dec.skipped_loop:
+        print(f"not sent back: {', '.join(dec.skipped_loop)} (sent by that node)")
+    print(f"destinations:  {', '.join(dec.destinations) or 'none (stored, not forwarded)'}")
+    for node, muts in d["mutations"].items():
+        if muts:
+            print(f"mutations for {node}: {', '.join(muts)}")
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -105,6 +219,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_db_upgrade(cfg)
         if args.command == "status":
             return cmd_status(cfg, echo_nodes=not args.no_echo)
+        if args.command == "queue":
+            return cmd_queue(cfg, args)
+        if args.command == "rules":
+            return cmd_rules_test(cfg, args)
     except KeyboardInterrupt:
         return EXIT_RUNTIME
     except Exception as exc:  # a runtime failure: say what, exit 1, keep the traceback for -v logs

@@ -23,6 +23,9 @@ class Status:
     database_error: str | None = None
     counts: dict[str, int] = field(default_factory=dict)
     nodes: list[dict[str, Any]] = field(default_factory=list)
+    queues: dict[str, dict[str, int]] = field(default_factory=dict)
+    oldest: dict[str, Any] = field(default_factory=dict)
+    held_reasons: list[tuple[str, str, int]] = field(default_factory=list)
     spool_free: int | None = None
 
 
@@ -46,6 +49,22 @@ def collect(cfg: Config, echo_nodes: bool = True) -> Status:
                     ("worklist items", models.WorklistItem),
                 ):
                     st.counts[label] = conn.execute(select(func.count()).select_from(model)).scalar_one()
+                from sqlalchemy.orm import Session
+
+                from . import queue
+
+                with Session(conn) as s:
+                    st.queues = queue.depths(s)
+                    st.oldest = queue.oldest_pending(s)
+                    st.held_reasons = [
+                        (node, reason or "", n)
+                        for node, reason, n in s.execute(
+                            select(models.ForwardItem.node, models.ForwardItem.last_error, func.count())
+                            .where(models.ForwardItem.state == models.ForwardState.held)
+                            .group_by(models.ForwardItem.node, models.ForwardItem.last_error)
+                            .limit(20)
+                        )
+                    ]
     except Exception as exc:
         st.database_error = f"{type(exc).__name__}: {exc}".splitlines()[0]
     finally:
@@ -75,7 +94,7 @@ def collect(cfg: Config, echo_nodes: bool = True) -> Status:
     return st
 
 
-def _table(rows: list[list[str]]) -> str:
+def table(rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
@@ -98,7 +117,20 @@ def render(st: Status) -> str:
             reach = "-" if n["reachable"] is None else ("yes" if n["reachable"] else "NO")
             detail = n["detail"] + (f" ({n['ms']} ms)" if n["ms"] is not None else "")
             rows.append([n["name"], n["ae_title"], n["address"], n["roles"], reach, detail])
-        out.append(_table(rows))
+        out.append(table(rows))
     else:
         out.append("no nodes configured")
+    out.append("")
+    if st.queues:
+        rows = [["QUEUE", "PENDING", "IN FLIGHT", "HELD", "SENT", "OLDEST UNSENT"]]
+        for node in sorted(st.queues):
+            q = st.queues[node]
+            oldest = st.oldest.get(node)
+            rows.append([node, str(q.get("pending", 0)), str(q.get("inflight", 0)), str(q.get("held", 0)),
+                         str(q.get("sent", 0)), oldest.strftime("%Y-%m-%d %H:%M:%S") if oldest else "-"])
+        out.append(table(rows))
+        for node, reason, n in st.held_reasons:
+            out.append(f"held for {node}: {n} x {reason}")
+    else:
+        out.append("forward queue empty")
     return "\n".join(out)

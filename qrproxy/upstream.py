@@ -13,11 +13,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 
 from .config import Config, Node
 from .logs import kv
+from .scp.associations import set_nodelay
 
 log = logging.getLogger("qrproxy.upstream")
 
@@ -57,7 +58,8 @@ def associate(
     ae = _new_ae(config, node, calling_ae)
     for abstract, syntaxes in contexts:
         ae.add_requested_context(abstract, list(syntaxes))
-    assoc = ae.associate(node.host, node.port, ae_title=node.ae_title, **kwargs)
+    handlers = list(kwargs.pop("evt_handlers", [])) + [(evt.EVT_CONN_OPEN, set_nodelay)]
+    assoc = ae.associate(node.host, node.port, ae_title=node.ae_title, evt_handlers=handlers, **kwargs)
     if not assoc.is_established:
         if assoc.is_rejected:
             why = "association rejected"

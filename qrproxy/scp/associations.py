@@ -8,6 +8,7 @@ exactly what PS3.8 9.3.4 prescribes. This module only decides the list and logs 
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from collections import Counter
@@ -44,6 +45,18 @@ class _AssocState:
     services: Counter[str] = field(default_factory=Counter)
 
 
+def set_nodelay(event: Any) -> None:
+    """Disable Nagle on every DICOM socket, both directions. Without it a C-STORE response (one small
+    PDU) waits for the peer's delayed ACK, about 40 ms per instance on Linux. Bound to EVT_CONN_OPEN, so
+    pynetdicom itself stays untouched."""
+    try:
+        sock = event.assoc.dul.socket.socket
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (AttributeError, OSError):
+        pass
+
+
 def called_ae_title(assoc: Any) -> str:
     """The called AE title the peer asked for (pynetdicom keeps our own title in `acceptor.ae_title`)."""
     primitive = getattr(assoc.requestor, "primitive", None)
@@ -63,6 +76,7 @@ class AssociationLog:
             return self._states.setdefault(id(assoc), _AssocState())
 
     def on_open(self, event: Any) -> None:
+        set_nodelay(event)
         self._state(event.assoc)
 
     def on_established(self, event: Any) -> None:
