@@ -165,6 +165,10 @@ class Config(_Strict):
     spool_dir: Path = Path("var/spool")
     max_associations: int = Field(default=100, ge=1, le=10000)
     max_pdu: int = Field(default=262144, ge=0)
+    # An accepted TCP connection holds an association slot until its A-ASSOCIATE-RQ arrives or this
+    # runs out (pynetdicom waits the full ACSE timeout even when the peer already hung up).
+    acse_timeout: Duration = 30.0
+    idle_timeout: Duration = 300.0
     allowed_calling_ae_titles: list[AETitle] = Field(default_factory=list)
     unknown_calling_ae: Literal["accept", "reject"] | None = None
     nodes: dict[str, Node] = Field(default_factory=dict)

@@ -111,6 +111,9 @@ class AssociationLog:
         known = calling in self.proxy.config.known_calling_ae_titles
         services = ",".join(f"{k}:{v}" for k, v in sorted(st.services.items())) or "-"
         level = logging.WARNING if st.result.startswith("rejected") or st.result == "aborted" else logging.INFO
+        if st.result == "closed" and not calling:
+            # A TCP connect without an A-ASSOCIATE-RQ: port checks, load balancers, scanners.
+            st.result, level = "no-association", logging.DEBUG
         log.log(
             level,
             kv(
@@ -141,6 +144,8 @@ def configure_ae_policy(ae: Any, proxy: Proxy) -> None:
     cfg = proxy.config
     ae.maximum_associations = cfg.max_associations
     ae.maximum_pdu_size = cfg.max_pdu
+    ae.acse_timeout = cfg.acse_timeout
+    ae.network_timeout = cfg.idle_timeout
     ae.require_called_aet = False  # called AE titles double as routing aliases (QRP_<node>)
     if cfg.rejects_unknown_ae:
         ae.require_calling_aet = sorted(cfg.known_calling_ae_titles)

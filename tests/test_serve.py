@@ -1,0 +1,156 @@
+"""`qrproxy serve` as a modality sees it: C-ECHO from DCMTK, the calling-AE whitelist, status, SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+from peers import dcmtk, free_port
+
+ENV = dict(os.environ, TCP_NODELAY="1")
+
+
+def echoscu(port: int, calling: str = "ECHOSCU", called: str = "QRPROXY") -> subprocess.CompletedProcess[str]:
+    return subprocess.run([dcmtk("echoscu"), "-v", "-aet", calling, "-aec", called, "127.0.0.1", str(port)],
+                          capture_output=True, text=True, timeout=60, env=ENV)
+
+
+def base_config(db_url: str, **extra: object) -> dict:
+    cfg = {"ae_title": "QRPROXY", "host": "127.0.0.1", "port": free_port(), "database": db_url,
+           "spool_dir": "var/spool"}
+    cfg.update(extra)
+    return cfg
+
+
+def test_echoscu_gets_an_answer(qrproxy, db_url: str) -> None:
+    proc = qrproxy(base_config(db_url))
+    r = echoscu(proc.port)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Received Echo Response (Success)" in r.stdout + r.stderr
+    # one log line per association, with peer, AE titles, services and result
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and "calling=ECHOSCU" not in proc.log_text():
+        time.sleep(0.1)
+    line = next(ln for ln in proc.log_text().splitlines() if "event=association" in ln and "ECHOSCU" in ln)
+    assert "calling=ECHOSCU" in line and "called=QRPROXY" in line
+    assert "services=C-ECHO:1" in line and "result=released" in line
+
+
+def test_whitelist_rejects_unknown_calling_ae(qrproxy, db_url: str) -> None:
+    proc = qrproxy(base_config(db_url, allowed_calling_ae_titles=["CT1"]))
+    ok = echoscu(proc.port, calling="CT1")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    bad = echoscu(proc.port, calling="INTRUDER")
+    assert bad.returncode != 0
+    out = bad.stdout + bad.stderr
+    # DCMTK prints the A-ASSOCIATE-RJ fields: rejected permanent, service user, calling AE not recognized
+    assert "Association Rejected" in out, out
+    assert "Calling AE Title Not Recognized" in out, out
+    assert "Rejected Permanent" in out, out
+    # and the proxy keeps serving
+    assert echoscu(proc.port, calling="CT1").returncode == 0
+
+
+def test_reject_policy_admits_node_titles(qrproxy, db_url: str) -> None:
+    cfg = base_config(db_url, unknown_calling_ae="reject",
+                      nodes={"CT1": {"ae_title": "MODCT", "host": "127.0.0.1", "port": free_port(),
+                                     "roles": ["modality"]}})
+    proc = qrproxy(cfg)
+    assert echoscu(proc.port, calling="MODCT").returncode == 0
+    assert echoscu(proc.port, calling="OTHER").returncode != 0
+
+
+def test_max_associations_rejects_transient(qrproxy, db_url: str) -> None:
+    """With max_associations 1, a second concurrent association is rejected (transient, local limit)."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    proc = qrproxy(base_config(db_url, max_associations=1, acse_timeout="1s"))
+    ae = AE(ae_title="HOLDER")
+    ae.add_requested_context(Verification)
+    # the fixture's readiness probe (a bare TCP connect) may still count for a moment
+    for _ in range(40):
+        first = ae.associate("127.0.0.1", proc.port, ae_title="QRPROXY")
+        if first.is_established:
+            break
+        time.sleep(0.25)
+    try:
+        assert first.is_established
+        r = echoscu(proc.port, calling="SECOND")
+        assert r.returncode != 0
+        assert "Local Limit Exceeded" in r.stdout + r.stderr, r.stdout + r.stderr
+    finally:
+        first.release()
+    assert echoscu(proc.port, calling="SECOND").returncode == 0
+
+
+def test_status_shows_node_reachability(qrproxy, storescp, db_url: str) -> None:
+    down_port = free_port()
+    cfg = base_config(db_url, nodes={
+        "UP": {"ae_title": storescp.ae_title if hasattr(storescp, "ae_title") else "STORESCP",
+               "host": "127.0.0.1", "port": storescp.port, "roles": ["store"]},
+        "DOWN": {"ae_title": "NOBODY", "host": "127.0.0.1", "port": down_port, "roles": ["store"],
+                 "timeout": "2s"},
+    })
+    proc = qrproxy(cfg)
+    r = proc.cli("status")
+    assert r.returncode == 0, r.stderr
+    rows = {ln.split()[0]: ln for ln in r.stdout.splitlines() if ln.startswith(("UP ", "DOWN "))}
+    assert " yes " in rows["UP"], r.stdout
+    assert " NO " in rows["DOWN"], r.stdout
+    # the start-up node check logged both results
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and proc.log_text().count("event=node-check") < 2:
+        time.sleep(0.2)
+    log = proc.log_text()
+    assert "event=node-check node=UP" in log and "result=ok" in log
+    assert "event=node-check node=DOWN" in log
+
+
+def test_sigterm_exits_cleanly_within_10s(qrproxy, db_url: str) -> None:
+    proc = qrproxy(base_config(db_url))
+    assert echoscu(proc.port).returncode == 0
+    t0 = time.monotonic()
+    os.kill(proc.pid, signal.SIGTERM)
+    deadline = t0 + 10
+    while time.monotonic() < deadline and proc.running:
+        time.sleep(0.05)
+    assert not proc.running, "qrproxy did not exit within 10 s of SIGTERM"
+    assert proc.returncode == 0
+    assert "event=stopped" in proc.log_text()
+
+
+def test_serve_fails_clearly_when_port_taken(qrproxy, db_url: str, tmp_path) -> None:
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(1)
+    port = s.getsockname()[1]
+    try:
+        proc = qrproxy(base_config(db_url, port=port), start=False)
+        r = subprocess.run(proc.argv(), capture_output=True, text=True, timeout=60, cwd=proc.dir, env=proc.env())
+        assert r.returncode == 1
+        assert "Address already in use" in r.stderr or "cannot serve" in r.stderr, r.stderr
+    finally:
+        s.close()
+
+
+def test_db_upgrade_command(db_url: str, tmp_path) -> None:
+    from peers import run_cli
+
+    cfg = tmp_path / "q.yml"
+    cfg.write_text(f"database: {db_url}\nspool_dir: spool\n")
+    r = run_cli(cfg, "db", "upgrade")
+    assert r.returncode == 0, r.stderr
+    from sqlalchemy import create_engine, inspect
+
+    eng = create_engine(db_url)
+    try:
+        tables = set(inspect(eng).get_table_names())
+    finally:
+        eng.dispose()
+    assert {"studies", "forward_queue", "spool_objects", "alembic_version"} <= tables
