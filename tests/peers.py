@@ -239,7 +239,8 @@ class Peer:
         raise NotImplementedError
 
     def env(self) -> dict[str, str]:
-        return dict(os.environ)
+        # DCMTK and Orthanc leave Nagle on unless TCP_NODELAY=1: ~40 ms per DIMSE round trip.
+        return dict(os.environ, TCP_NODELAY="1")
 
     def cwd(self) -> Path:
         return self.dir

@@ -25,7 +25,9 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
 
-from ..index import Header, record_received
+from sqlalchemy.exc import IntegrityError
+
+from ..index import Header, IndexWriter
 from ..logs import kv
 from ..rules import route
 from .associations import called_ae_title
@@ -74,6 +76,7 @@ class StoreSCP:
     def __init__(self, proxy: Proxy):
         self.proxy = proxy
         self.cfg = proxy.config
+        self.index = IndexWriter()
 
     def _ignored(self, calling: str, sop_class: str) -> bool:
         ign = self.cfg.store.ignore_sop_classes
@@ -149,8 +152,16 @@ class StoreSCP:
         final = spool.path(committed.relpath)
         peer = f"{assoc.requestor.address}:{assoc.requestor.port}"
         try:
-            with self.proxy.sessions.begin() as session:
-                rec = record_received(session, hdr, committed, ts, calling, called, peer, decision.destinations)
+            try:
+                with self.proxy.sessions.begin() as session:
+                    rec = self.index.record_received(session, hdr, committed, ts, calling, called, peer,
+                                                     decision.destinations)
+            except IntegrityError:
+                # A cached series row vanished meanwhile (or another writer raced us): retry uncached.
+                self.index.forget()
+                with self.proxy.sessions.begin() as session:
+                    rec = self.index.record_received(session, hdr, committed, ts, calling, called, peer,
+                                                     decision.destinations)
         except Exception as exc:
             _unlink(final)
             log.exception("index commit failed for %s", sop_instance)
