@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pynetdicom import AE
@@ -32,6 +33,8 @@ class Proxy:
         self.sessions = make_sessionmaker(self.engine)
         self.spool = Spool(config.spool_dir)
         self.forwarder = Forwarder(self)
+        # fsyncs of received files overlap with parsing and indexing (scp/store.py)
+        self.io_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fsync")
         self.ae: AE | None = None
         self._server: Any = None
         self._stopping = threading.Event()
@@ -81,6 +84,7 @@ class Proxy:
         if self.ae is not None:
             self.ae.shutdown()
         self.forwarder.stop()
+        self.io_pool.shutdown(wait=True)
         self.engine.dispose()
         log.info(kv(event="stopped"))
 

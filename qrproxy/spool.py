@@ -39,6 +39,27 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def hash_file(path: Path) -> tuple[int, str]:
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(CHUNK)
+            if not block:
+                break
+            h.update(block)
+            size += len(block)
+    return size, h.hexdigest()
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def hash_and_sync(path: Path) -> tuple[int, str]:
     """Hash the file and fsync it in one pass (the hash read comes from the page cache)."""
     h = hashlib.sha256()
@@ -89,6 +110,20 @@ class Spool:
         if self.objects.resolve() not in p.parents:
             raise ValueError(f"spool path escapes the spool: {relpath!r}")
         return p
+
+    def reserve(self, suffix: str = ".dcm") -> tuple[str, Path]:
+        """A fresh name in objects/ (its fan-out folder made durable): (relpath, absolute path)."""
+        name = uuid.uuid4().hex
+        fan = self.objects / name[:2]
+        if not fan.is_dir():
+            fan.mkdir(exist_ok=True)
+            fsync_dir(self.objects)
+        return f"{name[:2]}/{name}{suffix}", fan / f"{name}{suffix}"
+
+    def place(self, src: Path, dest: Path) -> None:
+        """Atomically move an already fsynced file to its reserved name and make the move durable."""
+        os.rename(src, dest)
+        fsync_dir(dest.parent)
 
     def commit(self, src: Path, suffix: str = ".dcm") -> Committed:
         """fsync `src`, rename it into objects/<xx>/<uuid><suffix>, fsync the directory.

@@ -30,6 +30,7 @@ from sqlalchemy.exc import IntegrityError
 from ..index import Header, IndexWriter
 from ..logs import kv
 from ..rules import route
+from ..spool import Committed, fsync_file, hash_file
 from .associations import called_ae_title
 
 if TYPE_CHECKING:
@@ -137,6 +138,9 @@ class StoreSCP:
             return fail(_status(OUT_OF_RESOURCES, f"spool below free-space floor ({free // 1_000_000} MB free)"),
                         logging.ERROR)
 
+        # The file's fsync runs in a worker thread while this one parses and hashes it and prepares
+        # the index rows; the transaction commits only after the file is durable under its final name.
+        sync = self.proxy.io_pool.submit(fsync_file, path)
         parsed = self._parse(path, req)
         if isinstance(parsed, Dataset):
             return fail(parsed)
@@ -144,31 +148,42 @@ class StoreSCP:
         hdr = Header.from_dataset(ds)
         decision = route(self.cfg, ds, calling, called)
 
-        try:
-            committed = spool.commit(path)
-        except OSError as exc:
-            return fail(_status(OUT_OF_RESOURCES, f"cannot write to the spool: {exc.strerror or exc}"),
-                        logging.ERROR)
-        final = spool.path(committed.relpath)
         peer = f"{assoc.requestor.address}:{assoc.requestor.port}"
+        final: Path | None = None
         try:
-            try:
+            size, digest = hash_file(path)
+            relpath, final = spool.reserve()
+            committed = Committed(relpath, size, digest)
+
+            def record() -> Any:
                 with self.proxy.sessions.begin() as session:
                     rec = self.index.record_received(session, hdr, committed, ts, calling, called, peer,
                                                      decision.destinations)
+                    if rec.duplicate_of is None:
+                        sync.result()
+                        if not final.exists():
+                            spool.place(path, final)
+                return rec
+
+            try:
+                rec = record()
             except IntegrityError:
                 # A cached series row vanished meanwhile (or another writer raced us): retry uncached.
                 self.index.forget()
-                with self.proxy.sessions.begin() as session:
-                    rec = self.index.record_received(session, hdr, committed, ts, calling, called, peer,
-                                                     decision.destinations)
+                rec = record()
+        except OSError as exc:
+            if final is not None:
+                _unlink(final)
+            return fail(_status(OUT_OF_RESOURCES, f"cannot write to the spool: {exc.strerror or exc}"),
+                        logging.ERROR)
         except Exception as exc:
-            _unlink(final)
+            if final is not None:
+                _unlink(final)
             log.exception("index commit failed for %s", sop_instance)
             return fail(_status(OUT_OF_RESOURCES, f"index unavailable: {type(exc).__name__}"), logging.ERROR)
 
         if rec.duplicate_of is not None:
-            _unlink(final)
+            _unlink(path)
             action = "duplicate-identical"
         else:
             action = "superseded-previous" if rec.superseded else "stored"
