@@ -19,6 +19,7 @@ from .config import Config
 from .db.session import make_engine, make_sessionmaker, upgrade
 from .forwarder import Forwarder
 from .logs import kv
+from .maintenance import Maintenance
 from .scp import echo, store
 from .scp.associations import AssociationLog, configure_ae_policy
 from .spool import Spool
@@ -35,6 +36,7 @@ class Proxy:
         self.forwarder = Forwarder(self)
         # fsyncs of received files overlap with parsing and indexing (scp/store.py)
         self.io_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fsync")
+        self.maintenance = Maintenance(self)
         self.ae: AE | None = None
         self._server: Any = None
         self._stopping = threading.Event()
@@ -59,6 +61,7 @@ class Proxy:
             handlers += service.handlers(self)
         self.ae = ae
         self.forwarder.start()
+        self.maintenance.start()
         self._server = ae.start_server(
             (self.config.host, self.config.port), block=False, evt_handlers=handlers
         )
@@ -83,6 +86,7 @@ class Proxy:
         log.info(kv(event="stopping"))
         if self.ae is not None:
             self.ae.shutdown()
+        self.maintenance.stop()
         self.forwarder.stop()
         self.io_pool.shutdown(wait=True)
         self.engine.dispose()

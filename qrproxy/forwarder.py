@@ -284,7 +284,7 @@ class NodeWorker(threading.Thread):
                                  f"in transfer syntax {job.transfer_syntax_uid}", None)
         dataset: Any = path
         muts = []
-        if self.proxy.config.mutations:
+        if self.fw.has_store_mutations:
             header = dcmread(path, stop_before_pixels=True)
             muts = mutations_for(self.proxy.config, "store", self.node, header, job.calling_ae or "")
         if muts:
@@ -342,6 +342,7 @@ class Forwarder:
         self.owner = f"{socket.gethostname()}:{proxy.config.port}"
         self.stopping = threading.Event()
         self.workers: dict[str, NodeWorker] = {}
+        self.has_store_mutations = any(m.on == "store" for m in proxy.config.mutations)
 
     def recover(self) -> int:
         """Put back to pending what a previous run of this proxy left in flight, and expired leases."""
