@@ -248,9 +248,12 @@ class NodeWorker(threading.Thread):
                 if outcome is None:
                     sent.append(job.item_id)
                 elif outcome[0] == "node-down":
-                    # The association died under this instance: node-level failure, rows unclaimed.
-                    self._finish(sent, [], failed)
-                    rest = [j for j in jobs if j.item_id not in set(sent) | {f[0].item_id for f in failed}]
+                    # The association died under this instance. Node-level backoff for the rest, but
+                    # this instance is charged an attempt: an instance that makes the peer drop the
+                    # association must end up held, not block the node's queue forever.
+                    self._finish(sent, [], failed + [(job, f"transient: {outcome[1]}", None)])
+                    done_ids = set(sent) | {f[0].item_id for f in failed} | {job.item_id}
+                    rest = [j for j in jobs if j.item_id not in done_ids]
                     self._close(abort=True)
                     self._node_down(outcome[1], rest)
                     return {j.item_id for j in jobs}

@@ -44,6 +44,46 @@ CANNOT_UNDERSTAND = 0xC000
 DATASET_MISMATCH = 0xA900
 
 UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+DEFLATED = "1.2.840.10008.1.2.1.99"
+SEQ_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+
+
+def truncation(ds: Dataset, size: int, path: Path) -> str | None:
+    """Why the top-level data set does not fill the file exactly, or None when it does.
+
+    pydicom reads a short value or a partial element header at the end of a file without complaint,
+    so the check is explicit: every defined-length element must lie inside the file with all its
+    bytes, and the last one must end exactly at the end of the file; a last element of undefined
+    length (a sequence, encapsulated pixel data) must be closed by a sequence delimitation item.
+    """
+    last_end: int | None = 0
+    # Dataset._dict holds the raw elements as read; the public get_item() would load deferred values
+    # (the pixel data) into memory, which is what defer_size avoids.
+    for tag in sorted(ds._dict):
+        raw = ds._dict[tag]
+        length = getattr(raw, "length", None)
+        tell = getattr(raw, "value_tell", None)
+        if length is None or tell is None:
+            last_end = None
+            continue
+        if length == 0xFFFFFFFF:
+            last_end = None
+            continue
+        end = tell + length
+        if end > size:
+            return f"element {tag} runs past the end of the data"
+        value = getattr(raw, "value", None)
+        if isinstance(value, bytes) and len(value) != length:
+            return f"element {tag} has {len(value)} of {length} bytes"
+        last_end = end
+    if last_end is None:
+        with open(path, "rb") as f:
+            f.seek(max(0, size - 8))
+            if f.read(8) != SEQ_DELIMITER:
+                return "the last sequence or pixel data item is not closed"
+    elif last_end != size:
+        return f"{size - last_end} bytes after the last element"
+    return None
 
 
 def contexts(extra_sop_classes: list[str] | None = None) -> list[tuple[str, list[str]]]:
@@ -89,12 +129,13 @@ class StoreSCP:
         try:
             with open(path, "rb") as f:
                 ds = dcmread(f, defer_size=4096)
-                # pydicom seeks past deferred values; a length pointing past the end means truncation.
-                end = f.tell()
-        except (InvalidDicomError, EOFError, ValueError, TypeError, OSError, NotImplementedError, KeyError) as exc:
+                ts = str(ds.file_meta.TransferSyntaxUID)
+                problem = None if ts == DEFLATED else truncation(ds, size, path)
+        except (InvalidDicomError, EOFError, ValueError, TypeError, OSError, NotImplementedError, KeyError,
+                AttributeError) as exc:
             return _status(CANNOT_UNDERSTAND, f"cannot parse data set: {exc}")
-        if end > size:
-            return _status(CANNOT_UNDERSTAND, "data set truncated (an element runs past the end)")
+        if problem:
+            return _status(CANNOT_UNDERSTAND, f"data set truncated: {problem}")
         sop_instance = str(ds.get("SOPInstanceUID", "") or "").strip()
         sop_class = str(ds.get("SOPClassUID", "") or "").strip()
         if not sop_instance:
@@ -105,7 +146,7 @@ class StoreSCP:
             return _status(DATASET_MISMATCH, "SOP Instance UID differs from the C-STORE request")
         if sop_class and sop_class != str(req.AffectedSOPClassUID).strip():
             return _status(DATASET_MISMATCH, "SOP Class UID differs from the C-STORE request")
-        return ds, ds.file_meta.TransferSyntaxUID
+        return ds, ts
 
     def handle(self, event: Any) -> int | Dataset:
         t0 = time.monotonic()
