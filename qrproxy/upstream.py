@@ -18,6 +18,7 @@ from pynetdicom.sop_class import Verification
 
 from .config import Config, Node
 from .logs import kv
+from .pynetdicom_tuning import bound_send_queue
 from .scp.associations import set_nodelay
 
 log = logging.getLogger("qrproxy.upstream")
@@ -68,6 +69,7 @@ def associate(
         else:
             why = "no connection"
         raise UpstreamError(f"{name} ({node.ae_title}@{node.host}:{node.port}): {why}")
+    bound_send_queue(assoc)
     try:
         yield assoc
     except BaseException:
