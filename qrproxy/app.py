@@ -7,12 +7,18 @@ proxy runs is started here and stopped here, so shutdown order is in one place.
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
 import signal
+import socket
+import socketserver
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pynetdicom import AE
+from pynetdicom.transport import ThreadedAssociationServer
 
 from . import upstream
 from .config import Config
@@ -26,10 +32,35 @@ from .spool import Spool
 
 log = logging.getLogger("qrproxy")
 
+GRACE_SECONDS = 4.0  # SIGTERM: time for in-flight associations before they are aborted (exit < 10 s)
+
+
+class Server(ThreadedAssociationServer):
+    """pynetdicom's threaded server, passed to AE.make_server() (the customisation hook pynetdicom
+    offers): with `workers` > 1 it binds with SO_REUSEPORT so the processes share one port and the
+    kernel spreads associations across them (one GIL each). Started and stopped by Proxy itself, so
+    it is not in the AE's own server list."""
+
+    reuse_port = False
+
+    def server_bind(self) -> None:
+        if self.reuse_port:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+    def shutdown(self) -> None:
+        socketserver.BaseServer.shutdown(self)
+        self.server_close()
+
+
+class ReusePortServer(Server):
+    reuse_port = True
+
 
 class Proxy:
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, worker: int = 0):
         self.config = config
+        self.worker = worker
         self.engine = make_engine(config.database)
         self.sessions = make_sessionmaker(self.engine)
         self.spool = Spool(config.spool_dir)
@@ -45,13 +76,15 @@ class Proxy:
     # --- lifecycle ---------------------------------------------------------------------------
 
     def prepare(self) -> None:
-        """Everything that must be true before the port opens: schema at head, spool folders."""
+        """Everything that must be true before the port opens: schema at head, spool folders swept.
+        With several workers the supervisor does this once, before any worker receives."""
         upgrade(self.engine)
         self.spool.prepare()
-        store.configure_receive(self.spool.incoming)
 
-    def start(self) -> None:
-        self.prepare()
+    def start(self, prepare: bool = True) -> None:
+        if prepare:
+            self.prepare()
+        store.configure_receive(self.spool.incoming)
         ae = AE(ae_title=self.config.ae_title)
         configure_ae_policy(ae, self)
         handlers: list[tuple[Any, Any]] = list(self.assoc_log.handlers())
@@ -61,13 +94,16 @@ class Proxy:
             handlers += service.handlers(self)
         self.ae = ae
         self.forwarder.start()
-        self.maintenance.start()
-        self._server = ae.start_server(
-            (self.config.host, self.config.port), block=False, evt_handlers=handlers
-        )
+        server_class = ReusePortServer if self.config.workers > 1 else Server
+        self._server = ae.make_server((self.config.host, self.config.port), evt_handlers=handlers,
+                                      server_class=server_class)
+        threading.Thread(target=self._server.serve_forever, name="dicom-server", daemon=True).start()
         log.info(kv(event="listening", ae=self.config.ae_title, host=self.config.host, port=self.config.port,
-                    database=self.engine.url.render_as_string(hide_password=True), spool=self.config.spool_dir))
-        threading.Thread(target=self._check_nodes, name="node-check", daemon=True).start()
+                    worker=self.worker, database=self.engine.url.render_as_string(hide_password=True),
+                    spool=self.config.spool_dir))
+        if self.worker == 0:
+            self.maintenance.start()
+            threading.Thread(target=self._check_nodes, name="node-check", daemon=True).start()
 
     def _check_nodes(self) -> None:
         """An echo to every node at start: the log then says at once which peers are unreachable."""
@@ -84,27 +120,86 @@ class Proxy:
             return
         self._stopping.set()
         log.info(kv(event="stopping"))
+        # Stop accepting, give associations in progress a few seconds to finish their C-STOREs,
+        # then abort what is left: nothing unacknowledged is kept, nothing acknowledged is lost.
+        if self._server is not None:
+            self._server.shutdown()
         if self.ae is not None:
+            deadline = time.monotonic() + GRACE_SECONDS
+            while self.ae.active_associations and time.monotonic() < deadline:
+                time.sleep(0.1)
             self.ae.shutdown()
         self.maintenance.stop()
-        self.forwarder.stop()
+        self.forwarder.stop(timeout=3.0)
         self.io_pool.shutdown(wait=True)
         self.engine.dispose()
         log.info(kv(event="stopped"))
 
-    def serve_forever(self) -> None:
+    def serve_forever(self, prepare: bool = True) -> None:
         """Run until SIGTERM/SIGINT; the signal only sets a flag, the main thread does the stopping."""
-        stop_requested = threading.Event()
-
-        def _on_signal(signum: int, _frame: Any) -> None:
-            log.info(kv(event="signal", signal=signal.Signals(signum).name))
-            stop_requested.set()
-
-        signal.signal(signal.SIGTERM, _on_signal)
-        signal.signal(signal.SIGINT, _on_signal)
-        self.start()
+        stop_requested = _stop_on_signals()
+        self.start(prepare=prepare)
         try:
             while not stop_requested.wait(1.0):
                 pass
         finally:
             self.stop()
+
+
+def _stop_on_signals() -> threading.Event:
+    stop_requested = threading.Event()
+
+    def _on_signal(signum: int, _frame: Any) -> None:
+        log.info(kv(event="signal", signal=signal.Signals(signum).name, pid=os.getpid()))
+        stop_requested.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    return stop_requested
+
+
+def _worker_main(config: Config, index: int) -> None:
+    from .logs import setup_logging
+
+    setup_logging(config.log.level, config.log.file, config.log.dicom_debug)
+    Proxy(config, worker=index).serve_forever(prepare=False)
+
+
+def serve(config: Config) -> None:
+    """`qrproxy serve`: one Proxy in this process, or with `workers: N` a supervisor that prepares
+    the database and spool once, then runs N worker processes on one port (SO_REUSEPORT) and
+    restarts any that dies."""
+    if config.workers <= 1:
+        Proxy(config).serve_forever()
+        return
+    proxy = Proxy(config)
+    proxy.prepare()
+    proxy.engine.dispose()
+    ctx = multiprocessing.get_context("spawn")
+    stop_requested = _stop_on_signals()
+    procs: dict[int, Any] = {}
+
+    def launch(i: int) -> None:
+        p = ctx.Process(target=_worker_main, args=(config, i), name=f"qrproxy-worker-{i}", daemon=False)
+        p.start()
+        procs[i] = p
+        log.info(kv(event="worker-started", worker=i, pid=p.pid))
+
+    for i in range(config.workers):
+        launch(i)
+    try:
+        while not stop_requested.wait(0.5):
+            for i, p in list(procs.items()):
+                if not p.is_alive():
+                    log.error(kv(event="worker-died", worker=i, pid=p.pid, exitcode=p.exitcode))
+                    launch(i)
+    finally:
+        for p in procs.values():
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 9.0
+        for p in procs.values():
+            p.join(max(0.1, deadline - time.monotonic()))
+            if p.is_alive():
+                p.kill()
+        log.info(kv(event="stopped", workers=len(procs)))

@@ -88,13 +88,12 @@ def cmd_check(cfg: Config) -> int:
 
 
 def cmd_serve(cfg: Config) -> int:
-    from .app import Proxy
+    from .app import serve
     from .logs import setup_logging
 
     setup_logging(cfg.log.level, cfg.log.file, cfg.log.dicom_debug)
-    proxy = Proxy(cfg)
     try:
-        proxy.serve_forever()
+        serve(cfg)
     except OSError as exc:
         logging.getLogger("qrproxy").error("cannot serve: %s", exc)
         return EXIT_RUNTIME

@@ -164,6 +164,8 @@ class Config(_Strict):
     database: str = "sqlite:///var/qrproxy.sqlite3"
     spool_dir: Path = Path("var/spool")
     max_associations: int = Field(default=100, ge=1, le=10000)
+    # Processes serving the port (SO_REUSEPORT); more than one spreads concurrent associations over cores.
+    workers: int = Field(default=1, ge=1, le=64)
     max_pdu: int = Field(default=262144, ge=0)
     # An accepted TCP connection holds an association slot until its A-ASSOCIATE-RQ arrives or this
     # runs out (pynetdicom waits the full ACSE timeout even when the peer already hung up).

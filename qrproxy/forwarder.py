@@ -342,7 +342,9 @@ def _context_chunks(jobs: list[Job]) -> list[list[Job]]:
 class Forwarder:
     def __init__(self, proxy: Proxy):
         self.proxy = proxy
-        self.owner = f"{socket.gethostname()}:{proxy.config.port}"
+        # Leases are per worker process: a restarted worker reclaims its own rows at once, and never
+        # those of a sibling that is still sending them.
+        self.owner = f"{socket.gethostname()}:{proxy.config.port}:{proxy.worker}"
         self.stopping = threading.Event()
         self.workers: dict[str, NodeWorker] = {}
         self.has_store_mutations = any(m.on == "store" for m in proxy.config.mutations)

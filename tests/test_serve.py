@@ -154,3 +154,36 @@ def test_db_upgrade_command(db_url: str, tmp_path) -> None:
     finally:
         eng.dispose()
     assert {"studies", "forward_queue", "spool_objects", "alembic_version"} <= tables
+
+
+def test_workers_share_the_port_and_stop_together(qrproxy, db_url: str) -> None:
+    """workers: 2 runs two processes on one port (SO_REUSEPORT); SIGTERM stops all within 10 s."""
+    proc = qrproxy(base_config(db_url, workers=2))
+
+    def children() -> list[int]:
+        out = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout
+        workers = []
+        for pid in map(int, out.split()):
+            try:
+                cmd = open(f"/proc/{pid}/cmdline").read()
+            except OSError:
+                continue
+            if "spawn_main" in cmd and "resource_tracker" not in cmd:
+                workers.append(pid)
+        return workers
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and proc.log_text().count("event=listening") < 2:
+        time.sleep(0.2)
+    assert proc.log_text().count("event=listening") == 2, proc.log_text()
+    kids = children()
+    assert len(kids) >= 2, kids
+    for i in range(6):
+        assert echoscu(proc.port, calling=f"W{i}").returncode == 0
+    os.kill(proc.pid, signal.SIGTERM)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 10 and proc.running:
+        time.sleep(0.05)
+    assert not proc.running, "supervisor still running 10 s after SIGTERM"
+    for pid in kids:
+        assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower()

@@ -179,8 +179,7 @@ class StoreSCP:
             return fail(_status(OUT_OF_RESOURCES, f"spool below free-space floor ({free // 1_000_000} MB free)"),
                         logging.ERROR)
 
-        # The file's fsync runs in a worker thread while this one parses and hashes it and prepares
-        # the index rows; the transaction commits only after the file is durable under its final name.
+        # The file's fsync runs in a worker thread while this one parses, routes and hashes it.
         sync = self.proxy.io_pool.submit(fsync_file, path)
         parsed = self._parse(path, req)
         if isinstance(parsed, Dataset):
@@ -195,16 +194,15 @@ class StoreSCP:
             size, digest = hash_file(path)
             relpath, final = spool.reserve()
             committed = Committed(relpath, size, digest)
+            # Durable in place before the transaction starts, so the database write lock is held
+            # for the inserts only, never across an fsync.
+            sync.result()
+            spool.place(path, final)
 
             def record() -> Any:
                 with self.proxy.sessions.begin() as session:
-                    rec = self.index.record_received(session, hdr, committed, ts, calling, called, peer,
-                                                     decision.destinations)
-                    if rec.duplicate_of is None:
-                        sync.result()
-                        if not final.exists():
-                            spool.place(path, final)
-                return rec
+                    return self.index.record_received(session, hdr, committed, ts, calling, called, peer,
+                                                      decision.destinations)
 
             try:
                 rec = record()
@@ -224,7 +222,7 @@ class StoreSCP:
             return fail(_status(OUT_OF_RESOURCES, f"index unavailable: {type(exc).__name__}"), logging.ERROR)
 
         if rec.duplicate_of is not None:
-            _unlink(path)
+            _unlink(final)
             action = "duplicate-identical"
         else:
             action = "superseded-previous" if rec.superseded else "stored"
