@@ -60,21 +60,6 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def hash_and_sync(path: Path) -> tuple[int, str]:
-    """Hash the file and fsync it in one pass (the hash read comes from the page cache)."""
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(CHUNK)
-            if not block:
-                break
-            h.update(block)
-            size += len(block)
-        os.fsync(f.fileno())
-    return size, h.hexdigest()
-
-
 class Spool:
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -131,16 +116,11 @@ class Spool:
         `src` must be on the same filesystem (it is: incoming/ is inside the spool), so the rename is
         atomic: after a crash the file is either whole in objects/ or still in incoming/.
         """
-        size, digest = hash_and_sync(src)
-        name = uuid.uuid4().hex
-        fan = self.objects / name[:2]
-        if not fan.is_dir():
-            fan.mkdir(exist_ok=True)
-            fsync_dir(self.objects)
-        dest = fan / f"{name}{suffix}"
-        os.rename(src, dest)
-        fsync_dir(fan)
-        return Committed(relpath=f"{name[:2]}/{name}{suffix}", size=size, sha256=digest)
+        size, digest = hash_file(src)
+        fsync_file(src)
+        relpath, dest = self.reserve(suffix)
+        self.place(src, dest)
+        return Committed(relpath=relpath, size=size, sha256=digest)
 
     def remove(self, relpath: str) -> None:
         try:
