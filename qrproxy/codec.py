@@ -149,6 +149,8 @@ class _Pixels:
     bits_stored: int
     representation: int
     embedded_overlay: bool
+    rows: int
+    columns: int
 
 
 def _pixel_info(ds: Dataset) -> _Pixels:
@@ -167,6 +169,8 @@ def _pixel_info(ds: Dataset) -> _Pixels:
         bits_stored=int(ds.get("BitsStored", ba) or ba),
         representation=int(ds.get("PixelRepresentation", 0) or 0),
         embedded_overlay=_has_embedded_overlay(ds),
+        rows=int(ds.get("Rows", 0) or 0),
+        columns=int(ds.get("Columns", 0) or 0),
     )
 
 
@@ -255,6 +259,9 @@ def _target_problem(info: _Pixels, src_ts: str, target: str) -> str | None:
     limit = _MAX_BITS_STORED.get(target)
     if limit is not None and info.bits_stored > limit:
         return f"the {_name(target)} encoder supports at most {limit} bits stored"
+    if target == JPEG2000Lossless and min(info.rows, info.columns) < 32:
+        # pylibjpeg-openjpeg always uses 6 DWT resolutions: smaller images fail to encode
+        return f"the {_name(target)} encoder needs at least 32x32 pixels ({info.rows}x{info.columns})"
     return None
 
 

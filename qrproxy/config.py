@@ -34,9 +34,11 @@ ROLES = ("store", "query", "retrieve", "commitment", "worklist", "modality", "mp
 TRANSFER_SYNTAXES = (
     "as-received",
     "explicit-little",
+    "implicit-little",
     "jpeg2000-lossless",
     "jpegls-lossless",
     "rle-lossless",
+    "jpeg-baseline",
 )
 ROUTE_AE_KEYS = ("calling_ae", "called_ae")
 

@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import multiprocessing
+import os
 import random
 import socket
 import threading
 import time
+from concurrent.futures import Future, ProcessPoolExecutor
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -30,6 +33,7 @@ from pydicom import dcmread
 from pynetdicom import _config
 from sqlalchemy import or_, select, update
 
+from .codec import TARGETS
 from .db.models import ForwardItem, ForwardState, SpoolObject, utcnow
 from .logs import kv
 from .rules import apply_mutations, mutations_for
@@ -43,6 +47,7 @@ log = logging.getLogger("qrproxy.forward")
 SUCCESS_CODES = {0x0000}
 WARNING_CODES = {0x0001, 0xB000, 0xB006, 0xB007}
 MAX_CONTEXTS = 120  # PS3.8 allows 128 presentation contexts; keep headroom
+EXPLICIT_LITTLE = "1.2.840.10008.1.2.1"
 
 
 def classify(status: int | None) -> str:
@@ -220,8 +225,9 @@ class NodeWorker(threading.Thread):
             calling = (job.calling_ae or None) if node_cfg.impersonate else None
             by_calling.setdefault(calling, []).append(job)
         remaining = list(jobs)
+        target = TARGETS.get(node_cfg.transfer_syntax)
         for calling, group in by_calling.items():
-            for chunk in _context_chunks(group):
+            for chunk in _context_chunks(group, target):
                 done = self._send_group(calling, chunk)
                 remaining = [j for j in remaining if j.item_id not in done]
                 if self.fw.stopping.is_set() or self.backoff_until > time.monotonic():
@@ -230,12 +236,14 @@ class NodeWorker(threading.Thread):
 
     def _send_group(self, calling: str | None, jobs: list[Job]) -> set[int]:
         """Send `jobs` on one association; returns the ids that reached a final outcome this round."""
-        pairs = frozenset((j.sop_class_uid, j.transfer_syntax_uid) for j in jobs)
+        target = TARGETS.get(self.proxy.config.nodes[self.node].transfer_syntax)
+        pairs = frozenset((j.sop_class_uid, ts) for j in jobs for ts in candidates(target, j.transfer_syntax_uid))
         try:
             assoc = self._association(calling, pairs)
         except UpstreamError as exc:
             self._node_down(str(exc), jobs)
             return {j.item_id for j in jobs}
+        plans = self._plan(assoc, jobs, target)
         sent: list[int] = []
         failed: list[tuple[Job, str, int | None]] = []
         done: set[int] = set()
@@ -244,7 +252,7 @@ class NodeWorker(threading.Thread):
             for job in jobs:
                 if self.fw.stopping.is_set():
                     break
-                outcome = self._send_one(assoc, job)
+                outcome = self._send_one(assoc, job, plans[job.item_id])
                 if outcome is None:
                     sent.append(job.item_id)
                 elif outcome[0] == "node-down":
@@ -272,19 +280,59 @@ class NodeWorker(threading.Thread):
                         calling=calling or self.proxy.config.ae_title))
         return done
 
-    def _send_one(self, assoc: Any, job: Job) -> tuple[str, str, int | None] | None:
+    def _plan(self, assoc: Any, jobs: list[Job], target: str | None) -> dict[int, Any]:
+        """For each job, the file to send: the spool file when the peer accepted the received syntax,
+        else a converted copy. Conversions start at once in the process pool, so they run while
+        earlier instances are being sent."""
+        accepted: dict[str, set[str]] = {}
+        for cx in assoc.accepted_contexts:
+            accepted.setdefault(cx.abstract_syntax, set()).add(cx.transfer_syntax[0])
+        plans: dict[int, Any] = {}
+        for job in jobs:
+            usable = [ts for ts in candidates(target, job.transfer_syntax_uid)
+                      if ts in accepted.get(job.sop_class_uid, ())]
+            if not usable:
+                plans[job.item_id] = ("refused", f"permanent: node accepted SOP class {job.sop_class_uid} in "
+                                                 f"none of {', '.join(candidates(target, job.transfer_syntax_uid))}")
+            elif usable[0] == job.transfer_syntax_uid:
+                plans[job.item_id] = ("original", None)
+            else:
+                plans[job.item_id] = ("convert", self.fw.variant(job, usable[0]), usable, accepted)
+        return plans
+
+    def _file_for(self, job: Job, plan: Any) -> tuple[Any, str | None]:
+        """(path to send, None) or (None, reason)."""
+        kind = plan[0]
+        if kind == "refused":
+            return None, plan[1]
+        if kind == "original":
+            return self.proxy.spool.path(job.path), None
+        _, future, usable, accepted = plan
+        path, result = future.result()
+        if result.ok and result.transfer_syntax in accepted.get(job.sop_class_uid, ()):
+            if result.reason:
+                # Expected for instances without pixel data; worth a warning when pixels could not be
+                # compressed as configured (missing codec, unsupported photometric ...).
+                level = logging.INFO if "no pixel data" in result.reason else logging.WARNING
+                log.log(level, kv(event="converted-fallback", node=self.node, sop=job.sop_instance_uid,
+                            wanted=usable[0], sent=result.transfer_syntax, reason=result.reason))
+            return path, None
+        if job.transfer_syntax_uid in usable:
+            log.info(kv(event="conversion-skipped", node=self.node, sop=job.sop_instance_uid,
+                        sent=job.transfer_syntax_uid, reason=result.reason))
+            return self.proxy.spool.path(job.path), None
+        return None, f"permanent: cannot convert to a syntax the node accepted: {result.reason}"
+
+    def _send_one(self, assoc: Any, job: Job, plan: Any) -> tuple[str, str, int | None] | None:
         """None when sent; else (kind, reason, status)."""
         try:
-            path = self.proxy.spool.path(job.path)
+            path, problem = self._file_for(job, plan)
         except ValueError as exc:
             return ("permanent", f"permanent: {exc}", None)
+        if problem is not None:
+            return ("permanent", problem, None)
         if not path.exists():
             return ("permanent", "permanent: spool file missing", None)
-        cx = [c for c in assoc.accepted_contexts
-              if c.abstract_syntax == job.sop_class_uid and job.transfer_syntax_uid in c.transfer_syntax]
-        if not cx:
-            return ("permanent", f"permanent: node did not accept SOP class {job.sop_class_uid} "
-                                 f"in transfer syntax {job.transfer_syntax_uid}", None)
         dataset: Any = path
         muts = []
         if self.fw.has_store_mutations:
@@ -322,21 +370,47 @@ class NodeWorker(threading.Thread):
                        pending=len(jobs)))
 
 
-def _context_chunks(jobs: list[Job]) -> list[list[Job]]:
+def candidates(target: str | None, received: str) -> tuple[str, ...]:
+    """Transfer syntaxes to offer for one instance, best first: the node's configured target, the
+    syntax it was received in, and Explicit VR Little Endian as the fallback every SCP accepts
+    (a compressed instance is then decompressed rather than refused)."""
+    out: list[str] = []
+    for ts in (target or received, received, EXPLICIT_LITTLE):
+        if ts not in out:
+            out.append(ts)
+    return tuple(out)
+
+
+def _context_chunks(jobs: list[Job], target: str | None) -> list[list[Job]]:
     """Split so no association needs more presentation contexts than PS3.8 allows."""
     chunks: list[list[Job]] = []
     current: list[Job] = []
     pairs: set[tuple[str, str]] = set()
     for job in jobs:
-        pair = (job.sop_class_uid, job.transfer_syntax_uid)
-        if pair not in pairs and len(pairs) >= MAX_CONTEXTS:
+        new = {(job.sop_class_uid, ts) for ts in candidates(target, job.transfer_syntax_uid)} - pairs
+        if new and len(pairs) + len(new) > MAX_CONTEXTS and current:
             chunks.append(current)
             current, pairs = [], set()
-        pairs.add(pair)
+        pairs |= new
         current.append(job)
     if current:
         chunks.append(current)
     return chunks
+
+
+def convert_variant(src: str, dest: str, ts: str) -> tuple[Any, Any]:
+    """Runs in the conversion process pool: reuse a variant made earlier, else convert."""
+    from pathlib import Path
+
+    from pydicom.filereader import read_file_meta_info
+
+    from .codec import ConvertResult, convert_file
+
+    if os.path.exists(dest):
+        written = str(read_file_meta_info(dest).TransferSyntaxUID)
+        return Path(dest), ConvertResult(True, written, None if written == ts else "cached fallback", None)
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    return Path(dest), convert_file(src, dest, ts, fallbacks=(EXPLICIT_LITTLE,))
 
 
 class Forwarder:
@@ -348,6 +422,29 @@ class Forwarder:
         self.stopping = threading.Event()
         self.workers: dict[str, NodeWorker] = {}
         self.has_store_mutations = any(m.on == "store" for m in proxy.config.mutations)
+        self.pool: ProcessPoolExecutor | None = None
+        self._variants: dict[tuple[int, str], Future[Any]] = {}
+        self._variants_lock = threading.Lock()
+
+    def variant(self, job: Job, ts: str) -> Future[Any]:
+        """The spool file of `job` converted to `ts`, made once and shared by every node that wants
+        it (the file under spool/variants/ is the cache; the future dedupes concurrent requests)."""
+        key = (job.object_pk, ts)
+        with self._variants_lock:
+            fut = self._variants.get(key)
+            if fut is None:
+                src = self.proxy.spool.path(job.path)
+                dest = self.proxy.spool.variant_path(job.path, ts)
+                if self.pool is None:
+                    self.pool = ProcessPoolExecutor(max_workers=os.cpu_count() or 1,
+                                                    mp_context=multiprocessing.get_context("spawn"))
+                fut = self.pool.submit(convert_variant, str(src), str(dest), ts)
+                self._variants[key] = fut
+                if len(self._variants) > 4096:
+                    for k in list(self._variants)[:2048]:
+                        if self._variants[k].done():
+                            del self._variants[k]
+            return fut
 
     def recover(self) -> int:
         """Put back to pending what a previous run of this proxy left in flight, and expired leases."""
@@ -386,3 +483,5 @@ class Forwarder:
         deadline = time.monotonic() + timeout
         for w in self.workers.values():
             w.join(max(0.1, deadline - time.monotonic()))
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)

@@ -65,10 +65,11 @@ class Spool:
         self.root = Path(root)
         self.incoming = self.root / "incoming"
         self.objects = self.root / "objects"
+        self.variants = self.root / "variants"  # converted copies per transfer syntax: a cache
 
     def prepare(self) -> int:
         """Create the folders and sweep `incoming/`; returns how many leftovers were removed."""
-        for d in (self.root, self.incoming, self.objects):
+        for d in (self.root, self.incoming, self.objects, self.variants):
             d.mkdir(parents=True, exist_ok=True)
         removed = 0
         for leftover in self.incoming.iterdir():
@@ -122,11 +123,19 @@ class Spool:
         self.place(src, dest)
         return Committed(relpath=relpath, size=size, sha256=digest)
 
+    def variant_path(self, relpath: str, transfer_syntax: str) -> Path:
+        self.path(relpath)  # same containment check as the original
+        return self.variants / f"{relpath}.{transfer_syntax}.dcm"
+
     def remove(self, relpath: str) -> None:
+        """Remove a spool file and every converted copy of it."""
         try:
             self.path(relpath).unlink()
         except FileNotFoundError:
             pass
+        fan, name = relpath.split("/", 1)
+        for v in (self.variants / fan).glob(f"{name}.*.dcm"):
+            v.unlink(missing_ok=True)
 
     def usage(self) -> tuple[int, int]:
         """(files, bytes) under objects/; walks the tree, so for status, not hot paths."""

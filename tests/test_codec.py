@@ -396,6 +396,13 @@ def test_can_convert_matrix(tmp_path, rng):
     assert can_convert(mf, "jpeg-baseline") == (True, None)
     ok, reason = can_convert(ct, "jpeg-baseline")
     assert not ok and "8-bit" in reason
+    small = _image(_base(CT, "CT"), np.zeros((16, 64), np.uint16), bits_stored=12)
+    src = save(small, tmp_path / "small.dcm")
+    ok, reason = can_convert(dcmread(src, stop_before_pixels=True), JPEG2000Lossless)
+    assert not ok and "32x32" in reason
+    res = convert_file(src, tmp_path / "small-out.dcm", JPEG2000Lossless)
+    assert res.ok and res.transfer_syntax == ExplicitVRLittleEndian and "32x32" in res.reason
+    assert can_convert(dcmread(src, stop_before_pixels=True), JPEGLSLossless) == (True, None)
     ct.PhotometricInterpretation = "YBR_PARTIAL_422"
     ok, reason = can_convert(ct, "jpegls-lossless")
     assert not ok and "YBR_PARTIAL_422" in reason
