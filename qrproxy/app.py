@@ -26,7 +26,7 @@ from .db.session import make_engine, make_sessionmaker, upgrade
 from .forwarder import Forwarder
 from .logs import kv
 from .maintenance import Maintenance
-from .scp import echo, store
+from .scp import echo, find, store
 from .scp.associations import AssociationLog, configure_ae_policy
 from .spool import Spool
 
@@ -88,9 +88,10 @@ class Proxy:
         ae = AE(ae_title=self.config.ae_title)
         configure_ae_policy(ae, self)
         handlers: list[tuple[Any, Any]] = list(self.assoc_log.handlers())
-        for abstract, syntaxes in echo.contexts() + store.contexts(self.config.store.extra_sop_classes):
+        for abstract, syntaxes in (echo.contexts() + find.contexts()
+                                  + store.contexts(self.config.store.extra_sop_classes)):
             ae.add_supported_context(abstract, syntaxes)
-        for service in (echo, store):
+        for service in (echo, find, store):
             handlers += service.handlers(self)
         self.ae = ae
         self.forwarder.start()
