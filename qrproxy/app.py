@@ -26,6 +26,7 @@ from .db.session import make_engine, make_sessionmaker, upgrade
 from .forwarder import Forwarder
 from .logs import kv
 from .maintenance import Maintenance
+from .refresh import Refresher
 from .scp import echo, find, store
 from .scp.associations import AssociationLog, configure_ae_policy
 from .spool import Spool
@@ -68,6 +69,7 @@ class Proxy:
         # fsyncs of received files overlap with parsing and indexing (scp/store.py)
         self.io_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fsync")
         self.maintenance = Maintenance(self)
+        self.refresher = Refresher(self)
         self.ae: AE | None = None
         self._server: Any = None
         self._stopping = threading.Event()
@@ -104,6 +106,7 @@ class Proxy:
                     spool=self.config.spool_dir))
         if self.worker == 0:
             self.maintenance.start()
+            self.refresher.start()
             threading.Thread(target=self._check_nodes, name="node-check", daemon=True).start()
 
     def _check_nodes(self) -> None:
@@ -131,6 +134,7 @@ class Proxy:
                 time.sleep(0.1)
             self.ae.shutdown()
         self.maintenance.stop()
+        self.refresher.stop()
         self.forwarder.stop(timeout=3.0)
         self.io_pool.shutdown(wait=True)
         self.engine.dispose()

@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     db_sub = db.add_subparsers(dest="db_command", metavar="ACTION", parser_class=_Parser)
     db_sub.required = True
     db_sub.add_parser("upgrade", help="upgrade the schema to the newest revision (serve does this too)")
+    rf = sub.add_parser("refresh", help="run one refresh job (or all) now and print counts")
+    rf.add_argument("name", nargs="?", help="job name (default: every job)")
     st = sub.add_parser("status", help="nodes and their reachability, queues, database, spool")
     st.add_argument("--no-echo", action="store_true", help="do not C-ECHO the nodes")
 
@@ -115,6 +117,42 @@ def cmd_status(cfg: Config, echo_nodes: bool) -> int:
 
     print(render(collect(cfg, echo_nodes=echo_nodes)))
     return EXIT_OK
+
+
+def cmd_refresh(cfg: Config, name: str | None) -> int:
+    """Run refresh jobs now, in this process, against the database itself (no server needed)."""
+    from types import SimpleNamespace
+
+    from .db.session import make_engine, make_sessionmaker, upgrade
+    from .refresh import run_job
+
+    known = [job.name for job in cfg.refresh]
+    if name is not None and name not in known:
+        print(f"qrproxy: error: unknown refresh job {name!r} (known: {', '.join(known) or 'none'})",
+              file=sys.stderr)
+        return EXIT_CONFIG
+    jobs = [job for job in cfg.refresh if name is None or job.name == name]
+    if not jobs:
+        print("no refresh jobs configured")
+        return EXIT_OK
+    engine = make_engine(cfg.database)
+    try:
+        upgrade(engine)
+        proxy = SimpleNamespace(config=cfg, sessions=make_sessionmaker(engine))
+        failed = False
+        for job in jobs:
+            r = run_job(proxy, job)
+            if r.skipped:
+                print(f"{job.name}: skipped: {r.error}")
+                failed = failed or job.kind == "studies"  # asked to run now, and it did not
+                continue
+            outcome = "ok" if r.ok else f"error: {r.error}"
+            print(f"{job.name}: node {job.node}, rows {r.rows}, new studies {r.new_studies}, "
+                  f"updated {r.updated}, removed {r.removed}, {outcome}")
+            failed = failed or not r.ok
+        return EXIT_RUNTIME if failed else EXIT_OK
+    finally:
+        engine.dispose()
 
 
 def cmd_queue(cfg: Config, args: argparse.Namespace) -> int:
@@ -216,6 +254,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_serve(cfg)
         if args.command == "db":
             return cmd_db_upgrade(cfg)
+        if args.command == "refresh":
+            return cmd_refresh(cfg, args.name)
         if args.command == "status":
             return cmd_status(cfg, echo_nodes=not args.no_echo)
         if args.command == "queue":

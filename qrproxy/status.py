@@ -5,6 +5,7 @@ Collection and rendering are apart so that the HTTP status page can render the s
 
 from __future__ import annotations
 
+import datetime as dt
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ class Status:
     oldest: dict[str, Any] = field(default_factory=dict)
     held_reasons: list[tuple[str, str, int]] = field(default_factory=list)
     spool_free: int | None = None
+    # job name -> last run: started/finished (datetime), status, rows, error; absent: never ran
+    refresh_runs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def collect(cfg: Config, echo_nodes: bool = True) -> Status:
@@ -54,6 +57,11 @@ def collect(cfg: Config, echo_nodes: bool = True) -> Status:
                 from . import queue
 
                 with Session(conn) as s:
+                    from .refresh import last_runs
+
+                    for name, run in last_runs(s, [job.name for job in cfg.refresh]).items():
+                        st.refresh_runs[name] = {"started_at": run.started_at, "finished_at": run.finished_at,
+                                                 "status": run.status, "rows": run.rows, "error": run.error}
                     st.queues = queue.depths(s)
                     st.oldest = queue.oldest_pending(s)
                     st.held_reasons = [
@@ -133,4 +141,33 @@ def render(st: Status) -> str:
             out.append(f"held for {node}: {n} x {reason}")
     else:
         out.append("forward queue empty")
+    if cfg.refresh:
+        out.append("")
+        rows = [["REFRESH", "NODE", "KIND", "SCHEDULE", "LAST RUN", "RESULT", "ROWS", "ERROR"]]
+        for job in cfg.refresh:
+            run = st.refresh_runs.get(job.name)
+            schedule = f"every {_duration(job.every)}" if job.every is not None else f"cron {job.cron}"
+            if run is None:
+                rows.append([job.name, job.node, job.kind, schedule, "never", "-", "-", ""])
+                continue
+            when = run["finished_at"] or run["started_at"]
+            rows.append([job.name, job.node, job.kind, schedule, _utc(when), run["status"], str(run["rows"]),
+                         (run["error"] or "")[:100]])
+        out.append(table(rows))
     return "\n".join(out)
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
+def _utc(when: Any) -> str:
+    """A database timestamp as UTC text (SQLite hands back naive UTC, PostgreSQL aware)."""
+    if when is None:
+        return "-"
+    if when.tzinfo is not None:
+        when = when.astimezone(dt.timezone.utc)
+    return when.strftime("%Y-%m-%d %H:%M:%SZ")

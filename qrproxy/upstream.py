@@ -13,12 +13,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import (
+    ModalityWorklistInformationFind,
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+    Verification,
+)
 
 from .config import Config, Node
 from .logs import kv
-from .pynetdicom_tuning import bound_send_queue
+from .pynetdicom_tuning import bound_send_queue, keep_responses_from_reactor
 from .scp.associations import set_nodelay
 
 log = logging.getLogger("qrproxy.upstream")
@@ -70,6 +76,7 @@ def associate(
             why = "no connection"
         raise UpstreamError(f"{name} ({node.ae_title}@{node.host}:{node.port}): {why}")
     bound_send_queue(assoc)
+    keep_responses_from_reactor(assoc)
     try:
         yield assoc
     except BaseException:
@@ -93,6 +100,86 @@ def echo(config: Config, name: str) -> EchoResult:
         ok, detail = False, str(exc).split(": ", 1)[-1]
     ms = int((time.monotonic() - t0) * 1000)
     return EchoResult(name, ok, detail, ms)
+
+
+FIND_MODELS = {
+    "study": StudyRootQueryRetrieveInformationModelFind,
+    "patient": PatientRootQueryRetrieveInformationModelFind,
+    "worklist": ModalityWorklistInformationFind,
+}
+_FIND_SYNTAXES = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
+
+
+class FindSession:
+    """C-FIND requests over one association (see `find_session`): `find(identifier)` returns the
+    matches of one request, and raises UpstreamError on a failure status, a lost association, no
+    answer within the node's timeout, or when `deadline` (time.monotonic()) or `cancel` is reached."""
+
+    def __init__(self, assoc: Any, name: str, model: str, node_timeout: float, deadline: float | None,
+                 cancel: Any = None):
+        self.assoc, self.name, self.model = assoc, name, model
+        self.node_timeout, self.deadline, self.cancel = node_timeout, deadline, cancel
+        self.requests = 0
+
+    def _check(self) -> float:
+        if self.cancel is not None and self.cancel.is_set():
+            raise UpstreamError(f"{self.name}: C-FIND cancelled (shutting down)")
+        if self.deadline is None:
+            return self.node_timeout
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise UpstreamError(f"{self.name}: C-FIND timed out")
+        return min(self.node_timeout, left)
+
+    def find(self, identifier: Dataset) -> list[Dataset]:
+        try:
+            return self._find(identifier)
+        except (OSError, RuntimeError, ValueError) as exc:  # pynetdicom: encoding, a dead association
+            raise UpstreamError(f"{self.name}: C-FIND: {type(exc).__name__}: {exc}") from exc
+
+    def _find(self, identifier: Dataset) -> list[Dataset]:
+        self.assoc.dimse_timeout = self._check()
+        self.requests += 1
+        out: list[Dataset] = []
+        for status, match in self.assoc.send_c_find(identifier, self.model):
+            code = getattr(status, "Status", None)
+            if code is None:
+                why = "association lost" if not self.assoc.is_established else "no response"
+                if self.deadline is not None and time.monotonic() >= self.deadline:
+                    why = "timed out"
+                raise UpstreamError(f"{self.name}: C-FIND {why}")
+            if code in (0xFF00, 0xFF01):
+                if match is not None:
+                    out.append(match)
+                self.assoc.dimse_timeout = self._check()
+                continue
+            if code == 0x0000:
+                return out
+            comment = getattr(status, "ErrorComment", None)
+            raise UpstreamError(f"{self.name}: C-FIND failed with status 0x{code:04X}"
+                                + (f" ({comment})" if comment else ""))
+        raise UpstreamError(f"{self.name}: C-FIND ended without a final status")
+
+
+@contextmanager
+def find_session(config: Config, name: str, model: str = "study", timeout: float | None = None,
+                 cancel: Any = None) -> Iterator[FindSession]:
+    """One association to node `name` for C-FIND under `model` ("study", "patient", "worklist" or an
+    abstract syntax UID). `timeout` bounds the whole session (each wait also by the node's timeout)."""
+    uid = FIND_MODELS.get(model, model)
+    node = config.nodes[name]
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with associate(config, name, [(uid, _FIND_SYNTAXES)]) as assoc:
+        if not any(cx.abstract_syntax == uid for cx in assoc.accepted_contexts):
+            raise UpstreamError(f"{name} ({node.ae_title}@{node.host}:{node.port}): "
+                                f"C-FIND model {uid} not accepted")
+        yield FindSession(assoc, name, uid, node.timeout, deadline, cancel)
+
+
+def find(config: Config, name: str, model: str, identifier: Dataset, timeout: float | None = None) -> list[Dataset]:
+    """The matches of one C-FIND to node `name` (its own association); UpstreamError on failure."""
+    with find_session(config, name, model, timeout) as session:
+        return session.find(identifier)
 
 
 def echo_all(config: Config) -> list[EchoResult]:

@@ -40,12 +40,15 @@ from sqlalchemy.orm import aliased
 from ..db.models import Instance, Patient, Series, Study
 from ..db.session import read_only
 from ..logs import kv
+from ..pynetdicom_tuning import let_peer_speak
 from ..matching import (LEVELS, UNIQUE_KEYS, Query, QueryError, matches_in_python, parse_query, residual_keys,
                         select_matching)
 from .associations import called_ae_title
 
 if TYPE_CHECKING:
     from ..app import Proxy
+
+CANCEL_CHECK_EVERY = 32  # responses between pauses that let an incoming C-CANCEL be read
 
 log = logging.getLogger("qrproxy.find")
 
@@ -278,6 +281,8 @@ class FindSCP:
                 yield _status(OUT_OF_RESOURCES, fields["reason"]), None
                 return
             for n, ds in enumerate(matches):
+                if n and n % CANCEL_CHECK_EVERY == 0:
+                    let_peer_speak(event.assoc)
                 if event.is_cancelled:
                     fields.update(status=f"0x{CANCEL:04X}", matches=n, reason="cancelled")
                     yield CANCEL, None
