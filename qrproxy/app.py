@@ -105,9 +105,30 @@ class Proxy:
                     worker=self.worker, database=self.engine.url.render_as_string(hide_password=True),
                     spool=self.config.spool_dir))
         if self.worker == 0:
+            self._warn_not_yet_implemented()
             self.maintenance.start()
             self.refresher.start()
             threading.Thread(target=self._check_nodes, name="node-check", daemon=True).start()
+
+    def _warn_not_yet_implemented(self) -> None:
+        """Config keys the contract defines but this version does not act on yet: say so loudly
+        rather than let a site believe, say, that its spool is encrypted."""
+        cfg = self.config
+        gaps = []
+        if cfg.encryption is not None:
+            gaps.append("encryption: the spool is NOT encrypted yet")
+        if cfg.http is not None:
+            gaps.append("http: no HTTP endpoint yet")
+        if cfg.tls is not None:
+            gaps.append("tls: no DICOM TLS port yet")
+        if cfg.query.mode != "cache-only":
+            gaps.append(f"query.mode {cfg.query.mode}: C-FIND is answered from the cache only for now")
+        if any(m.on != "store" for m in cfg.mutations):
+            gaps.append("mutations on worklist/query are not applied yet")
+        if any(j.kind == "worklist" for j in cfg.refresh):
+            gaps.append("refresh jobs of kind worklist are not run yet")
+        for gap in gaps:
+            log.warning(kv(event="not-implemented", detail=gap))
 
     def _check_nodes(self) -> None:
         """An echo to every node at start: the log then says at once which peers are unreachable."""
