@@ -228,15 +228,14 @@ class NodeWorker(threading.Thread):
         target = TARGETS.get(node_cfg.transfer_syntax)
         for calling, group in by_calling.items():
             for chunk in _context_chunks(group, target):
-                done = self._send_group(calling, chunk)
+                done = self._send_group(calling, chunk, target)
                 remaining = [j for j in remaining if j.item_id not in done]
                 if self.fw.stopping.is_set() or self.backoff_until > time.monotonic():
                     self._finish([], [j.item_id for j in remaining], [])
                     return
 
-    def _send_group(self, calling: str | None, jobs: list[Job]) -> set[int]:
+    def _send_group(self, calling: str | None, jobs: list[Job], target: str | None) -> set[int]:
         """Send `jobs` on one association; returns the ids that reached a final outcome this round."""
-        target = TARGETS.get(self.proxy.config.nodes[self.node].transfer_syntax)
         pairs = frozenset((j.sop_class_uid, ts) for j in jobs for ts in candidates(target, j.transfer_syntax_uid))
         try:
             assoc = self._association(calling, pairs)

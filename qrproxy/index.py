@@ -8,7 +8,6 @@ and then read back, on SQLite and PostgreSQL alike.
 
 from __future__ import annotations
 
-import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -285,9 +284,3 @@ class IndexWriter:
                 ],
             )
         return Received(object_pk, None, list(destinations), superseded)
-
-
-def touch(session: Session, object_pks: list[int]) -> None:
-    session.execute(
-        update(SpoolObject).where(SpoolObject.id.in_(object_pks)).values(last_access_at=dt.datetime.now(dt.timezone.utc))
-    )

@@ -23,7 +23,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
-from .config import ROUTE_AE_KEYS, Config, Mutation, Route
+from .config import Config, Mutation, Route
 from .tags import parse_tag, tag_label
 
 ALIAS_PREFIX = "QRP_"
@@ -134,4 +134,4 @@ def describe(cfg: Config, ds: Dataset, calling_ae: str, called_ae: str) -> dict[
     for node in decision.destinations:
         muts = mutations_for(cfg, "store", node, ds, calling_ae, called_ae)
         per_node[node] = [m.name for m in muts]
-    return {"decision": decision, "mutations": per_node, "aliases": [k for k in ROUTE_AE_KEYS]}
+    return {"decision": decision, "mutations": per_node}

@@ -136,15 +136,3 @@ class Spool:
         fan, name = relpath.split("/", 1)
         for v in (self.variants / fan).glob(f"{name}.*.dcm"):
             v.unlink(missing_ok=True)
-
-    def usage(self) -> tuple[int, int]:
-        """(files, bytes) under objects/; walks the tree, so for status, not hot paths."""
-        files = total = 0
-        for dirpath, _dirs, names in os.walk(self.objects):
-            for n in names:
-                try:
-                    total += os.stat(os.path.join(dirpath, n)).st_size
-                    files += 1
-                except OSError:
-                    pass
-        return files, total
