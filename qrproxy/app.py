@@ -27,6 +27,7 @@ from .forwarder import Forwarder
 from .logs import kv
 from .maintenance import Maintenance
 from .refresh import Refresher
+from .pynetdicom_tuning import cheap_context_copies
 from .scp import echo, find, store
 from .scp.associations import AssociationLog, configure_ae_policy
 from .spool import Spool
@@ -87,6 +88,7 @@ class Proxy:
         if prepare:
             self.prepare()
         store.configure_receive(self.spool.incoming)
+        cheap_context_copies()
         ae = AE(ae_title=self.config.ae_title)
         configure_ae_policy(ae, self)
         handlers: list[tuple[Any, Any]] = list(self.assoc_log.handlers())
@@ -121,14 +123,15 @@ class Proxy:
             gaps.append("http: no HTTP endpoint yet")
         if cfg.tls is not None:
             gaps.append("tls: no DICOM TLS port yet")
-        if cfg.query.mode != "cache-only":
-            gaps.append(f"query.mode {cfg.query.mode}: C-FIND is answered from the cache only for now")
         if any(m.on != "store" for m in cfg.mutations):
             gaps.append("mutations on worklist/query are not applied yet")
         if any(j.kind == "worklist" for j in cfg.refresh):
             gaps.append("refresh jobs of kind worklist are not run yet")
         for gap in gaps:
             log.warning(kv(event="not-implemented", detail=gap))
+        if cfg.query.mode != "cache-only" and find.query_node(cfg) is None:
+            log.warning(kv(event="query-mode", mode=cfg.query.mode,
+                           detail="no node has role query: C-FIND is answered from the cache only"))
 
     def _check_nodes(self) -> None:
         """An echo to every node at start: the log then says at once which peers are unreachable."""

@@ -89,6 +89,7 @@ class QuerySettings(_Strict):
     mode: Literal["cache-first", "upstream-first", "cache-only"] = "cache-first"
     upstream_timeout: Duration = 5.0
     stale_after: Duration = 3600.0
+    cache_ttl: Duration = 2.0  # identical requests answered from memory until the index changes; 0: off
 
 
 class RefreshJob(_Strict):

@@ -314,8 +314,9 @@ def test_find_matches_orthanc(db_url: str, orthanc: OrthancServer, qrproxy: Any,
 
 
 def test_find_values_from_the_index(db_url: str, qrproxy: Any, tmp_path: Path) -> None:
-    """Non-ASCII names come back as stored, in UTF-8; keys the index does not hold come back empty;
-    counts and ModalitiesInStudy are computed per study."""
+    """Non-ASCII names come back as stored, in the request's character set when they fit it (ISO_IR
+    100 here); keys the index does not hold come back empty; counts and ModalitiesInStudy are
+    computed per study."""
     site = make_site(tmp_path / "site")
     proxy = qrproxy(proxy_config(db_url, {}))
     _store_everywhere(site, proxy, None)
@@ -327,7 +328,7 @@ def test_find_values_from_the_index(db_url: str, qrproxy: Any, tmp_path: Path) -
     assert statuses == [0xFF00, 0xFF00, 0x0000], statuses
     answers = {str(ds.StudyInstanceUID): ds for s, ds, _ in rsp if s == 0xFF00}
     a, b = answers[site.uid["A"]], answers[site.uid["B"]]
-    assert a.SpecificCharacterSet == "ISO_IR 192"
+    assert a.SpecificCharacterSet == "ISO_IR 100"
     assert str(a.PatientName) == "Müller^Jürgen"
     assert a.ModalitiesInStudy == "CT"
     assert (int(a.NumberOfStudyRelatedSeries), int(a.NumberOfStudyRelatedInstances)) == (2, 4)
@@ -431,6 +432,8 @@ def test_cancel_stops_pending_responses(db_url: str, qrproxy: Any, tmp_path: Pat
             ])
     finally:
         eng.dispose()
+    # rows written behind qrproxy's back: a PostgreSQL hot cache would hide them for query.cache_ttl
+    time.sleep(2.5)
     ae = AE(ae_title="PYFIND")
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
     ae.add_requested_context(STUDY_ROOT)

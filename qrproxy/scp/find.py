@@ -19,6 +19,7 @@ database transaction open.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import time
 from collections.abc import Iterator
@@ -37,10 +38,11 @@ from pynetdicom.sop_class import (
 from sqlalchemy import distinct, func, literal_column, select
 from sqlalchemy.orm import aliased
 
-from ..db.models import Instance, Patient, Series, Study
+from .. import dicomenc, hotcache, querymode, querythrough, upstream
+from ..db.models import Instance, Patient, Series, Study, utcnow
 from ..db.session import read_only
 from ..logs import kv
-from ..pynetdicom_tuning import let_peer_speak
+from ..pynetdicom_tuning import find_pending_command, let_peer_speak, peer_has_spoken, peer_max_pdu, send_pending
 from ..matching import (LEVELS, UNIQUE_KEYS, Query, QueryError, matches_in_python, parse_query, residual_keys,
                         select_matching)
 from .associations import called_ae_title
@@ -227,38 +229,152 @@ def _status(code: int, comment: str) -> Dataset:
     return ds
 
 
+def _modalities(raw: Any) -> Any:
+    return _value(_MODALITIES_FIELD, raw)
+
+
+_MODALITIES_FIELD = _Field(Tag("ModalitiesInStudy"), "ModalitiesInStudy", "CS")
+
+
+def layout(fields: list[_Field], level: str, ae_title: str, explicit: bool, charset: str) -> dicomenc.Layout:
+    """The byte layout of every identifier of one answer: the constant elements encoded once, and
+    each field read from its SQL row column (zero-length when the index does not hold it)."""
+    codec = dicomenc.CODECS[charset]
+    slots = [
+        dicomenc.Slot(_CHARSET_TAG, "CS", constant=dicomenc.element(_CHARSET_TAG, "CS", charset, explicit)),
+        dicomenc.Slot(_QRLEVEL, "CS", constant=dicomenc.element(_QRLEVEL, "CS", level, explicit)),
+        dicomenc.Slot(_RETRIEVE_AE, "AE", constant=dicomenc.element(_RETRIEVE_AE, "AE", ae_title, explicit)),
+    ]
+    for f in fields:
+        if f.sequence or f.column is None:
+            slots.append(dicomenc.Slot(int(f.tag), f.vr))
+        else:
+            convert = _modalities if f.keyword == "ModalitiesInStudy" else None
+            slots.append(dicomenc.Slot(int(f.tag), f.vr, column=f.column, convert=convert))
+    return dicomenc.Layout(slots, explicit, codec)
+
+
+def answer_charset(identifier: Dataset) -> str:
+    """The Specific Character Set of the answer: the request's own when it is a single-byte set the
+    fast encoder knows (a Latin-1 modality gets Latin-1 back), else ISO_IR 192. Rows that do not fit
+    the request's set are answered in ISO_IR 192 (`Answerer.encode`)."""
+    raw = identifier.get("SpecificCharacterSet")
+    values = [v for v in (raw if isinstance(raw, (list, tuple)) or type(raw).__name__ == "MultiValue" else [raw])
+              if v] if raw else []
+    if len(values) == 1 and str(values[0]).strip() in dicomenc.CODECS and str(values[0]).strip() not in ("", "ISO_IR 6"):
+        return str(values[0]).strip()
+    return CHARSET
+
+
+class Answerer:
+    """Encodes the rows of one answer: in the request's character set, a row that does not fit it in
+    ISO_IR 192."""
+
+    def __init__(self, fields: list[_Field], level: str, ae_title: str, explicit: bool, charset: str):
+        self.primary = layout(fields, level, ae_title, explicit, charset)
+        self.fallback = (self.primary if charset == CHARSET
+                         else layout(fields, level, ae_title, explicit, CHARSET))
+        self.primary.errors = "strict"
+
+    def encode(self, row: Any) -> bytes:
+        try:
+            return self.primary.encode(row)
+        except UnicodeEncodeError:
+            return self.fallback.encode(row)
+
+
+def query_node(config: Any, role: str = "query") -> str | None:
+    """The upstream node C-FIND goes to in cache-first / upstream-first: the first with `role`."""
+    for name, node in config.nodes.items():
+        if role in node.roles:
+            return name
+    return None
+
+
 class FindSCP:
     def __init__(self, proxy: Proxy):
         self.proxy = proxy
+        self.config = proxy.config
         self.ae_title = proxy.config.ae_title
         self.engine = read_only(proxy.engine)
         self.dialect = proxy.engine.dialect.name
+        self.node = query_node(proxy.config)
+        self.hot = hotcache.HotCache(ttl=proxy.config.query.cache_ttl, probe=hotcache.version_probe(proxy.engine))
+        hotcache.watch(proxy.engine)
 
-    def cache_matches(self, query: Query) -> Iterator[Dataset]:
-        """Every local match of `query`, as response identifiers. The rows are all read (and the read
-        transaction ended) before this returns; each identifier is built when it is asked for, so the
-        first response does not wait for the last one to be built."""
+    def cache_rows(self, query: Query) -> tuple[list[Any], list[_Field], dt.datetime | None]:
+        """Every local row matching `query` (the read transaction ended before this returns), the
+        response layout, and the oldest refresh time among rows that came from an upstream."""
         stmt, fields = plan(query, self.dialect)
+        refreshed_col = None
+        if query.level != "PATIENT":
+            stmt = stmt.add_columns(Study.refreshed_at)
+            refreshed_col = len(stmt.selected_columns) - 1
         with self.engine.connect() as conn:
             rows = conn.execute(stmt).all()
-        return self._identifiers(query, rows, fields)
-
-    def _identifiers(self, query: Query, rows: list[Any], fields: list[_Field]) -> Iterator[Dataset]:
-        level = query.level or ""
-        residual = bool(residual_keys(query))
-        for row in rows:
-            ds = build(row, fields, level, self.ae_title)
+        if residual_keys(query):
             # The response holds every requested key, so it is also the entity Python matches on.
-            if residual and not matches_in_python(query, ds):
-                continue
-            yield ds
+            level = query.level or ""
+            rows = [r for r in rows if matches_in_python(query, build(r, fields, level, self.ae_title))]
+        oldest = None
+        if refreshed_col is not None:
+            stamps = [r[refreshed_col] for r in rows if r[refreshed_col] is not None]
+            oldest = min(stamps) if stamps else None
+        return rows, fields, oldest
+
+    def cache_matches(self, query: Query) -> Iterator[Dataset]:
+        """Every local match of `query` as pydicom Datasets (the slow path; for callers other than the
+        C-FIND answer, which sends `cache_answer`'s bytes)."""
+        rows, fields, _ = self.cache_rows(query)
+        return (build(r, fields, query.level or "", self.ae_title) for r in rows)
+
+    def cache_answer(self, query: Query, key: Any, explicit: bool, charset: str,
+                     info: dict[str, Any]) -> list[bytes]:
+        """The encoded identifiers of every local match, from the hot cache when an identical request
+        was answered since the index last changed."""
+        hit = self.hot.get(key)
+        if hit is not None:
+            info["hot"] = True
+            info["oldest"] = hit[1]
+            return hit[0]
+        generation = self.hot.generation()
+        rows, fields, oldest = self.cache_rows(query)
+        answerer = Answerer(fields, query.level or "", self.ae_title, explicit, charset)
+        encoded = [answerer.encode(r) for r in rows]
+        info["oldest"] = oldest
+        self.hot.put(key, (encoded, oldest), generation, size=sum(map(len, encoded)))
+        return encoded
+
+    def _upstream(self, identifier: Dataset, level: str, model: str) -> Any:
+        if self.node is None:
+            return None
+        node, config = self.node, self.config
+        request = querythrough.upstream_identifier(identifier, level, model)
+
+        def ask(timeout: float) -> list[Dataset]:
+            return upstream.find(config, node, model, request, timeout=timeout)
+
+        return ask
+
+    def _remember(self, level: str) -> Any:
+        node, sessions = self.node, self.proxy.sessions
+
+        def remember(matches: list[Dataset]) -> int:
+            return querythrough.remember(sessions, node, level, matches)  # type: ignore[arg-type]
+
+        return remember
+
 
     def handle(self, event: Any) -> Iterator[tuple[int | Dataset, Dataset | None]]:
         t0 = time.monotonic()
-        calling = (event.assoc.requestor.ae_title or "").strip()
-        sop_class = str(event.request.AffectedSOPClassUID)
+        assoc = event.assoc
+        calling = (assoc.requestor.ae_title or "").strip()
+        req = event.request
+        sop_class = str(req.AffectedSOPClassUID)
         model = MODELS.get(sop_class, "study")
         fields: dict[str, Any] = {"level": "-", "matches": 0, "status": "0x0000", "reason": None}
+        outcome = querymode.Answer()
+        info: dict[str, Any] = {}
         try:
             try:
                 identifier = event.identifier
@@ -273,32 +389,66 @@ class FindSCP:
                 yield _status(err.status, err.comment), None
                 return
             fields["level"] = query.level
+            cx_id, ts = event.context.context_id, event.context.transfer_syntax
+            explicit = ts != dicomenc.IMPLICIT_LE
+            charset = answer_charset(identifier)
+            raw = req.Identifier.getvalue() if hasattr(req.Identifier, "getvalue") else None
+            key = (model, explicit, raw) if raw is not None else None
+
+            def local() -> list[bytes]:
+                return self.cache_answer(query, key, explicit, charset, info)
+
+            items = querymode.answer(
+                self.config.query.mode, local=local, upstream=self._upstream(identifier, query.level or "STUDY", model),
+                timeout=self.config.query.upstream_timeout, remember=self._remember(query.level or "STUDY"),
+                what=f"c-find {model}/{query.level}", outcome=outcome)
+            command = find_pending_command(sop_class, req.MessageID)
+            max_pdu = peer_max_pdu(assoc)
+            n = 0
             try:
-                matches = self.cache_matches(query)
+                for n, item in enumerate(items):
+                    if n and n % CANCEL_CHECK_EVERY == 0 and peer_has_spoken(assoc):
+                        let_peer_speak(assoc)
+                    if event.is_cancelled:
+                        fields.update(status=f"0x{CANCEL:04X}", matches=n, reason="cancelled")
+                        yield CANCEL, None
+                        return
+                    if not assoc.is_established:
+                        fields.update(status="aborted", matches=n, reason="association ended during the answer")
+                        return
+                    fields["matches"] = n + 1
+                    if isinstance(item, bytes):
+                        send_pending(assoc, cx_id, command, item, max_pdu)
+                    else:
+                        yield PENDING, querythrough.restrict(item, identifier, self.ae_title)
             except Exception as exc:
                 log.exception("C-FIND from the index failed")
                 fields.update(status=f"0x{OUT_OF_RESOURCES:04X}", reason=f"index unavailable: {type(exc).__name__}")
                 yield _status(OUT_OF_RESOURCES, fields["reason"]), None
                 return
-            for n, ds in enumerate(matches):
-                if n and n % CANCEL_CHECK_EVERY == 0:
-                    let_peer_speak(event.assoc)
-                if event.is_cancelled:
-                    fields.update(status=f"0x{CANCEL:04X}", matches=n, reason="cancelled")
-                    yield CANCEL, None
-                    return
-                fields["matches"] = n + 1
-                yield PENDING, ds
             if event.is_cancelled:  # a C-CANCEL after the last match still gets its Cancel status
                 fields.update(status=f"0x{CANCEL:04X}", reason="cancelled")
                 yield CANCEL, None
         finally:
             level = logging.WARNING if fields["status"] not in ("0x0000", f"0x{CANCEL:04X}") else logging.INFO
-            line = {"event": "c-find", "calling": calling, "called": called_ae_title(event.assoc), "model": model,
-                    "level": fields["level"], "source": "cache", "matches": fields["matches"],
+            line = {"event": "c-find", "calling": calling, "called": called_ae_title(assoc), "model": model,
+                    "level": fields["level"], "source": outcome.source, "matches": fields["matches"],
                     "status": fields["status"], "ms": int((time.monotonic() - t0) * 1000)}
-            if fields["reason"]:
-                line["reason"] = fields["reason"]
+            if info.get("hot"):
+                line["hot"] = "yes"
+            if outcome.upstream_ms is not None:
+                line["upstream_ms"] = outcome.upstream_ms
+            oldest = info.get("oldest")
+            if outcome.source == "cache" and oldest is not None:
+                if oldest.tzinfo is None:  # SQLite hands back naive UTC
+                    oldest = oldest.replace(tzinfo=dt.timezone.utc)
+                age = (utcnow() - oldest).total_seconds()
+                if age > self.config.query.stale_after:
+                    line["stale"] = f"{int(age)}s"
+                    level = max(level, logging.WARNING)
+            reason = fields["reason"] or outcome.reason
+            if reason:
+                line["reason"] = reason
             log.log(level, kv(**line))
 
 
