@@ -289,9 +289,12 @@ def _run_studies(config: Config, sessions: sessionmaker[Session], job: RefreshJo
         uids = [h.study_instance_uid for h in headers]
         with sessions.begin() as s:
             known: dict[str, int | None] = {}
+            # A study known only from a query-through answer has its counts but no series yet: it
+            # is not "unchanged" (its series and instances must still be fetched).
+            has_series = select(Series.id).where(Series.study_pk == Study.id).exists()
             for i in range(0, len(uids), 500):
                 known.update(s.execute(select(Study.study_instance_uid, Study.number_of_instances)
-                                       .where(Study.study_instance_uid.in_(uids[i:i + 500]))).all())
+                                       .where(Study.study_instance_uid.in_(uids[i:i + 500]), has_series)).all())
         unchanged = [h for h in headers
                      if h.study_instance_uid in known and h.study["number_of_instances"] is not None
                      and known[h.study_instance_uid] == h.study["number_of_instances"]]

@@ -20,6 +20,7 @@ database transaction open.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import time
 from collections.abc import Iterator
@@ -110,10 +111,12 @@ _COMPUTED = {
 }
 
 
+@functools.lru_cache(maxsize=None)
 def _computed(keyword: str, dialect: str) -> Any:
     """A correlated scalar subquery of the outer row (one SQL statement; the inner tables are aliased
     so that a series-level query's own series row is not reused). A study or series known only from
-    an upstream answer has no local children: its stored count/modalities (from that answer) apply."""
+    an upstream answer has no local children: its stored count/modalities (from that answer) apply.
+    Built once per keyword and dialect: aliasing costs more than running a single-match query."""
     s, i, st = aliased(Series), aliased(Instance), aliased(Study)
     if keyword == "NumberOfPatientRelatedStudies":
         return select(func.count(st.id)).where(st.patient_pk == Patient.id).correlate(Patient).scalar_subquery()
