@@ -136,3 +136,27 @@ def describe(cfg: Config, ds: Dataset, calling_ae: str, called_ae: str) -> dict[
         muts = mutations_for(cfg, "store", node, ds, calling_ae, called_ae)
         per_node[node] = [m.name for m in muts]
     return {"decision": decision, "mutations": per_node}
+
+
+def _flat(ds: Dataset, prefix: str = "") -> dict[str, str]:
+    """Every element as `label -> shown value`, items of sequences as `Seq[i].`, for diffs."""
+    from .tags import tag_label
+
+    out: dict[str, str] = {}
+    for elem in ds:
+        label = prefix + tag_label(int(elem.tag))
+        if elem.VR == "SQ":
+            out[label] = f"<{len(elem.value or [])} items>"
+            for i, item in enumerate(elem.value or []):
+                out.update(_flat(item, f"{prefix}{tag_label(int(elem.tag)).split(' ')[0]}[{i}]."))
+        elif isinstance(elem.value, (bytes, bytearray)) and len(elem.value) > 64:
+            out[label] = f"<{len(elem.value)} bytes>"
+        else:
+            out[label] = repr(_text(elem))
+    return out
+
+
+def diff(before: Dataset, after: Dataset) -> list[tuple[str, str | None, str | None]]:
+    """(attribute, value before or None if absent, value after or None if removed) for what changed."""
+    a, b = _flat(before), _flat(after)
+    return [(k, a.get(k), b.get(k)) for k in list(a) + [k for k in b if k not in a] if a.get(k) != b.get(k)]
