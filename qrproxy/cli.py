@@ -225,7 +225,7 @@ def _read_datasets(path: str) -> list:  # type: ignore[type-arg]
             data = json.load(f)
         items = data if isinstance(data, list) else [data]
         return [Dataset.from_json(item) for item in items]
-    return [dcmread(path, force=False)]
+    return [dcmread(path, stop_before_pixels=True, force=False)]
 
 
 def cmd_rules_test(cfg: Config, args: argparse.Namespace) -> int:

@@ -139,9 +139,16 @@ class Replace(_Strict):
     with_: str = Field(default="", alias="with")
 
 
+def _text_keys(value: Any) -> Any:
+    """YAML reads `values: {1: A}` with an integer key; values are compared as text."""
+    if isinstance(value, dict):
+        return {k if isinstance(k, str) else str(k): v for k, v in value.items()}
+    return value
+
+
 class MapValues(_Strict):
     from_: str | None = Field(default=None, alias="from")
-    values: dict[str, SetValue]
+    values: Annotated[dict[str, SetValue], BeforeValidator(_text_keys)]
     default: SetValue = None
 
     @property

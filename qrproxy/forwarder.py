@@ -342,9 +342,11 @@ class NodeWorker(threading.Thread):
         if muts:
             dataset = dcmread(path)
             try:
-                apply_mutations(dataset, muts, pseudonyms=self.fw.pseudonyms)
+                changes = apply_mutations(dataset, muts, pseudonyms=self.fw.pseudonyms)
             except AnonymizeError as exc:  # never send what could not be anonymized
                 return ("permanent", f"permanent: anonymize failed: {exc}", None)
+            log.debug(kv(event="mutated", node=self.node, sop=job.sop_instance_uid,
+                         mutations=",".join(m.name for m in muts), changes=len(changes)))
         try:
             rsp = assoc.send_c_store(dataset)
         except (OSError, RuntimeError, ValueError) as exc:
