@@ -68,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     r_sub = r.add_subparsers(dest="rules_command", metavar="ACTION", parser_class=_Parser)
     r_sub.required = True
     rt = r_sub.add_parser("test", help="which routes and mutations apply to a file, without sending")
-    rt.add_argument("file", help="a DICOM file")
+    rt.add_argument("file", help="a DICOM file, or a worklist item / data set as DICOM JSON (.json; one object or a list)")
+    rt.add_argument("--on", choices=["store", "worklist", "query"], default=None,
+                    help="which mutations to show (default: store for DICOM files, worklist for JSON)")
     rt.add_argument("--calling", default="", help="calling AE title of the imagined sender")
     rt.add_argument("--called", default=None, help="called AE title (default: qrproxy's ae_title)")
     return p
@@ -209,31 +211,83 @@ def cmd_queue(cfg: Config, args: argparse.Namespace) -> int:
         engine.dispose()
 
 
-def cmd_rules_test(cfg: Config, args: argparse.Namespace) -> int:
+def _read_datasets(path: str) -> list:  # type: ignore[type-arg]
+    """A Part 10 file, or DICOM JSON (PS3.18 F.2): one object or a list of them."""
+    import json
+
     from pydicom import dcmread
+    from pydicom.dataset import Dataset
+
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+    if head[:1] in (b"{", b"["):
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        items = data if isinstance(data, list) else [data]
+        return [Dataset.from_json(item) for item in items]
+    return [dcmread(path, stop_before_pixels=True, force=False)]
+
+
+def cmd_rules_test(cfg: Config, args: argparse.Namespace) -> int:
+    import copy
+    import json
+
     from pydicom.errors import InvalidDicomError
 
-    from .rules import describe
+    from .anonymize import AnonymizeError
+    from .rules import apply_mutations, describe, diff, mutations_for
+    from .uidmap import MemoryPseudonyms
 
     try:
-        ds = dcmread(args.file, stop_before_pixels=True, force=False)
-    except (OSError, InvalidDicomError) as exc:
+        datasets = _read_datasets(args.file)
+    except (OSError, InvalidDicomError, ValueError, TypeError, KeyError, json.JSONDecodeError) as exc:
         print(f"qrproxy: error: cannot read {args.file}: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
+    is_json = not hasattr(datasets[0], "preamble")
+    on = args.on or ("worklist" if is_json else "store")
     called = args.called if args.called is not None else cfg.ae_title
-    d = describe(cfg, ds, args.calling, called)
-    dec = d["decision"]
+    # New UIDs shown here come from a throwaway map: `rules test` writes nothing to the database.
+    pseudonyms = MemoryPseudonyms()
     print(f"file:          {args.file}")
-    print(f"sop instance:  {ds.get('SOPInstanceUID', '?')}  class {ds.get('SOPClassUID', '?')}")
-    print(f"calling/called: {args.calling or '-'} -> {called}")
-    print(f"defaults:      {', '.join(dec.defaults) or 'none'} ({dec.default_reason})")
-    print(f"route:         {dec.route or 'no route matched'}")
-    if dec.skipped_loop:
-        print(f"not sent back: {', '.join(dec.skipped_loop)} (sent by that node)")
-    print(f"destinations:  {', '.join(dec.destinations) or 'none (stored, not forwarded)'}")
-    for node, muts in d["mutations"].items():
-        if muts:
-            print(f"mutations for {node}: {', '.join(muts)}")
+    for n, ds in enumerate(datasets):
+        if len(datasets) > 1:
+            print(f"--- item {n + 1} of {len(datasets)}")
+        if on == "store":
+            d = describe(cfg, ds, args.calling, called)
+            dec = d["decision"]
+            print(f"sop instance:  {ds.get('SOPInstanceUID', '?')}  class {ds.get('SOPClassUID', '?')}")
+            print(f"calling/called: {args.calling or '-'} -> {called}")
+            print(f"defaults:      {', '.join(dec.defaults) or 'none'} ({dec.default_reason})")
+            print(f"route:         {dec.route or 'no route matched'}")
+            if dec.skipped_loop:
+                print(f"not sent back: {', '.join(dec.skipped_loop)} (sent by that node)")
+            print(f"destinations:  {', '.join(dec.destinations) or 'none (stored, not forwarded)'}")
+            targets = [(node, mutations_for(cfg, "store", node, ds, args.calling, called))
+                       for node in dec.destinations]
+        else:
+            targets = [(None, mutations_for(cfg, on, None, ds, args.calling, called))]
+        for node, muts in targets:
+            where = f"for {node}" if node else f"on {on}"
+            if not muts:
+                print(f"mutations {where}: none")
+                continue
+            print(f"mutations {where}: {', '.join(m.name for m in muts)}")
+            after = copy.deepcopy(ds)
+            try:
+                lines = apply_mutations(after, muts, pseudonyms=pseudonyms, on=on)
+            except AnonymizeError as exc:
+                print(f"  anonymize failed, the instance would be held, not sent: {exc}")
+                continue
+            for line in lines:
+                if "not " in line or "cut to" in line:
+                    print(f"  note: {line}")
+            for label, old, new in diff(ds, after):
+                if old is None:
+                    print(f"  + {label}: {new}")
+                elif new is None:
+                    print(f"  - {label}: {old} (removed)")
+                else:
+                    print(f"  ~ {label}: {old} -> {new}")
     return EXIT_OK
 
 

@@ -109,13 +109,67 @@ class Route(_Strict):
     remove_original: bool = False
 
 
+class Anonymize(_Strict):
+    """Options of the PS3.15 Annex E Basic Profile (README "Anonymization")."""
+
+    retain_uids: bool = False          # Retain UIDs Option
+    retain_dates: bool = False         # Retain Longitudinal Temporal Information, Full Dates Option
+    patient_id: Literal["pseudonym", "keep", "empty"] = "pseudonym"
+    patient_name: str = ""
+    keep_private: bool = False
+    keep: list[str] = Field(default_factory=list)
+
+    def keep_tags(self) -> list[int]:
+        return [parse_tag(k) for k in self.keep]
+
+
+def _anonymize_flag(value: Any) -> Any:
+    """`anonymize: true` is the Basic Profile with default options; `false` is no anonymization."""
+    if value is True:
+        return {}
+    if value is False:
+        return None
+    return value
+
+
+SetValue = str | int | float | list[str | int | float] | None
+
+
+class Replace(_Strict):
+    pattern: str
+    with_: str = Field(default="", alias="with")
+
+
+def _text_keys(value: Any) -> Any:
+    """YAML reads `values: {1: A}` with an integer key; values are compared as text."""
+    if isinstance(value, dict):
+        return {k if isinstance(k, str) else str(k): v for k, v in value.items()}
+    return value
+
+
+class MapValues(_Strict):
+    from_: str | None = Field(default=None, alias="from")
+    values: Annotated[dict[str, SetValue], BeforeValidator(_text_keys)]
+    default: SetValue = None
+
+    @property
+    def has_default(self) -> bool:
+        return "default" in self.model_fields_set
+
+
 class Mutation(_Strict):
+    """Applied in this order: anonymize, generate_uid, set, map, replace, remove (README "Mutations")."""
+
     name: str
     on: Literal["worklist", "store", "query"]
     when: dict[str, str] = Field(default_factory=dict)
-    set: dict[str, Any] = Field(default_factory=dict)
-    remove: list[str] = Field(default_factory=list)
     nodes: list[str] = Field(default_factory=list)
+    anonymize: Annotated[Anonymize | None, BeforeValidator(_anonymize_flag)] = None
+    generate_uid: dict[str, list[str]] = Field(default_factory=dict)
+    set: dict[str, SetValue] = Field(default_factory=dict)
+    map: dict[str, MapValues] = Field(default_factory=dict)
+    replace: dict[str, Replace] = Field(default_factory=dict)
+    remove: list[str] = Field(default_factory=list)
 
 
 class Encryption(_Strict):
@@ -334,11 +388,14 @@ def _pydantic_problems(exc: ValidationError, fname: str, lines: dict, data: dict
 # --- Cross references -------------------------------------------------------------------------
 
 
-def _check_when(prefix: tuple, when: dict[str, str], allow_ae: bool) -> Iterator[tuple[tuple, str]]:
+def _check_when(prefix: tuple, when: dict[str, str], allow_ae: bool,
+                on: str | None = None) -> Iterator[tuple[tuple, str]]:
+    from .tagpath import parse_path
+
     for key, pattern in when.items():
         if not (allow_ae and key in ROUTE_AE_KEYS):
             try:
-                parse_tag(key)
+                parse_path(key, on)
             except ValueError as exc:
                 yield prefix + (key,), str(exc)
                 continue
@@ -410,19 +467,19 @@ def _cross_check(cfg: Config) -> Iterator[tuple[tuple, str]]:
         if not route.to and not route.remove_original:
             yield ("routes", i), "a route needs 'to' destinations or remove_original: true"
 
+    mutation_names: set[str] = set()
     for i, mut in enumerate(cfg.mutations):
-        yield from _check_when(("mutations", i, "when"), mut.when, allow_ae=mut.on == "store")
-        for key in list(mut.set) + list(mut.remove):
-            try:
-                parse_tag(key)
-            except ValueError as exc:
-                section = "set" if key in mut.set else "remove"
-                yield ("mutations", i, section, key), str(exc)
+        if mut.name in mutation_names:
+            yield ("mutations", i, "name"), f"duplicate mutation name {mut.name!r}"
+        mutation_names.add(mut.name)
+        yield from _check_when(("mutations", i, "when"), mut.when, allow_ae=mut.on == "store", on=mut.on)
         for j, n in enumerate(mut.nodes):
             if n not in names:
                 yield ("mutations", i, "nodes", j), f"unknown node {n!r}"
-        if not mut.set and not mut.remove:
-            yield ("mutations", i), "a mutation needs 'set' or 'remove'"
+        from .mutation_checks import check_mutation
+
+        for path, msg in check_mutation(mut):
+            yield ("mutations", i) + path, msg
 
     uid_re = re.compile(r"^[0-9]+(\.[0-9]+)*$")
     for ae, uids in cfg.store.ignore_sop_classes.items():

@@ -36,7 +36,9 @@ from sqlalchemy import or_, select, update
 from .codec import TARGETS
 from .db.models import ForwardItem, ForwardState, SpoolObject, utcnow
 from .logs import kv
+from .anonymize import AnonymizeError
 from .rules import apply_mutations, mutations_for
+from .uidmap import DbPseudonyms
 from .upstream import UpstreamError, associate
 
 if TYPE_CHECKING:
@@ -339,7 +341,12 @@ class NodeWorker(threading.Thread):
             muts = mutations_for(self.proxy.config, "store", self.node, header, job.calling_ae or "")
         if muts:
             dataset = dcmread(path)
-            apply_mutations(dataset, muts)
+            try:
+                changes = apply_mutations(dataset, muts, pseudonyms=self.fw.pseudonyms)
+            except AnonymizeError as exc:  # never send what could not be anonymized
+                return ("permanent", f"permanent: anonymize failed: {exc}", None)
+            log.debug(kv(event="mutated", node=self.node, sop=job.sop_instance_uid,
+                         mutations=",".join(m.name for m in muts), changes=len(changes)))
         try:
             rsp = assoc.send_c_store(dataset)
         except (OSError, RuntimeError, ValueError) as exc:
@@ -421,6 +428,7 @@ class Forwarder:
         self.stopping = threading.Event()
         self.workers: dict[str, NodeWorker] = {}
         self.has_store_mutations = any(m.on == "store" for m in proxy.config.mutations)
+        self.pseudonyms = DbPseudonyms(proxy.sessions)
         self.pool: ProcessPoolExecutor | None = None
         self._variants: dict[tuple[int, str], Future[Any]] = {}
         self._variants_lock = threading.Lock()

@@ -21,10 +21,11 @@ from functools import lru_cache
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
 
+from .anonymize import Pseudonyms
 from .config import Config, Mutation, Route
-from .tags import parse_tag, tag_label
+from .tagpath import element_text as _text
+from .tagpath import parse_path
 
 ALIAS_PREFIX = "QRP_"
 
@@ -45,26 +46,24 @@ def _regex(pattern: str) -> re.Pattern[str]:
 
 def element_text(ds: Dataset, tag: int) -> str:
     """The value as matched by `when`: multi-values joined with backslash, absent or empty as ''."""
-    elem = ds.get(tag)
-    if elem is None or elem.value is None:
-        return ""
-    value = elem.value
-    if isinstance(value, (list, MultiValue)):
-        return "\\".join(str(v) for v in value)
-    if isinstance(value, bytes):
-        return value.decode("latin-1", "replace")
-    return str(value)
+    return _text(ds.get(tag))
 
 
-def matches(when: dict[str, str], ds: Dataset, calling_ae: str = "", called_ae: str = "") -> bool:
+def matches(when: dict[str, str], ds: Dataset, calling_ae: str = "", called_ae: str = "",
+            on: str | None = None) -> bool:
+    """Every condition holds. A key through a sequence (`Seq[*].Keyword`, or for `on: worklist` an
+    attribute of the Scheduled Procedure Step Sequence) holds when one item matches; an absent tag
+    matches as the empty string."""
     for key, pattern in when.items():
+        rx = _regex(pattern)
         if key == "calling_ae":
-            text = calling_ae
+            texts = [calling_ae]
         elif key == "called_ae":
-            text = called_ae
+            texts = [called_ae]
         else:
-            text = element_text(ds, parse_tag(key))
-        if not _regex(pattern).search(text):
+            path = parse_path(key, on)
+            texts = [_text(d.get(path.tag)) for d in path.containers(ds)] or [""]
+        if not any(rx.search(t) for t in texts):
             return False
     return True
 
@@ -101,29 +100,31 @@ def mutations_for(cfg: Config, on: str, node: str | None, ds: Dataset, calling_a
     return [
         m
         for m in cfg.mutations
-        if m.on == on and (not m.nodes or node in m.nodes) and matches(m.when, ds, calling_ae, called_ae)
+        if m.on == on and (not m.nodes or node in m.nodes)
+        and matches(m.when, ds, calling_ae, called_ae, on=on)
     ]
 
 
-def apply_mutations(ds: Dataset, mutations: Iterable[Mutation]) -> list[str]:
-    """Apply `set` then `remove` of each mutation in order; returns a line per change for the log."""
-    changes = []
-    for m in mutations:
-        for key, value in m.set.items():
-            tag = parse_tag(key)
-            new = "" if value is None else value
-            if tag in ds:
-                ds[tag].value = new
-            else:
-                from pydicom.datadict import dictionary_VR
+def apply_mutations(ds: Dataset, mutations: Iterable[Mutation], pseudonyms: Pseudonyms | None = None,
+                    on: str | None = None) -> list[str]:
+    """Apply each mutation in order; returns a line per change for the log and `rules test`.
 
-                ds.add_new(tag, dictionary_VR(tag), new)
-            changes.append(f"{m.name}: set {tag_label(tag)} = {new!r}")
-        for key in m.remove:
-            tag = parse_tag(key)
-            if tag in ds:
-                del ds[tag]
-                changes.append(f"{m.name}: removed {tag_label(tag)}")
+    Within a mutation: anonymize, generate_uid, set, map, replace, remove (qrproxy/mutations.py).
+    Pure except `pseudonyms`, which anonymize uses for new UIDs and patient IDs (the forwarder
+    passes the database-backed one; without it a throwaway in-memory map is used). `on` defaults to
+    each mutation's own `on` and decides how plain keywords resolve (worklist: inside the Scheduled
+    Procedure Step Sequence). Only anonymize can raise (AnonymizeError): an instance that cannot be
+    anonymized must not be sent.
+    """
+    from .mutations import apply_one
+
+    changes: list[str] = []
+    for m in mutations:
+        if m.anonymize is not None and pseudonyms is None:
+            from .uidmap import MemoryPseudonyms
+
+            pseudonyms = MemoryPseudonyms()
+        changes += apply_one(ds, m, pseudonyms, on or m.on)
     return changes
 
 
@@ -135,3 +136,27 @@ def describe(cfg: Config, ds: Dataset, calling_ae: str, called_ae: str) -> dict[
         muts = mutations_for(cfg, "store", node, ds, calling_ae, called_ae)
         per_node[node] = [m.name for m in muts]
     return {"decision": decision, "mutations": per_node}
+
+
+def _flat(ds: Dataset, prefix: str = "") -> dict[str, str]:
+    """Every element as `label -> shown value`, items of sequences as `Seq[i].`, for diffs."""
+    from .tags import tag_label
+
+    out: dict[str, str] = {}
+    for elem in ds:
+        label = prefix + tag_label(int(elem.tag))
+        if elem.VR == "SQ":
+            out[label] = f"<{len(elem.value or [])} items>"
+            for i, item in enumerate(elem.value or []):
+                out.update(_flat(item, f"{prefix}{tag_label(int(elem.tag)).split(' ')[0]}[{i}]."))
+        elif isinstance(elem.value, (bytes, bytearray)) and len(elem.value) > 64:
+            out[label] = f"<{len(elem.value)} bytes>"
+        else:
+            out[label] = repr(_text(elem))
+    return out
+
+
+def diff(before: Dataset, after: Dataset) -> list[tuple[str, str | None, str | None]]:
+    """(attribute, value before or None if absent, value after or None if removed) for what changed."""
+    a, b = _flat(before), _flat(after)
+    return [(k, a.get(k), b.get(k)) for k in list(a) + [k for k in b if k not in a] if a.get(k) != b.get(k)]

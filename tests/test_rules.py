@@ -100,3 +100,41 @@ def test_store_mutations_apply_per_destination(cfg) -> None:  # type: ignore[no-
     assert len(changes) == 3
     # once set, the `when` no longer matches: the rule is idempotent
     assert mutations_for(cfg, "store", "PACS", d) == []
+
+
+def test_when_reads_inside_sequences(tmp_path: Path) -> None:
+    from pydicom.sequence import Sequence
+
+    p = tmp_path / "q.yml"
+    p.write_text(CONFIG.split("mutations:")[0] + r"""
+  - name: by referenced study
+    when: {"ReferencedStudySequence[*].ReferencedSOPInstanceUID": '^1\.2\.3$'}
+    to: [CT1]
+mutations:
+  - name: query answers for CT
+    on: query
+    when: {Modality: '^CT$'}
+    set: {ScheduledStationName: CTROOM}
+""")
+    cfg = load_config(p)
+    d = ds(Modality="XA")
+    items = []
+    for uid in ("9.9", "1.2.3"):
+        item = Dataset()
+        item.ReferencedSOPInstanceUID = uid
+        items.append(item)
+    d.ReferencedStudySequence = Sequence(items)
+    assert route(cfg, d, "X", "QRPROXY").route == "by referenced study"   # the second item matches
+    d.ReferencedStudySequence[1].ReferencedSOPInstanceUID = "1.2.3.4"
+    assert route(cfg, d, "X", "QRPROXY").route is None
+
+    # on: query, a plain SPS keyword is read and written inside the Scheduled Procedure Step items
+    answer = Dataset()
+    sps = Dataset()
+    sps.Modality = "CT"
+    answer.ScheduledProcedureStepSequence = Sequence([sps])
+    assert mutations_for(cfg, "query", None, ds(Modality="CT")) == []      # top-level Modality ignored
+    muts = mutations_for(cfg, "query", None, answer)
+    assert [m.name for m in muts] == ["query answers for CT"]
+    apply_mutations(answer, muts)
+    assert answer.ScheduledProcedureStepSequence[0].ScheduledStationName == "CTROOM"

@@ -265,3 +265,23 @@ class RefreshRun(Base):
     status: Mapped[str] = mapped_column(String(16), default="running")
     rows: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text)
+
+
+class UidMap(Base):
+    """Pseudonyms handed out by `anonymize` mutations: one replacement per original value and kind.
+
+    Stored (not derived from a secret) so that a study sent again, after a restart or from another
+    worker or proxy sharing the database, gets the same UIDs at the destination; rows are written with
+    INSERT ... ON CONFLICT DO NOTHING and read back, so concurrent senders agree on the first one.
+    `kind` is `uid` for UIDs and `patient_id` for patient ID pseudonyms. The table links pseudonyms to
+    real identities: it is as sensitive as the index itself.
+    """
+
+    __tablename__ = "uid_map"
+    __table_args__ = (UniqueConstraint("kind", "original", name="uq_uid_map_kind_original"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    original: Mapped[str] = mapped_column(String(255))
+    replacement: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
