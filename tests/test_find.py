@@ -489,11 +489,100 @@ def test_find_values_from_the_index(db_url: str, qrproxy: Any, tmp_path: Path) -
     # a key only Python can decide (ReferringPhysicianName, stored as received) still matches
     rsp = _scu_find(proxy.port, _identifier(QueryRetrieveLevel="STUDY", StudyInstanceUID="",
                                             ReferringPhysicianName="ref^doctor"))
-    assert len([s for s, _, _ in rsp if s == 0xFF00]) == 4
+    want = {site.uid[k] for k, study in STUDIES.items() if study[5] == "REF^DOCTOR"}
+    assert {str(ds.StudyInstanceUID) for s, ds, _ in rsp if s == 0xFF00} == want
     # a key the index does not hold never matches a value (unknown, not absent from the study)
     rsp = _scu_find(proxy.port, _identifier(QueryRetrieveLevel="STUDY", StudyInstanceUID="",
                                             StudyComments="x*"))
     assert [s for s, _, _ in rsp] == [0x0000]
+
+
+def test_answer_keys_charset_and_retrieve_ae(db_url: str, qrproxy: Any, tmp_path: Path) -> None:
+    """Every Pending identifier holds exactly the requested keys, the level's unique key (added when the
+    request lacks it; the higher levels' unique keys come from the request), QueryRetrieveLevel,
+    SpecificCharacterSet and RetrieveAETitle (qrproxy's own AE title, whatever AE title was called), at
+    every level of both models, including a request with no key but the level."""
+    site = make_site(tmp_path / "site")
+    proxy = qrproxy(proxy_config(db_url, {}))
+    _store_everywhere(site, proxy, None)
+    always = {"QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle"}
+    cases = [
+        (STUDY_ROOT, {"QueryRetrieveLevel": "STUDY"}, {"StudyInstanceUID"}, len(STUDIES)),
+        (STUDY_ROOT, {"QueryRetrieveLevel": "STUDY", "PatientName": "müller*", "SpecificCharacterSet": "ISO_IR 100"},
+         {"StudyInstanceUID", "PatientName"}, 2),
+        (STUDY_ROOT, {"QueryRetrieveLevel": "SERIES", "StudyInstanceUID": site.uid["A"], "SeriesDate": "",
+                      "Modality": ""}, {"StudyInstanceUID", "SeriesInstanceUID", "SeriesDate", "Modality"}, 2),
+        (STUDY_ROOT, {"QueryRetrieveLevel": "IMAGE", "StudyInstanceUID": site.uid["D"],
+                      "SeriesInstanceUID": site.uid["D1"], "InstanceNumber": "", "ContentDate": ""},
+         {"StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "InstanceNumber", "ContentDate"}, 3),
+        (PATIENT_ROOT, {"QueryRetrieveLevel": "PATIENT", "PatientBirthDate": "19700101-19801231"},
+         {"PatientID", "PatientBirthDate"}, 2),
+        (PATIENT_ROOT, {"QueryRetrieveLevel": "STUDY", "PatientID": "FINDP1", "StudyDate": ""},
+         {"PatientID", "StudyInstanceUID", "StudyDate"}, 2),
+        (PATIENT_ROOT, {"QueryRetrieveLevel": "IMAGE", "PatientID": "FINDP1", "StudyInstanceUID": site.uid["A"],
+                        "SeriesInstanceUID": site.uid["A2"]},
+         {"PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"}, 2),
+    ]
+    problems = []
+    for called in ("QRPROXY", "SOMEALIAS"):
+        for model, keys, want_keys, count in cases:
+            rsp = _scu_find(proxy.port, _identifier(**keys), model, aec=called)
+            pending = [ds for s, ds, _ in rsp if s == 0xFF00]
+            if len(pending) != count or rsp[-1][0] != 0x0000:
+                problems.append(f"{called} {keys}: {len(pending)} matches, want {count}; final {rsp[-1][0]:#06x}")
+            for ds in pending:
+                present = {e.keyword for e in ds}
+                if present != want_keys | always:
+                    problems.append(f"{called} {keys}: keys differ by {sorted(present ^ (want_keys | always))}")
+                if (ds.SpecificCharacterSet, ds.RetrieveAETitle, ds.QueryRetrieveLevel) != \
+                        ("ISO_IR 192", "QRPROXY", keys["QueryRetrieveLevel"]):
+                    problems.append(f"{called} {keys}: {ds.SpecificCharacterSet!r} {ds.RetrieveAETitle!r} "
+                                    f"{ds.QueryRetrieveLevel!r}")
+                if "PatientName" in want_keys and str(ds.PatientName) != "Müller^Jürgen":
+                    problems.append(f"{called} {keys}: PatientName {str(ds.PatientName)!r}")
+    assert not problems, "\n".join(problems)
+
+
+# PS3.5 H.3.2: JIS X 0201 (half-width katakana, ISO 2022 IR 13) as the default, JIS X 0208 by escape.
+KATAKANA = "ﾔﾏﾀﾞ^ﾀﾛｳ=山田^太郎=やまだ^たろう"
+
+
+def test_find_japanese_character_sets(db_url: str, qrproxy: Any, tmp_path: Path) -> None:
+    """Data in ISO 2022 IR 13\\ISO 2022 IR 87 (PS3.5 H.3.2) next to ISO 2022 IR 87 (H.3.1) and the other
+    sets, queried by findscu in each of them. Orthanc 1.10 is no reference here: it decodes the
+    ISO 2022 IR 13 + IR 87 name wrongly (the kanji and kana groups come out as raw JIS bytes,
+    `ﾔﾏﾀﾞ^ﾀﾛｳ=;3ED^B@O:=$d$^$@^$?$m$&`), so qrproxy's answers are compared with the generated data."""
+    site = make_site(tmp_path / "site")
+    g_study, g_series = generate_uid(), generate_uid()
+    katakana = dicomgen.make_ct(study_uid=g_study, series_uid=g_series, rows=8, cols=8, patient_id="FINDP6",
+                                patient_name=KATAKANA, accession="ACC600", StudyDate="20240322",
+                                SpecificCharacterSet=["ISO 2022 IR 13", "ISO 2022 IR 87"])
+    files = [*site.files, *dicomgen.write_all([katakana], tmp_path / "katakana")]
+    proxy = qrproxy(proxy_config(db_url, {}))
+    assert_all_success(storescu(proxy.port, files, aec=proxy.ae_title), files)
+    ir13 = {"SpecificCharacterSet": "ISO 2022 IR 13\\ISO 2022 IR 87"}
+    cases = [
+        ("exact-ir13", {**ir13, "PatientName": KATAKANA}, {g_study}),
+        ("katakana-prefix", {**ir13, "PatientName": "ﾔﾏﾀﾞ*"}, {g_study}),
+        ("kanji-group-both-sets", {**ir13, "PatientName": "*=山田^太郎=*"}, {g_study, site.uid["F"]}),
+        ("kana-group-ir87", {**JIS, "PatientName": "*=やまだ^たろう"}, {g_study, site.uid["F"]}),
+        ("kanji-utf8", {**UTF8, "PatientName": "*山田*"}, {g_study, site.uid["F"]}),
+        ("exact-ir87", {**JIS, "PatientName": JAPANESE}, {site.uid["F"]}),
+        ("latin1-query", {**LATIN1, "PatientName": "*ü*"}, {site.uid["A"], site.uid["B"]}),
+    ]
+    names = {**NAMES, "FINDP6": KATAKANA}
+    problems = []
+    for n, (name, keys, want) in enumerate(cases):
+        keys = {"StudyInstanceUID": "", "PatientID": "", "AccessionNumber": "", **keys}
+        res = findscu(proxy.port, proxy.ae_title, "S", "STUDY", keys, tmp_path / f"j{n}")
+        got = {str(ds.StudyInstanceUID) for ds in res.responses}
+        if res.status != "Success" or got != want:
+            problems.append(f"{name}: {res.status} {sorted(site.label(u) for u in got)}, "
+                            f"want {sorted(site.label(u) for u in want)}")
+        for ds in res.responses:
+            if ds.SpecificCharacterSet != "ISO_IR 192" or str(ds.PatientName) != names[str(ds.PatientID)]:
+                problems.append(f"{name}: {ds.SpecificCharacterSet!r} {str(ds.PatientName)!r}")
+    assert not problems, "\n".join(problems)
 
 
 REFUSED = [
