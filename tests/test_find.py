@@ -1,13 +1,15 @@
 """C-FIND from the local index (the cache side of `query.mode`), against real peers on loopback.
 
-The same instances go by DCMTK storescu to a qrproxy (which indexes them on receipt) and straight to
-an Orthanc; then DCMTK findscu runs a table of query shapes (patient and study root, every level)
-against both, and the matched sets (by the level's unique key) and the values of a few returned keys
-must agree. The expected matches are also written down per query, so that both peers agreeing on a
-wrong answer still fails. Shapes where qrproxy deliberately differs from Orthanc (matching.py's
-docstring: hierarchical key rules, PN normalisation, time ranges) are not in the table; the
-hierarchical refusals are asserted explicitly below. C-CANCEL and failure statuses are checked with a
-pynetdicom SCU, which sees the status codes themselves.
+The site's instances (Latin-1, UTF-8 and ISO 2022 IR 87 Japanese names) go to an Orthanc, and into
+qrproxy's index either by a refresh job from that Orthanc (`qrproxy refresh`) or by DCMTK storescu
+(indexed on receipt); then DCMTK findscu runs a table of query shapes (patient and study root, every
+level, values encoded in the query's Specific Character Set) against both, and the matched sets (by the
+level's unique key) and the decoded values of the returned keys must agree. The expected matches are
+also written down per query, so that both peers agreeing on a wrong answer still fails. Shapes where
+Orthanc is no valid reference (README "Query matching", matching.py's docstring) are checked against
+the generated data only (DOCUMENTED, the Japanese IR 13 test, sequence matching); the hierarchical
+refusals are asserted explicitly below. C-CANCEL and failure statuses are checked with a pynetdicom
+SCU, which sees the status codes themselves.
 
 Each test runs on SQLite and on PostgreSQL (``db_url``).
 """
