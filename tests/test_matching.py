@@ -425,6 +425,33 @@ def test_japanese_identifier_decoded_from_iso_2022() -> None:
     assert matches_in_python(parse_query(wildcard, None, "patient"), entity)
 
 
+def test_half_width_katakana_identifier_decoded_from_iso_2022_ir_13() -> None:
+    """PS3.5 H.3.2: ISO 2022 IR 13 (JIS X 0201) as the default set, JIS X 0208 by escape sequence."""
+    name = "ﾔﾏﾀﾞ^ﾀﾛｳ=山田^太郎=やまだ^たろう"
+    wire = roundtrip(make_ds({"SpecificCharacterSet": ["ISO 2022 IR 13", "ISO 2022 IR 87"],
+                              "QueryRetrieveLevel": "PATIENT", "PatientName": name}))
+    query = parse_query(wire, None, "patient")
+    assert query["PatientName"].values == (name,)  # no upper case for katakana and kanji
+    entity = roundtrip(make_ds({"SpecificCharacterSet": "ISO_IR 192", "PatientName": name}))
+    assert matches_in_python(query, entity)
+    prefix = roundtrip(make_ds({"SpecificCharacterSet": ["ISO 2022 IR 13", "ISO 2022 IR 87"],
+                                "QueryRetrieveLevel": "PATIENT", "PatientName": "ﾔﾏﾀﾞ*"}))
+    assert matches_in_python(parse_query(prefix, None, "patient"), entity)
+    # '?' is one character: ﾀﾞ is two (a katakana and its voiced mark), 山 is one
+    assert match(q("PATIENT", "patient", PatientName="ﾔﾏ??^*"), PatientName=name)
+    assert match(q("PATIENT", "patient", PatientName="*=?田^*"), PatientName=name)
+
+
+def test_letters_outside_latin_1_fold_case() -> None:
+    """ISO_IR 192 names with letters Latin-1 lacks (Orthanc folds them too)."""
+    wire = roundtrip(make_ds({"SpecificCharacterSet": "ISO_IR 192", "QueryRetrieveLevel": "PATIENT",
+                              "PatientName": "wąsik^ł*"}))
+    query = parse_query(wire, None, "patient")
+    assert matches_in_python(query, make_ds({"PatientName": "Wąsik^Łukasz"}))
+    assert not matches_in_python(query, make_ds({"PatientName": "Wasik^Lukasz"}))
+    assert match(q("PATIENT", "patient", PatientName="*^ŁUKASZ"), PatientName="Wąsik^Łukasz")
+
+
 @pytest.mark.parametrize("charset", ["ISO_IR 100", "ISO_IR 192"])
 def test_latin_identifier_matches_utf8_entity(charset: str) -> None:
     wire = roundtrip(make_ds({"SpecificCharacterSet": charset, "QueryRetrieveLevel": "STUDY",
