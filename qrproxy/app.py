@@ -26,8 +26,9 @@ from .db.session import make_engine, make_sessionmaker, upgrade
 from .forwarder import Forwarder
 from .logs import kv
 from .maintenance import Maintenance
+from .mpps_relay import MppsRelay
 from .refresh import Refresher
-from .scp import echo, find, store
+from .scp import echo, find, mpps, mwl, store
 from .scp.associations import AssociationLog, configure_ae_policy
 from .spool import Spool
 
@@ -70,6 +71,7 @@ class Proxy:
         self.io_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fsync")
         self.maintenance = Maintenance(self)
         self.refresher = Refresher(self)
+        self.mpps_relay = MppsRelay(self)
         self.ae: AE | None = None
         self._server: Any = None
         self._stopping = threading.Event()
@@ -90,11 +92,12 @@ class Proxy:
         ae = AE(ae_title=self.config.ae_title)
         configure_ae_policy(ae, self)
         handlers: list[tuple[Any, Any]] = list(self.assoc_log.handlers())
-        for abstract, syntaxes in (echo.contexts() + find.contexts()
+        for abstract, syntaxes in (echo.contexts() + find.contexts() + mwl.contexts() + mpps.contexts()
                                   + store.contexts(self.config.store.extra_sop_classes)):
             ae.add_supported_context(abstract, syntaxes)
         for service in (echo, find, store):
             handlers += service.handlers(self)
+        handlers = mwl.handlers(self, handlers) + mpps.handlers(self)
         self.ae = ae
         self.forwarder.start()
         server_class = ReusePortServer if self.config.workers > 1 else Server
@@ -108,6 +111,7 @@ class Proxy:
             self._warn_not_yet_implemented()
             self.maintenance.start()
             self.refresher.start()
+            self.mpps_relay.start()
             threading.Thread(target=self._check_nodes, name="node-check", daemon=True).start()
 
     def _warn_not_yet_implemented(self) -> None:
@@ -125,8 +129,6 @@ class Proxy:
             gaps.append(f"query.mode {cfg.query.mode}: C-FIND is answered from the cache only for now")
         if any(m.on != "store" for m in cfg.mutations):
             gaps.append("mutations on worklist/query are not applied yet")
-        if any(j.kind == "worklist" for j in cfg.refresh):
-            gaps.append("refresh jobs of kind worklist are not run yet")
         for gap in gaps:
             log.warning(kv(event="not-implemented", detail=gap))
 
@@ -156,6 +158,7 @@ class Proxy:
             self.ae.shutdown()
         self.maintenance.stop()
         self.refresher.stop()
+        self.mpps_relay.stop()
         self.forwarder.stop(timeout=3.0)
         self.io_pool.shutdown(wait=True)
         self.engine.dispose()
