@@ -109,26 +109,24 @@ def refresh_identifier(query: dict[str, Any], today: dt.date | None = None) -> D
     returns them whole."""
     today = today or dt.date.today()
     top, step = Dataset(), Dataset()
-    non_ascii = False
     for key, value in query.items():
         tag = parse_tag(key)
         vr = dictionary_VR(tag)
         if vr == "SQ":
             raise ValueError(f"worklist refresh query key {key!r}: sequence keys are not supported")
         value = _value(tag, vr, value, today)
-        text = "".join(value) if isinstance(value, list) else value
-        non_ascii = non_ascii or (isinstance(text, str) and not text.isascii())
         target = step if Tag(tag) in {Tag(k) for k in SPS_KEYS} else top
         target.add_new(tag, vr, value)
     for keyword in SPS_KEYS:
         if keyword not in step:
-            step.add_new(Tag(keyword), dictionary_VR(Tag(keyword)), [] if keyword.endswith("Sequence") else "")
+            step.add_new(Tag(keyword), dictionary_VR(Tag(keyword)), [] if keyword.endswith("Sequence") else None)
     for keyword in ITEM_KEYS:
         if keyword not in top and keyword != "SpecificCharacterSet":
-            top.add_new(Tag(keyword), dictionary_VR(Tag(keyword)), [] if keyword.endswith("Sequence") else "")
+            top.add_new(Tag(keyword), dictionary_VR(Tag(keyword)), [] if keyword.endswith("Sequence") else None)
     top.ScheduledProcedureStepSequence = [step]
-    if non_ascii:
-        top.SpecificCharacterSet = "ISO_IR 192"
+    # Always UTF-8: an upstream that converts answers to the query's character set (Orthanc) would
+    # otherwise fall back to its default (Latin-1) and lose what that cannot represent.
+    top.SpecificCharacterSet = "ISO_IR 192"
     return top
 
 

@@ -26,7 +26,7 @@ from pynetdicom import evt
 from pynetdicom.sop_class import ModalityWorklistInformationFind
 from sqlalchemy import select
 
-from .. import rules, upstream, worklist
+from .. import querymode, rules, upstream, worklist
 from ..db.models import WorklistItem
 from ..db.session import read_only
 from ..logs import kv
@@ -102,16 +102,21 @@ class WorklistFindSCP:
 
         return ask
 
-    def answers(self, identifier: Dataset, query: Query) -> tuple[str, Iterable[Dataset]]:
-        """(source, answers) per `query.mode`."""
-        return "cache", self.local(query)
+    def answers(self, identifier: Dataset, query: Query) -> tuple[querymode.Answer, Iterable[Dataset]]:
+        """The answers per `query.mode`, and where they came from (filled in as they are produced)."""
+        outcome = querymode.Answer()
+        ask = self.upstream(identifier, query) if self.node is not None else None
+        gen = querymode.answer(self.config.query.mode, local=lambda: self.local(query), upstream=ask,
+                               timeout=self.config.query.upstream_timeout, remember=None, what="mwl",
+                               outcome=outcome)
+        return outcome, gen
 
     # --- the handler ---------------------------------------------------------------------------
 
     def handle(self, event: Any) -> Iterator[tuple[int | Dataset, Dataset | None]]:
         t0 = time.monotonic()
         calling = (event.assoc.requestor.ae_title or "").strip()
-        fields: dict[str, Any] = {"matches": 0, "status": "0x0000", "reason": None, "source": "-"}
+        fields: dict[str, Any] = {"matches": 0, "status": "0x0000", "reason": None}
         try:
             try:
                 identifier = event.identifier
@@ -125,8 +130,8 @@ class WorklistFindSCP:
                 yield _status(UNABLE_TO_PROCESS, fields["reason"]), None
                 return
             try:
-                source, matches = self.answers(identifier, query)
-                fields["source"] = source
+                outcome, matches = self.answers(identifier, query)
+                fields["outcome"] = outcome
                 matches = iter(matches)
                 first = next(matches, None)
             except Exception as exc:
@@ -152,8 +157,12 @@ class WorklistFindSCP:
                 yield CANCEL, None
         finally:
             ok = fields["status"] in ("0x0000", f"0x{CANCEL:04X}")
+            outcome = fields.get("outcome")
+            source = outcome.source if outcome is not None else "-"
+            if outcome is not None and outcome.reason and not fields["reason"]:
+                fields["reason"] = outcome.reason
             line = {"event": "c-find", "calling": calling, "called": called_ae_title(event.assoc),
-                    "model": "worklist", "source": fields["source"], "matches": fields["matches"],
+                    "model": "worklist", "source": source, "matches": fields["matches"],
                     "status": fields["status"], "ms": int((time.monotonic() - t0) * 1000)}
             if fields["reason"]:
                 line["reason"] = fields["reason"]
