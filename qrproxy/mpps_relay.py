@@ -128,6 +128,8 @@ class MppsRelay:
                         return 0.0  # the next association, with that modality's title
                     if _left(msg) > 0:
                         return _left(msg)
+                    if self._behind_held(msg):
+                        continue
                     status, comment = self._send(assoc, msg)
                     if status is None:
                         raise UpstreamError(f"{node}: no answer to N-{msg.operation.upper()}")
@@ -143,6 +145,21 @@ class MppsRelay:
             return delay
         self._failures[node] = 0
         return 0.0 if len(messages) == BATCH else None
+
+    def _behind_held(self, msg: MppsMessage) -> bool:
+        """Hold a message whose step has an earlier message held on this node (the node refused
+        that one, so it could not apply this one either)."""
+        with self.proxy.sessions.begin() as s:
+            held = s.execute(select(MppsMessage.last_error).where(
+                MppsMessage.step_pk == msg.step_pk, MppsMessage.node == msg.node, MppsMessage.id < msg.id,
+                MppsMessage.state == ForwardState.held).limit(1)).first()
+            if held is None:
+                return False
+            s.execute(update(MppsMessage).where(MppsMessage.id == msg.id).values(
+                state=ForwardState.held, last_error=f"an earlier message of this step is held: {held[0]}"[:500]))
+        log.warning(kv(event="mpps-relay-held", node=msg.node, op=msg.operation, sop=msg.sop_instance_uid,
+                       reason="an earlier message of this step is held"))
+        return True
 
     @staticmethod
     def _due(msg: MppsMessage) -> float:
