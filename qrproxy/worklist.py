@@ -194,29 +194,53 @@ def _empty(tag: int, vr: str) -> DataElement:
     return DataElement(tag, vr, None)
 
 
-def _reduce(item: Dataset, keys: Iterable[ReturnKey]) -> Dataset:
-    out = Dataset()
-    for rk in keys:
-        tag = Tag(rk.tag)
-        if tag == Tag("SpecificCharacterSet"):
-            continue
-        elem = item.get(tag)
+_CHARSET = Tag("SpecificCharacterSet")
+
+
+def _reduce_in_place(item: Dataset, keys: Iterable[ReturnKey]) -> None:
+    """Keep only the requested elements of a sequence item (zero-length ones added for those it
+    lacks). In place: the item was read from the stored bytes with its parent's character set, so
+    pydicom writes its raw elements back as they are."""
+    wanted = {Tag(rk.tag): rk for rk in keys}
+    d = item._dict
+    for tag in [t for t in d if t not in wanted]:
+        del d[tag]
+    for tag, rk in wanted.items():
+        elem = item.get_item(tag)
         if elem is None:
-            out.add(_empty(tag, rk.vr))
+            d[tag] = _empty(tag, rk.vr)
         elif elem.VR == "SQ" and rk.children:
-            out.add(DataElement(tag, "SQ", Sequence([_reduce(sub, rk.children) for sub in elem.value])))
-        else:
-            out.add(elem)
-    return out
+            for sub in item[tag].value:
+                _reduce_in_place(sub, rk.children)
 
 
 def response(item: Dataset, return_keys: Iterable[ReturnKey]) -> Dataset:
     """The answer to one match: the requested keys with the item's values (zero-length when it has
-    none), sequences whole or reduced to the requested sub-keys, in the item's character set."""
-    out = _reduce(item, return_keys)
-    charset = item.get("SpecificCharacterSet")
-    if charset:
-        out.SpecificCharacterSet = charset
+    none), sequences whole or reduced to the requested sub-keys, in the item's character set.
+
+    Elements are copied without being decoded (raw elements of the stored bytes): pydicom writes
+    raw elements as they are when the response's encoding and character set are the stored ones,
+    which makes an answer cheap (explicit VR little endian, the usual negotiated syntax; pydicom
+    converts for another). `item` is consumed (its sequences are reduced in place)."""
+    out = Dataset()
+    d = out._dict
+    for rk in return_keys:
+        tag = Tag(rk.tag)
+        elem = item.get_item(tag)
+        if elem is None:
+            if tag != _CHARSET:
+                d[tag] = _empty(tag, rk.vr)
+        elif elem.VR == "SQ" and rk.children:
+            seq = item[tag]
+            for sub in seq.value:
+                _reduce_in_place(sub, rk.children)
+            d[tag] = seq
+        else:
+            d[tag] = elem
+    charset = item.get_item(_CHARSET)
+    if charset is not None:
+        d[_CHARSET] = charset
+    out.set_original_encoding(False, True, item._character_set)
     return out
 
 
