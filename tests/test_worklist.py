@@ -393,8 +393,8 @@ def test_upstream_first_sees_new_items_cache_only_does_not(db_url: str, worklist
     for mode in ("upstream-first", "cache-only"):
         # one database: upstream answers are not written into the cache, only refreshes fill it
         proxies[mode] = qrproxy(worklist_config(db_url, worklist_scp, mode=mode), name=mode, start=False)
+    refresh(proxies["cache-only"])  # one database: one refresh, before either schedules its own
     for p in proxies.values():
-        refresh(p)
         p.start()
     worklist_scp.add_dump(_dump("W2")[0].replace("A002", "A010").replace("S002", "S010")
                           .replace(STUDY_UID["W2"], STUDY_UID["W2"] + ".10"), "latin-1", filename="W10")
