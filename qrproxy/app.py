@@ -26,9 +26,10 @@ from .db.session import make_engine, make_sessionmaker, upgrade
 from .forwarder import Forwarder
 from .logs import kv
 from .maintenance import Maintenance
+from .mpps_relay import MppsRelay
 from .refresh import Refresher
 from .pynetdicom_tuning import cheap_context_copies
-from .scp import echo, find, store
+from .scp import echo, find, mpps, mwl, store
 from .scp.associations import AssociationLog, configure_ae_policy
 from .spool import Spool
 
@@ -71,6 +72,7 @@ class Proxy:
         self.io_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fsync")
         self.maintenance = Maintenance(self)
         self.refresher = Refresher(self)
+        self.mpps_relay = MppsRelay(self)
         self.ae: AE | None = None
         self._server: Any = None
         self._stopping = threading.Event()
@@ -92,11 +94,12 @@ class Proxy:
         ae = AE(ae_title=self.config.ae_title)
         configure_ae_policy(ae, self)
         handlers: list[tuple[Any, Any]] = list(self.assoc_log.handlers())
-        for abstract, syntaxes in (echo.contexts() + find.contexts()
+        for abstract, syntaxes in (echo.contexts() + find.contexts() + mwl.contexts() + mpps.contexts()
                                   + store.contexts(self.config.store.extra_sop_classes)):
             ae.add_supported_context(abstract, syntaxes)
         for service in (echo, find, store):
             handlers += service.handlers(self)
+        handlers = mwl.handlers(self, handlers) + mpps.handlers(self)
         self.ae = ae
         self.forwarder.start()
         server_class = ReusePortServer if self.config.workers > 1 else Server
@@ -110,6 +113,7 @@ class Proxy:
             self._warn_not_yet_implemented()
             self.maintenance.start()
             self.refresher.start()
+            self.mpps_relay.start()
             threading.Thread(target=self._check_nodes, name="node-check", daemon=True).start()
 
     def _warn_not_yet_implemented(self) -> None:
@@ -125,8 +129,6 @@ class Proxy:
             gaps.append("tls: no DICOM TLS port yet")
         if any(m.on != "store" for m in cfg.mutations):
             gaps.append("mutations on worklist/query are not applied yet")
-        if any(j.kind == "worklist" for j in cfg.refresh):
-            gaps.append("refresh jobs of kind worklist are not run yet")
         for gap in gaps:
             log.warning(kv(event="not-implemented", detail=gap))
         if cfg.query.mode != "cache-only" and find.query_node(cfg) is None:
@@ -159,6 +161,7 @@ class Proxy:
             self.ae.shutdown()
         self.maintenance.stop()
         self.refresher.stop()
+        self.mpps_relay.stop()
         self.forwarder.stop(timeout=3.0)
         self.io_pool.shutdown(wait=True)
         self.engine.dispose()

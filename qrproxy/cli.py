@@ -146,10 +146,11 @@ def cmd_refresh(cfg: Config, name: str | None) -> int:
             r = run_job(proxy, job)
             if r.skipped:
                 print(f"{job.name}: skipped: {r.error}")
-                failed = failed or job.kind == "studies"  # asked to run now, and it did not
+                failed = True  # asked to run now, and it did not
                 continue
             outcome = "ok" if r.ok else f"error: {r.error}"
-            print(f"{job.name}: node {job.node}, rows {r.rows}, new studies {r.new_studies}, "
+            what = "items" if job.kind == "worklist" else "studies"
+            print(f"{job.name}: node {job.node}, rows {r.rows}, new {what} {r.new_studies}, "
                   f"updated {r.updated}, removed {r.removed}, {outcome}")
             failed = failed or not r.ok
         return EXIT_RUNTIME if failed else EXIT_OK

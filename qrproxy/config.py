@@ -208,6 +208,15 @@ class ForwardSettings(_Strict):
     poll: Duration = 5.0
 
 
+class WorklistSettings(_Strict):
+    """Worklist items in the cache (README "Modality worklist")."""
+
+    # Items scheduled more than this many days before today are deleted (at each worklist refresh).
+    keep_days: int = Field(default=2, ge=0, le=3650)
+    # The first C-STORE of an item's study (by StudyInstanceUID or AccessionNumber) marks it done.
+    remove_on_store: Literal["accession", "study", "off"] = "off"
+
+
 class Logging(_Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     file: Path | None = None
@@ -240,6 +249,7 @@ class Config(_Strict):
     tls: Tls | None = None
     store: StoreSettings = Field(default_factory=StoreSettings)
     forward: ForwardSettings = Field(default_factory=ForwardSettings)
+    worklist: WorklistSettings = Field(default_factory=WorklistSettings)
     log: Logging = Field(default_factory=Logging)
 
     # Not from the file: where it came from, for messages and relative paths.

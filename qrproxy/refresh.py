@@ -1,6 +1,8 @@
 """Refresh jobs: scheduled C-FIND queries to an upstream node whose answers keep the index fresh.
 
-A `kind: studies` job asks its node for the studies matching `query` (relative dates such as `-7d`
+A `kind: worklist` job asks its `worklist` node for the items matching `query` (MWL C-FIND, see
+worklist.py and worklist_index.py) and replaces that node's items in the query's window in one
+transaction. A `kind: studies` job asks its node for the studies matching `query` (relative dates such as `-7d`
 resolved against today), then, for every study that is new to the index or whose number of instances
 changed, for its series and instances, and writes all of it through `index` (so the rows look the same
 whichever path learnt them). Only when every request of the run succeeded are the studies that the
@@ -57,10 +59,10 @@ STALE_MARGIN = 60.0
 @dataclass
 class RefreshResult:
     job: str
-    rows: int = 0  # studies the node listed
-    new_studies: int = 0
+    rows: int = 0  # studies (worklist: scheduled steps) the node listed
+    new_studies: int = 0  # worklist: new items
     updated: int = 0  # studies already indexed whose series and instances were read again
-    removed: int = 0
+    removed: int = 0  # worklist: vanished from the window, plus pruned by age
     error: str | None = None
     skipped: bool = False  # not run: already running, or a kind not refreshed yet
 
@@ -242,9 +244,6 @@ def _begin_run(sessions: sessionmaker[Session], job: RefreshJob) -> int | None:
 def run_job(proxy: Any, job: RefreshJob, cancel: threading.Event | None = None,
             today: dt.date | None = None) -> RefreshResult:
     """Run `job` now, in the calling thread; `proxy` provides `.config` and `.sessions`."""
-    if job.kind != "studies":
-        log.info(kv(event="refresh-skipped", job=job.name, reason=f"kind {job.kind} is not refreshed yet"))
-        return RefreshResult(job.name, skipped=True, error=f"kind {job.kind} is not refreshed yet")
     lock = _job_lock(job.name)
     if not lock.acquire(blocking=False):
         log.warning(kv(event="refresh-skipped", job=job.name, reason="previous run still running"))
@@ -257,7 +256,8 @@ def run_job(proxy: Any, job: RefreshJob, cancel: threading.Event | None = None,
         t0 = time.monotonic()
         result = RefreshResult(job.name)
         try:
-            _run_studies(proxy.config, proxy.sessions, job, result, cancel, today)
+            run = _run_worklist if job.kind == "worklist" else _run_studies
+            run(proxy.config, proxy.sessions, job, result, cancel, today)
         except upstream.UpstreamError as exc:
             result.error = str(exc)
         except Exception as exc:  # a bug or the database: record it, the scheduler keeps going
@@ -327,6 +327,30 @@ def _run_studies(config: Config, sessions: sessionmaker[Session], job: RefreshJo
         result.removed = _remove_vanished(s, job, identifier, set(uids))  # type: ignore[arg-type]
 
 
+def _run_worklist(config: Config, sessions: sessionmaker[Session], job: RefreshJob, result: RefreshResult,
+                  cancel: threading.Event | None, today: dt.date | None) -> None:
+    """MWL C-FIND to the job's node; every answer (one item per scheduled step, `on: worklist`
+    mutations applied) replaces the node's items inside the query's window in one transaction, then
+    items older than `worklist.keep_days` are pruned. Nothing is written unless the C-FIND completed."""
+    from . import rules, worklist
+    from .worklist_index import item_row, prune, replace
+
+    identifier = worklist.refresh_identifier(job.query, today)
+    with upstream.find_session(config, job.node, "worklist", timeout=job.timeout, cancel=cancel) as fs:
+        answers = fs.find(identifier)
+    now = utcnow()
+    rows = []
+    for answer in answers:
+        for ds in worklist.split_steps(answer):
+            rules.apply_mutations(ds, rules.mutations_for(config, "worklist", None, ds))
+            rows.append(item_row(job.node, ds, now))
+    with sessions.begin() as s:
+        done = replace(s, job.node, identifier, rows)
+        done.pruned = prune(s, config.worklist.keep_days, today)
+    result.rows, result.new_studies, result.updated = done.listed, done.new, done.updated
+    result.removed = done.removed + done.pruned
+
+
 # --- the schedule -----------------------------------------------------------------------------
 
 
@@ -351,10 +375,6 @@ class Refresher:
         scheduler = BackgroundScheduler(daemon=True)
         first = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=self.first_run_delay)
         for job in self._jobs.values():
-            if job.kind != "studies":
-                log.warning(kv(event="refresh-not-scheduled", job=job.name,
-                               reason=f"kind {job.kind} not refreshed yet"))
-                continue
             trigger = (IntervalTrigger(seconds=job.every) if job.every is not None
                        else CronTrigger.from_crontab(job.cron))
             scheduler.add_job(self._run, trigger, args=[job.name], id=job.name, name=f"refresh {job.name}",

@@ -30,6 +30,10 @@ class Status:
     spool_free: int | None = None
     # job name -> last run: started/finished (datetime), status, rows, error; absent: never ran
     refresh_runs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # worklist: items answered (not done) and done; MPPS relay: node -> state -> messages
+    worklist: dict[str, int] = field(default_factory=dict)
+    mpps_queues: dict[str, dict[str, int]] = field(default_factory=dict)
+    mpps_held: list[tuple[str, str, int]] = field(default_factory=list)
 
 
 def collect(cfg: Config, echo_nodes: bool = True) -> Status:
@@ -63,6 +67,7 @@ def collect(cfg: Config, echo_nodes: bool = True) -> Status:
                         st.refresh_runs[name] = {"started_at": run.started_at, "finished_at": run.finished_at,
                                                  "status": run.status, "rows": run.rows, "error": run.error}
                     st.queues = queue.depths(s)
+                    _collect_worklist(st, s)
                     st.oldest = queue.oldest_pending(s)
                     st.held_reasons = [
                         (node, reason or "", n)
@@ -141,6 +146,7 @@ def render(st: Status) -> str:
             out.append(f"held for {node}: {n} x {reason}")
     else:
         out.append("forward queue empty")
+    out += _render_worklist(st)
     if cfg.refresh:
         out.append("")
         rows = [["REFRESH", "NODE", "KIND", "SCHEDULE", "LAST RUN", "RESULT", "ROWS", "ERROR"]]
@@ -155,6 +161,34 @@ def render(st: Status) -> str:
                          (run["error"] or "")[:100]])
         out.append(table(rows))
     return "\n".join(out)
+
+
+def _collect_worklist(st: Status, s: Any) -> None:
+    from . import mpps_relay
+    from .db import models
+
+    item = models.WorklistItem
+    st.worklist = {"open": s.execute(select(func.count()).select_from(item).where(item.done_at.is_(None))).scalar_one(),
+                   "done": s.execute(select(func.count()).select_from(item).where(item.done_at.is_not(None))).scalar_one()}
+    st.mpps_queues = mpps_relay.depths(s)
+    msg = models.MppsMessage
+    st.mpps_held = [(node, reason or "", n) for node, reason, n in s.execute(
+        select(msg.node, msg.last_error, func.count()).where(msg.state == models.ForwardState.held)
+        .group_by(msg.node, msg.last_error).limit(20))]
+
+
+def _render_worklist(st: Status) -> list[str]:
+    out = []
+    if st.worklist:
+        out += ["", f"worklist: {st.worklist['open']} items answered, {st.worklist['done']} done (MPPS or stored)"]
+    if st.mpps_queues:
+        rows = [["MPPS RELAY", "PENDING", "HELD", "SENT"]]
+        for node in sorted(st.mpps_queues):
+            q = st.mpps_queues[node]
+            rows.append([node, str(q.get("pending", 0)), str(q.get("held", 0)), str(q.get("sent", 0))])
+        out += ["", table(rows)]
+        out += [f"mpps held for {node}: {n} x {reason}" for node, reason, n in st.mpps_held]
+    return out
 
 
 def _duration(seconds: float) -> str:

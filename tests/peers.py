@@ -809,6 +809,11 @@ class WorklistSCP(Peer):
         """
         return write_worklist_file(self.aet_dir, item, filename)
 
+    def add_dump(self, text: str, encoding: str = "utf-8", filename: str | None = None) -> Path:
+        """Add an item from DCMTK dump text whose values are written in ``encoding`` (the item's
+        Specific Character Set: latin-1 for ISO_IR 100, utf-8 for ISO_IR 192), via dump2dcm."""
+        return write_worklist_dump(self.aet_dir, text, encoding, filename)
+
     def items(self) -> list[Path]:
         return sorted(self.aet_dir.glob("*.wl"))
 
@@ -843,6 +848,29 @@ def write_worklist_file(directory: str | os.PathLike[str], item: Any, filename: 
         tmp.write_bytes(bytes(item))
     else:
         tmp.write_bytes(dataset_bytes(item))
+    os.replace(tmp, final)
+    return final
+
+
+def write_worklist_dump(directory: str | os.PathLike[str], text: str, encoding: str = "utf-8",
+                        filename: str | None = None) -> Path:
+    """Like write_worklist_file for dump text, with the dump's bytes in ``encoding`` (dump2dcm copies
+    value bytes as they are, so they must already be in the item's character set)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    name = filename or f"item-{uuid.uuid4().hex[:12]}.wl"
+    if not name.endswith(".wl"):
+        name += ".wl"
+    dump, tmp = directory / f".{name}.dump", directory / f".{name}.tmp"
+    dump.write_bytes(text.encode(encoding))
+    try:
+        res = subprocess.run([dcmtk("dump2dcm"), "+te", str(dump), str(tmp)], capture_output=True, text=True,
+                             timeout=30)
+    finally:
+        dump.unlink(missing_ok=True)
+    if res.returncode != 0:
+        raise PeerError(f"dump2dcm failed ({res.returncode}): {res.stdout}{res.stderr}")
+    final = directory / name
     os.replace(tmp, final)
     return final
 

@@ -216,6 +216,55 @@ class WorklistItem(Base):
     identifier: Mapped[bytes] = mapped_column(LargeBinary)
     status: Mapped[str] = mapped_column(String(16), default="scheduled")
     refreshed_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    # Set when the proxy saw the procedure done (MPPS COMPLETED/DISCONTINUED, or the study arriving
+    # with `worklist.remove_on_store`): the item is no longer answered, but kept so that the next
+    # refresh, which may still list it, does not bring it back. Retention deletes it later.
+    done_at: Mapped[dt.datetime | None]
+    done_reason: Mapped[str | None] = mapped_column(String(64))
+
+
+class MppsStep(Base):
+    """A Modality Performed Procedure Step received by qrproxy's MPPS SCP: its latest attributes
+    (N-CREATE merged with every N-SET, pre-encoded like worklist items) and status."""
+
+    __tablename__ = "mpps_steps"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    calling_ae: Mapped[str | None] = mapped_column(AE)
+    # IN PROGRESS | COMPLETED | DISCONTINUED (PerformedProcedureStepStatus)
+    status: Mapped[str] = mapped_column(String(16))
+    study_instance_uid: Mapped[str | None] = mapped_column(UID, index=True)
+    accession_number: Mapped[str | None] = mapped_column(String(16))
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    attributes: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class MppsMessage(Base):
+    """One N-CREATE or N-SET owed to one `mpps` node, sent in id order per node (an N-SET never
+    overtakes its N-CREATE). `payload` is the attribute list exactly as the modality sent it."""
+
+    __tablename__ = "mpps_queue"
+    __table_args__ = (Index("ix_mpps_queue_claim", "node", "state", "id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    step_pk: Mapped[int] = mapped_column(ForeignKey("mpps_steps.id", ondelete="CASCADE"), index=True)
+    node: Mapped[str] = mapped_column(String(64))
+    operation: Mapped[str] = mapped_column(String(8))  # create | set
+    sop_instance_uid: Mapped[str] = mapped_column(UID)
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
+    calling_ae: Mapped[str | None] = mapped_column(AE)
+    state: Mapped[ForwardState] = mapped_column(
+        Enum(ForwardState, name="mpps_state", native_enum=False, length=16), default=ForwardState.pending
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    sent_at: Mapped[dt.datetime | None]
 
 
 class CommitmentRequest(Base):

@@ -31,6 +31,7 @@ from ..index import Header, IndexWriter
 from ..logs import kv
 from ..rules import route
 from ..spool import Committed, fsync_file, hash_file
+from ..worklist_index import close_on_store
 from .associations import called_ae_title
 
 if TYPE_CHECKING:
@@ -231,6 +232,7 @@ class StoreSCP:
         log.info(kv(event="c-store", calling=calling, called=called, sop=sop_instance, status="0x0000",
                     action=action, to=",".join(rec.enqueued) or "-", route=decision.route or "-",
                     bytes=committed.size, ms=int((time.monotonic() - t0) * 1000)))
+        close_on_store(self.proxy, hdr)  # worklist.remove_on_store: the study arrived, its item is done
         return 0x0000
 
     def on_close(self, event: Any) -> None:

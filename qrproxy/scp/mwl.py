@@ -1,0 +1,194 @@
+"""Modality Worklist C-FIND SCP (1.2.840.10008.5.1.4.31), answered per `query.mode`.
+
+Three separate sources, so that the query mode decides only which to use:
+- `local(query)`: the worklist items in the index (refresh jobs put them there), matched by
+  matching.py's worklist model (PS3.4 K.6: step keys inside the Scheduled Procedure Step Sequence),
+  minus items the proxy saw done (MPPS COMPLETED/DISCONTINUED, `worklist.remove_on_store`);
+- `upstream(timeout)`: the same identifier as MWL C-FIND to the `worklist` node, its answers run
+  through the `on: worklist` mutations as if they had been stored, so both paths answer alike;
+- remember: none. An upstream answer holds only the keys the modality asked for; writing it over
+  a whole stored item would lose the rest, so only refresh jobs fill the worklist cache.
+
+`on: query` mutations apply to every answer, before matching (a modality asking for the station AE
+a mutation sets finds the item). Answers are in each item's own character set (worklist.response).
+C-CANCEL is read every few responses (pynetdicom_tuning.let_peer_speak) and answered 0xFE00.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import evt
+from pynetdicom.sop_class import ModalityWorklistInformationFind
+from sqlalchemy import select
+
+from .. import querymode, rules, upstream, worklist
+from ..db.models import WorklistItem
+from ..db.session import read_only
+from ..logs import kv
+from ..matching import Query, QueryError, matches_in_python, parse_query, residual_keys, select_matching
+from ..pynetdicom_tuning import let_peer_speak
+from .associations import called_ae_title
+
+if TYPE_CHECKING:
+    from ..app import Proxy
+
+log = logging.getLogger("qrproxy.mwl")
+
+MWL_FIND = str(ModalityWorklistInformationFind)
+TRANSFER_SYNTAXES = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
+PENDING = 0xFF00
+CANCEL = 0xFE00
+OUT_OF_RESOURCES = 0xA700
+UNABLE_TO_PROCESS = 0xC000
+CANCEL_CHECK_EVERY = 32
+
+
+def _status(code: int, comment: str) -> Dataset:
+    ds = Dataset()
+    ds.Status = code
+    ds.ErrorComment = comment[:64]
+    return ds
+
+
+class WorklistFindSCP:
+    def __init__(self, proxy: Proxy):
+        self.proxy = proxy
+        self.config = proxy.config
+        self.engine = read_only(proxy.engine)
+        nodes = list(self.config.nodes_with_role("worklist"))
+        self.node: str | None = nodes[0] if nodes else None
+
+    # --- the three sources ---------------------------------------------------------------------
+
+    def _query_mutations(self) -> bool:
+        return any(m.on == "query" for m in self.config.mutations)
+
+    def local(self, query: Query) -> Iterator[Dataset]:
+        """The cache's answers: rows read (and the read transaction ended) before the first answer
+        is built; each answer is built when asked for."""
+        mutate = self._query_mutations()
+        stmt = select(WorklistItem.identifier) if mutate else select_matching(query).with_only_columns(
+            WorklistItem.identifier)
+        stmt = stmt.where(WorklistItem.done_at.is_(None)).order_by(
+            WorklistItem.sps_start_date, WorklistItem.sps_start_time, WorklistItem.id)
+        with self.engine.connect() as conn:
+            rows = conn.execute(stmt).scalars().all()
+        return self._answers(query, (worklist.decode(data) for data in rows), mutate or bool(residual_keys(query)))
+
+    def _answers(self, query: Query, items: Iterable[Dataset], check: bool) -> Iterator[Dataset]:
+        for item in items:
+            rules.apply_mutations(item, rules.mutations_for(self.config, "query", None, item))
+            if check and not matches_in_python(query, item):
+                continue
+            yield worklist.response(item, query.return_keys)
+
+    def upstream(self, identifier: Dataset, query: Query) -> Callable[[float], list[Dataset]]:
+        """MWL C-FIND to the worklist node within `timeout` seconds; answers mutated as stored items
+        are (`on: worklist`, then `on: query`) and matched again, since a mutation may change a key."""
+
+        def ask(timeout: float) -> list[Dataset]:
+            assert self.node is not None
+            out = []
+            for answer in upstream.find(self.config, self.node, "worklist", identifier, timeout=timeout):
+                for ds in worklist.split_steps(answer):
+                    rules.apply_mutations(ds, rules.mutations_for(self.config, "worklist", None, ds))
+                    out.append(ds)
+            return list(self._answers(query, out, True))
+
+        return ask
+
+    def answers(self, identifier: Dataset, query: Query) -> tuple[querymode.Answer, Iterable[Dataset]]:
+        """The answers per `query.mode`, and where they came from (filled in as they are produced)."""
+        outcome = querymode.Answer()
+        ask = self.upstream(identifier, query) if self.node is not None else None
+        gen = querymode.answer(self.config.query.mode, local=lambda: self.local(query), upstream=ask,
+                               timeout=self.config.query.upstream_timeout, remember=None, what="mwl",
+                               outcome=outcome)
+        return outcome, gen
+
+    # --- the handler ---------------------------------------------------------------------------
+
+    def handle(self, event: Any) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+        t0 = time.monotonic()
+        calling = (event.assoc.requestor.ae_title or "").strip()
+        fields: dict[str, Any] = {"matches": 0, "status": "0x0000", "reason": None}
+        try:
+            try:
+                identifier = event.identifier
+                query = parse_query(identifier, None, "worklist")
+            except QueryError as err:
+                fields.update(status=f"0x{err.status:04X}", reason=err.comment)
+                yield _status(err.status, err.comment), None
+                return
+            except Exception as exc:  # undecodable identifier
+                fields.update(status=f"0x{UNABLE_TO_PROCESS:04X}", reason=f"cannot decode identifier: {exc}")
+                yield _status(UNABLE_TO_PROCESS, fields["reason"]), None
+                return
+            try:
+                outcome, matches = self.answers(identifier, query)
+                fields["outcome"] = outcome
+                matches = iter(matches)
+                first = next(matches, None)
+            except Exception as exc:
+                log.exception("MWL C-FIND failed")
+                fields.update(status=f"0x{OUT_OF_RESOURCES:04X}", reason=f"worklist unavailable: {type(exc).__name__}")
+                yield _status(OUT_OF_RESOURCES, fields["reason"]), None
+                return
+            n = 0
+            ds = first
+            while ds is not None:
+                if n and n % CANCEL_CHECK_EVERY == 0:
+                    let_peer_speak(event.assoc)
+                if event.is_cancelled:
+                    fields.update(status=f"0x{CANCEL:04X}", matches=n, reason="cancelled")
+                    yield CANCEL, None
+                    return
+                n += 1
+                fields["matches"] = n
+                yield PENDING, ds
+                ds = next(matches, None)
+            if event.is_cancelled:
+                fields.update(status=f"0x{CANCEL:04X}", reason="cancelled")
+                yield CANCEL, None
+        finally:
+            ok = fields["status"] in ("0x0000", f"0x{CANCEL:04X}")
+            outcome = fields.get("outcome")
+            source = outcome.source if outcome is not None else "-"
+            if outcome is not None and outcome.reason and not fields["reason"]:
+                fields["reason"] = outcome.reason
+            line = {"event": "c-find", "calling": calling, "called": called_ae_title(event.assoc),
+                    "model": "worklist", "source": source, "matches": fields["matches"],
+                    "status": fields["status"], "ms": int((time.monotonic() - t0) * 1000)}
+            if fields["reason"]:
+                line["reason"] = fields["reason"]
+            log.log(logging.INFO if ok else logging.WARNING, kv(**line))
+
+
+def contexts() -> list[tuple[str, list[str]]]:
+    return [(MWL_FIND, TRANSFER_SYNTAXES)]
+
+
+def handlers(proxy: Proxy, others: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
+    """`others` with its EVT_C_FIND handler wrapped: pynetdicom calls one handler per intervention
+    event, so MWL requests are routed here by their SOP Class and the rest go to the Q/R handler."""
+    scp = WorklistFindSCP(proxy)
+    out = []
+    for event, handler in others:
+        if event is evt.EVT_C_FIND:
+            qr = handler
+
+            def dispatch(ev: Any, _qr: Any = qr) -> Any:
+                if str(ev.request.AffectedSOPClassUID) == MWL_FIND:
+                    return scp.handle(ev)
+                return _qr(ev)
+
+            handler = dispatch
+        out.append((event, handler))
+    if not any(event is evt.EVT_C_FIND for event, _ in others):
+        out.append((evt.EVT_C_FIND, scp.handle))
+    return out
