@@ -138,3 +138,32 @@ class Layout:
             out.append(struct.pack(fmt, len(data)))
             out.append(data)
         return b"".join(out)
+
+
+def encode_dataset(ds: Any, explicit: bool) -> bytes:
+    """A Dataset of mostly raw elements (read from stored explicit VR little endian bytes and never
+    decoded) written back without pydicom's per-element machinery: a raw element is its header and
+    its stored value bytes. Anything else (a decoded element, a sequence reduced to requested
+    sub-keys) goes through pydicom's writer, so the result is always a valid data set."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_data_element
+
+    out = []
+    d = ds._dict
+    for tag in sorted(d):
+        elem = d[tag]
+        if isinstance(elem, RawDataElement) and elem.VR and elem.VR != "SQ" and elem.is_little_endian \
+                and elem.length != 0xFFFFFFFF:
+            value = elem.value or b""
+            if len(value) % 2:
+                value += b"\0" if elem.VR in _NUL_PADDED else b" "
+            head, fmt = header(int(tag), elem.VR, explicit)
+            out.append(head + struct.pack(fmt, len(value)) + value)
+            continue
+        slow = DicomBytesIO()
+        slow.is_little_endian = True
+        slow.is_implicit_VR = not explicit
+        write_data_element(slow, ds[tag], ds._character_set)
+        out.append(slow.getvalue())
+    return b"".join(out)

@@ -16,22 +16,25 @@ C-CANCEL is read every few responses (pynetdicom_tuning.let_peer_speak) and answ
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from cachetools import LRUCache
 from pydicom.dataset import Dataset
 from pynetdicom import evt
 from pynetdicom.sop_class import ModalityWorklistInformationFind
 from sqlalchemy import select
 
-from .. import querymode, rules, upstream, worklist
+from .. import dicomenc, hotcache, querymode, rules, upstream, worklist
 from ..db.models import WorklistItem
 from ..db.session import read_only
 from ..logs import kv
 from ..matching import Query, QueryError, matches_in_python, parse_query, residual_keys, select_matching
-from ..pynetdicom_tuning import let_peer_speak
+from ..pynetdicom_tuning import find_pending_command, let_peer_speak, peer_has_spoken, peer_max_pdu, send_pending
 from .associations import called_ae_title
 
 if TYPE_CHECKING:
@@ -55,6 +58,9 @@ def _status(code: int, comment: str) -> Dataset:
     return ds
 
 
+ITEM_ANSWERS = 20000  # encoded answers kept per (item content, return keys): a few MB
+
+
 class WorklistFindSCP:
     def __init__(self, proxy: Proxy):
         self.proxy = proxy
@@ -62,6 +68,12 @@ class WorklistFindSCP:
         self.engine = read_only(proxy.engine)
         nodes = list(self.config.nodes_with_role("worklist"))
         self.node: str | None = nodes[0] if nodes else None
+        # A modality polls the same worklist query every minute or so: the encoded answer is kept
+        # until a commit touches worklist_items (hotcache's engine events) or query.cache_ttl ends.
+        self.hot = hotcache.HotCache(ttl=proxy.config.query.cache_ttl, probe=hotcache.version_probe(proxy.engine))
+        hotcache.watch(proxy.engine)
+        self.answers_by_item: LRUCache[Any, bytes] = LRUCache(maxsize=ITEM_ANSWERS)
+        self._items_lock = threading.Lock()  # cachetools caches are not thread-safe
 
     # --- the three sources ---------------------------------------------------------------------
 
@@ -79,6 +91,39 @@ class WorklistFindSCP:
         with self.engine.connect() as conn:
             rows = conn.execute(stmt).scalars().all()
         return self._answers(query, (worklist.decode(data) for data in rows), mutate or bool(residual_keys(query)))
+
+    def local_encoded(self, query: Query, key: Any, explicit: bool, info: dict[str, Any]) -> list[bytes]:
+        """`local`'s answers encoded for the association's transfer syntax: the whole answer from the
+        hot cache when an identical request was answered since the worklist last changed, else each
+        item's answer from `self.answers_by_item` when SQL decided the match alone (no residual keys,
+        no query mutations), so a modality polling every minute costs a SELECT and no decoding."""
+        hit = self.hot.get(key)
+        if hit is not None:
+            info["hot"] = True
+            return hit
+        generation = self.hot.generation()
+        if self._query_mutations() or residual_keys(query):
+            encoded = [dicomenc.encode_dataset(ds, explicit) for ds in self.local(query)]
+        else:
+            stmt = (select_matching(query).with_only_columns(WorklistItem.identifier)
+                    .where(WorklistItem.done_at.is_(None))
+                    .order_by(WorklistItem.sps_start_date, WorklistItem.sps_start_time, WorklistItem.id))
+            with self.engine.connect() as conn:
+                rows = conn.execute(stmt).scalars().all()
+            shape = (explicit, query.return_keys)
+            encoded = []
+            for data in rows:
+                item_key = (hashlib.sha1(data).digest(), shape)  # content-addressed: never stale
+                with self._items_lock:
+                    answer = self.answers_by_item.get(item_key)
+                if answer is None:
+                    answer = dicomenc.encode_dataset(worklist.response(worklist.decode(data), query.return_keys),
+                                                     explicit)
+                    with self._items_lock:
+                        self.answers_by_item[item_key] = answer
+                encoded.append(answer)
+        self.hot.put(key, encoded, generation, size=sum(map(len, encoded)))
+        return encoded
 
     def _answers(self, query: Query, items: Iterable[Dataset], check: bool) -> Iterator[Dataset]:
         for item in items:
@@ -102,11 +147,15 @@ class WorklistFindSCP:
 
         return ask
 
-    def answers(self, identifier: Dataset, query: Query) -> tuple[querymode.Answer, Iterable[Dataset]]:
-        """The answers per `query.mode`, and where they came from (filled in as they are produced)."""
+    def answers(self, identifier: Dataset, query: Query, key: Any = None, explicit: bool = True,
+                info: dict[str, Any] | None = None) -> tuple[querymode.Answer, Iterable[Dataset | bytes]]:
+        """The answers per `query.mode` (cache answers already encoded), and where they came from
+        (filled in as they are produced)."""
         outcome = querymode.Answer()
         ask = self.upstream(identifier, query) if self.node is not None else None
-        gen = querymode.answer(self.config.query.mode, local=lambda: self.local(query), upstream=ask,
+        info = {} if info is None else info
+        gen = querymode.answer(self.config.query.mode,
+                               local=lambda: self.local_encoded(query, key, explicit, info), upstream=ask,
                                timeout=self.config.query.upstream_timeout, remember=None, what="mwl",
                                outcome=outcome)
         return outcome, gen
@@ -129,8 +178,13 @@ class WorklistFindSCP:
                 fields.update(status=f"0x{UNABLE_TO_PROCESS:04X}", reason=f"cannot decode identifier: {exc}")
                 yield _status(UNABLE_TO_PROCESS, fields["reason"]), None
                 return
+            explicit = event.context.transfer_syntax != dicomenc.IMPLICIT_LE
+            raw = event.request.Identifier
+            key = (explicit, raw.getvalue()) if hasattr(raw, "getvalue") and not self._query_mutations() else None
+            info: dict[str, Any] = {}
+            fields["info"] = info
             try:
-                outcome, matches = self.answers(identifier, query)
+                outcome, matches = self.answers(identifier, query, key, explicit, info)
                 fields["outcome"] = outcome
                 matches = iter(matches)
                 first = next(matches, None)
@@ -141,16 +195,27 @@ class WorklistFindSCP:
                 return
             n = 0
             ds = first
+            # Answers go out as P-DATA with identifiers written from the stored raw elements
+            # (dicomenc.encode_dataset), not through pydicom's writer per response: see
+            # pynetdicom_tuning.send_pending.
+            assoc, req = event.assoc, event.request
+            cx_id = event.context.context_id
+            command = find_pending_command(str(req.AffectedSOPClassUID), req.MessageID)
+            max_pdu = peer_max_pdu(assoc)
             while ds is not None:
-                if n and n % CANCEL_CHECK_EVERY == 0:
-                    let_peer_speak(event.assoc)
+                if n and n % CANCEL_CHECK_EVERY == 0 and peer_has_spoken(assoc):
+                    let_peer_speak(assoc)
                 if event.is_cancelled:
                     fields.update(status=f"0x{CANCEL:04X}", matches=n, reason="cancelled")
                     yield CANCEL, None
                     return
+                if not assoc.is_established:
+                    fields.update(status="aborted", matches=n, reason="association ended during the answer")
+                    return
                 n += 1
                 fields["matches"] = n
-                yield PENDING, ds
+                data = ds if isinstance(ds, bytes) else dicomenc.encode_dataset(ds, explicit)
+                send_pending(assoc, cx_id, command, data, max_pdu)
                 ds = next(matches, None)
             if event.is_cancelled:
                 fields.update(status=f"0x{CANCEL:04X}", reason="cancelled")
@@ -164,6 +229,8 @@ class WorklistFindSCP:
             line = {"event": "c-find", "calling": calling, "called": called_ae_title(event.assoc),
                     "model": "worklist", "source": source, "matches": fields["matches"],
                     "status": fields["status"], "ms": int((time.monotonic() - t0) * 1000)}
+            if fields.get("info", {}).get("hot"):
+                line["hot"] = "yes"
             if fields["reason"]:
                 line["reason"] = fields["reason"]
             log.log(logging.INFO if ok else logging.WARNING, kv(**line))
