@@ -1,0 +1,225 @@
+"""Encryption at rest of the spool, end to end: storescu -> qrproxy (with a key file) -> Orthanc.
+
+What the disk holds is checked by reading the spool files' bytes directly (no PatientName, no run of
+the pixel bytes, the header's key id); what is delivered is checked in Orthanc (exact data set bytes,
+decoded pixels); the key file commands are checked as a CLI. Each test runs on SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import stat
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+
+import dicomgen
+from test_store_forward import (assert_all_success, cli, node, proxy_config, queue_rows, storescu, wait_orthanc_has,
+                                wait_until)
+
+MAGIC = b"QRPXENC\x00"  # the format's magic, written out here so the test does not trust the code's constant
+J2K = "1.2.840.10008.1.2.4.90"
+
+
+def key_id(path: Path) -> str:
+    """The key id in an encrypted spool file's header (layout: README "Encryption at rest")."""
+    data = path.read_bytes()[:300]
+    assert data[:8] == MAGIC, f"{path} does not start with the encryption magic: {data[:16]!r}"
+    n = data[10]
+    return data[11:11 + n].decode("ascii")
+
+
+def spool_files(proc: Any) -> list[Path]:
+    root = proc.dir / "spool"
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+def make_instances(n: int, rows: int = 256, name: str = "SECRET^PATIENTNAME", **kw: Any) -> list[Any]:
+    study = pydicom.uid.generate_uid()
+    series = pydicom.uid.generate_uid()
+    return [dicomgen.make_ct(study_uid=study, series_uid=series, instance_number=i + 1, rows=rows, cols=rows,
+                             patient_name=name, **kw) for i in range(n)]
+
+
+def assert_nothing_in_clear(files: list[Path], datasets: list[Any], name: bytes) -> None:
+    assert files, "no spool files to check"
+    for f in files:
+        raw = f.read_bytes()
+        assert raw[:8] == MAGIC, f"{f.relative_to(f.parents[2])} is not encrypted"
+        assert name not in raw, f"{f} holds the patient name in clear"
+        for ds in datasets:
+            pix = bytes(ds.PixelData)
+            for off in (0, len(pix) // 2, len(pix) - 64):
+                assert pix[off:off + 32] not in raw, f"{f} holds pixel bytes of {ds.SOPInstanceUID} in clear"
+
+
+def new_proxy_with_key(qrproxy: Any, cfg: dict[str, Any]) -> Any:
+    cfg = dict(cfg, encryption={"key_file": "etc/spool.key"})
+    proc = qrproxy(cfg, start=False)
+    res = cli(proc, "keys", "new")
+    assert res.returncode == 0, f"keys new: exit {res.returncode}\n{res.stdout}{res.stderr}"
+    proc.start()
+    return proc
+
+
+@pytest.mark.orthanc
+def test_spool_encrypted_delivery_exact_and_variants_encrypted(db_url: str, orthanc_factory: Any, qrproxy: Any,
+                                                              tmp_path: Path) -> None:
+    pacs = orthanc_factory(aet="PACS")
+    wan = orthanc_factory(aet="WAN")
+    proc = new_proxy_with_key(qrproxy, proxy_config(db_url, {
+        "PACS": node(pacs), "WAN": node(wan, transfer_syntax="jpeg2000-lossless")}))
+    datasets = make_instances(5)
+    files = dicomgen.write_all(datasets, tmp_path / "in")
+    res = storescu(proc.port, files, aec="QRPROXY")
+    assert_all_success(res, files)
+
+    sops = {str(ds.SOPInstanceUID): (ds, f) for ds, f in zip(datasets, files)}
+    index = wait_orthanc_has(pacs, sops, timeout=90)
+    for sop, (ds, f) in sops.items():
+        assert dicomgen.body_bytes(pacs.instance_file(index[sop])) == dicomgen.body_bytes(f), \
+            f"PACS did not receive the original bytes of {sop}"
+    wan_index = wait_orthanc_has(wan, sops, timeout=120)
+    for sop, (ds, _f) in sops.items():
+        got = pydicom.dcmread(io.BytesIO(wan.instance_file(wan_index[sop])))
+        assert got.file_meta.TransferSyntaxUID == J2K
+        assert np.array_equal(got.pixel_array, ds.pixel_array), f"J2K pixels of {sop} differ"
+        assert str(got.PatientName) == "SECRET^PATIENTNAME"
+
+    on_disk = spool_files(proc)
+    objects = [p for p in on_disk if "objects" in p.parts]
+    variants = [p for p in on_disk if "variants" in p.parts]
+    assert len(objects) == 5 and len(variants) == 5, f"{len(objects)} objects, {len(variants)} variants"
+    assert_nothing_in_clear(on_disk, datasets, b"SECRET^PATIENTNAME")
+    assert {key_id(p) for p in on_disk} == {"k1"}
+
+    # An identical re-send is still recognised (digests are of the plaintext): no second copy kept.
+    res = storescu(proc.port, files, aec="QRPROXY")
+    assert_all_success(res, files)
+    assert len([p for p in spool_files(proc) if "objects" in p.parts]) == 5
+
+
+def test_keys_new_mode_and_refusal_and_config_errors(tmp_path: Path, qrproxy: Any) -> None:
+    proc = qrproxy({"ae_title": "QRPROXY", "host": "127.0.0.1", "port": 11112, "database": "sqlite:///q.db",
+                    "encryption": {"key_file": "etc/spool.key"}}, start=False)
+    key = proc.dir / "etc" / "spool.key"
+    res = cli(proc, "check")
+    assert res.returncode == 2 and "encryption.key_file" in res.stderr and "does not exist" in res.stderr, res.stderr
+    res = cli(proc, "keys", "new")
+    assert res.returncode == 0, res.stderr
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    data = json.loads(key.read_text())
+    assert len(data["keys"]) == 1 and data["current"] == data["keys"][0]["id"]
+    before = key.read_bytes()
+    res = cli(proc, "keys", "new")
+    assert res.returncode != 0 and "already exists" in res.stderr
+    assert key.read_bytes() == before
+    assert cli(proc, "check").returncode == 0
+    key.chmod(0o640)
+    res = cli(proc, "check")
+    assert res.returncode == 2 and "encryption.key_file" in res.stderr and "0640" in res.stderr, res.stderr
+    line = next(i for i, ln in enumerate(proc.config_path.read_text().splitlines(), 1) if "key_file" in ln)
+    assert f":{line}:" in res.stderr, res.stderr
+    res = subprocess_serve(proc)
+    assert res == 2
+    key.chmod(0o600)
+    res = cli(proc, "keys", "rotate")
+    assert res.returncode == 0, res.stderr
+    listed = cli(proc, "keys", "list").stdout.split("\n")
+    assert [ln.split()[0] for ln in listed if ln.strip()] == [k["id"] for k in json.loads(key.read_text())["keys"]]
+    assert len(json.loads(key.read_text())["keys"]) == 2
+
+
+def subprocess_serve(proc: Any) -> int:
+    """`serve` with a bad key file must refuse to start (exit 2), not run with a plain spool."""
+    return proc.cli("serve", timeout=60).returncode
+
+
+@pytest.mark.orthanc
+def test_rotation_old_files_delivered_and_reencrypt(db_url: str, orthanc_factory: Any, qrproxy: Any,
+                                                   tmp_path: Path) -> None:
+    orthanc = orthanc_factory(start=False)  # upstream down: everything stays in the spool
+    proc = new_proxy_with_key(qrproxy, proxy_config(db_url, {"PACS": node(orthanc)}))
+    first = make_instances(3, name="BEFORE^ROTATION")
+    files1 = dicomgen.write_all(first, tmp_path / "a")
+    assert_all_success(storescu(proc.port, files1, aec="QRPROXY"), files1)
+    old = set(spool_files(proc))
+    assert len(old) == 3 and {key_id(p) for p in old} == {"k1"}
+
+    res = cli(proc, "keys", "rotate")
+    assert res.returncode == 0, res.stderr
+    time.sleep(1.5)  # the running proxy re-reads the changed key file at most once a second
+    second = make_instances(3, name="AFTER^ROTATION")
+    files2 = dicomgen.write_all(second, tmp_path / "b")
+    assert_all_success(storescu(proc.port, files2, aec="QRPROXY"), files2)
+    new = set(spool_files(proc)) - old
+    assert len(new) == 3 and {key_id(p) for p in new} == {"k2"}, {p.name: key_id(p) for p in new}
+    assert {key_id(p) for p in old} == {"k1"}
+
+    # re-encrypt while serving: the old files move to k2, the rest is untouched
+    before_new = {p: p.read_bytes() for p in new}
+    res = cli(proc, "keys", "reencrypt")
+    assert res.returncode == 0, f"{res.stdout}{res.stderr}"
+    assert {key_id(p) for p in spool_files(proc)} == {"k2"}
+    assert all(p.read_bytes() == b for p, b in before_new.items())
+    after_first = {p: p.read_bytes() for p in spool_files(proc)}
+    res = cli(proc, "keys", "reencrypt")  # idempotent: nothing left to do
+    assert res.returncode == 0
+    assert {p: p.read_bytes() for p in spool_files(proc)} == after_first
+    assert_nothing_in_clear(spool_files(proc), first + second, b"BEFORE^ROTATION")
+
+    orthanc.start()
+    sent = {str(ds.SOPInstanceUID): f for ds, f in zip(first + second, files1 + files2)}
+    index = wait_orthanc_has(orthanc, sent, timeout=120)
+    for sop, f in sent.items():
+        assert dicomgen.body_bytes(orthanc.instance_file(index[sop])) == dicomgen.body_bytes(f), sop
+
+
+@pytest.mark.orthanc
+def test_tampered_spool_file_is_held_others_delivered(db_url: str, orthanc_factory: Any, qrproxy: Any,
+                                                     tmp_path: Path) -> None:
+    orthanc = orthanc_factory(start=False)
+    proc = new_proxy_with_key(qrproxy, proxy_config(db_url, {"PACS": node(orthanc)},
+                                                    forward={"max_attempts": 3}))
+    datasets = make_instances(6, rows=320)  # 200 KB of pixels: several 64 KiB chunks per file
+    files = dicomgen.write_all(datasets, tmp_path / "in")
+    assert_all_success(storescu(proc.port, files, aec="QRPROXY"), files)
+    on_disk = spool_files(proc)
+    assert len(on_disk) == 6
+    flipped, cut = on_disk[1], on_disk[4]
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0x04  # a bit flip in the middle of the file: inside a pixel data chunk
+    flipped.write_bytes(bytes(data))
+    with open(cut, "r+b") as f:
+        f.truncate(cut.stat().st_size - 1000)
+
+    orthanc.start()
+    sops = {str(ds.SOPInstanceUID): ds for ds in datasets}
+
+    def settled() -> list[dict[str, Any]] | None:
+        rows = [r for r in queue_rows(proc, "--node", "PACS") if r["sop_instance_uid"] in sops]
+        states = Counter(r["state"] for r in rows)
+        return rows if states.get("sent", 0) + states.get("held", 0) == 6 else None
+
+    rows = wait_until(settled, 120, "every row sent or held")
+    held = [r for r in rows if r["state"] == "held"]
+    assert len(held) == 2, [(r["state"], r["last_error"]) for r in rows]
+    for r in held:
+        assert "failed authentication" in (r["last_error"] or ""), r["last_error"]
+    assert any("chunk" in (r["last_error"] or "") for r in held)
+    held_sops = {r["sop_instance_uid"] for r in held}
+
+    index = wait_orthanc_has(orthanc, set(sops) - held_sops, timeout=90)
+    assert not held_sops & set(index), "a damaged instance reached Orthanc"
+    for sop in set(sops) - held_sops:  # every delivered image is the right one, pixel for pixel
+        got = pydicom.dcmread(io.BytesIO(orthanc.instance_file(index[sop])))
+        assert np.array_equal(got.pixel_array, sops[sop].pixel_array), sop
+    assert proc.running, "qrproxy stopped"
+    assert os.path.exists(flipped) and os.path.exists(cut)  # kept for inspection, not deleted
