@@ -129,9 +129,10 @@ class Spool:
         return open_reader(path, self.keys)
 
     def verify(self, path: str | os.PathLike[str]) -> None:
-        """Raise crypto.AuthenticationError if any chunk of an encrypted file fails its tag."""
-        if self.keys is not None:
-            verify_file(path, self.keys)
+        """Raise crypto.AuthenticationError if any chunk of an encrypted file fails its tag, and
+        crypto.UnknownKeyError for an encrypted file when no key file is configured (a spool that
+        was encrypted, then the key file dropped from the config): never send ciphertext."""
+        verify_file(path, self.keys)
 
     def hash(self, path: Path) -> tuple[int, str]:
         return hash_file(path, self.keys)
