@@ -98,6 +98,10 @@ class Header:
     nonce_base: bytes
     raw: bytes
 
+    @property
+    def nonce_int(self) -> int:
+        return int.from_bytes(self.nonce_base, "big")
+
     @staticmethod
     def new(key_id: str, chunk_log2: int = CHUNK_LOG2) -> Header:
         kid = key_id.encode("ascii")
@@ -154,9 +158,9 @@ def _file_cipher(master: bytes, header: Header) -> AESGCM:
     return AESGCM(hkdf.derive(master))
 
 
-def _nonce(base: bytes, index: int, final: bool) -> bytes:
-    ctr = index.to_bytes(NONCE_LEN - 1, "big") + (b"\x01" if final else b"\x00")
-    return bytes(a ^ b for a, b in zip(base, ctr))
+def _nonce(base: int, index: int, final: bool) -> bytes:
+    """nonce base XOR (index as 11 bytes | final flag as 1 byte); `base` as a big-endian integer."""
+    return (base ^ ((index << 8) | int(final))).to_bytes(NONCE_LEN, "big")
 
 
 def plain_size(file_size: int, header: Header) -> tuple[int, int]:
@@ -189,6 +193,7 @@ class EncryptingWriter(io.RawIOBase):
         self._close_raw = close_raw
         self.header = Header.new(key_id, chunk_log2)
         self._aead = _file_cipher(master, self.header)
+        self._nonce_base = self.header.nonce_int
         self._buf = bytearray()
         self._index = 0
         self._written = 0
@@ -198,11 +203,12 @@ class EncryptingWriter(io.RawIOBase):
     def writable(self) -> bool:
         return True
 
-    def _emit(self, final: bool) -> None:
-        ct = self._aead.encrypt(_nonce(self.header.nonce_base, self._index, final), bytes(self._buf),
-                                self.header.raw)
-        self._raw.write(ct)
+    def _encrypt(self, data: Any, final: bool) -> None:
+        self._raw.write(self._aead.encrypt(_nonce(self._nonce_base, self._index, final), data, self.header.raw))
         self._index += 1
+
+    def _emit(self, final: bool) -> None:
+        self._encrypt(self._buf, final)
         self._buf.clear()
 
     def write(self, b: Any) -> int:
@@ -210,12 +216,17 @@ class EncryptingWriter(io.RawIOBase):
             raise ValueError("write to a closed EncryptingWriter")
         mv = memoryview(b).cast("B")
         n, pos, size = len(mv), 0, self.header.chunk_size
-        while pos < n:
-            if len(self._buf) == size:
+        if self._buf:  # complete the chunk in hand first
+            take = min(size - len(self._buf), n)
+            self._buf += mv[:take]
+            pos = take
+            if pos < n:  # more follows, so the chunk in hand is not the last
                 self._emit(final=False)
-            take = min(size - len(self._buf), n - pos)
-            self._buf += mv[pos:pos + take]
-            pos += take
+        while n - pos > size:  # whole chunks straight from the caller's buffer, never the last one
+            self._encrypt(mv[pos:pos + size], final=False)
+            pos += size
+        if pos < n:
+            self._buf += mv[pos:]
         self._written += n
         return n
 
@@ -273,6 +284,7 @@ class DecryptingReader(io.RawIOBase):
                 raise FormatError("not an encrypted spool file")
         self.header = header
         self._aead = _file_cipher(keys.key(header.key_id), header)
+        self._nonce_base = header.nonce_int
         if file_size is None:
             file_size = raw.seek(0, io.SEEK_END)
         self.size, self.chunks = plain_size(file_size, header)
@@ -319,7 +331,7 @@ class DecryptingReader(io.RawIOBase):
         if len(ct) != want:
             raise AuthenticationError(f"spool file failed authentication: chunk {index} truncated")
         try:
-            pt = self._aead.decrypt(_nonce(self.header.nonce_base, index, final), ct, self.header.raw)
+            pt = self._aead.decrypt(_nonce(self._nonce_base, index, final), ct, self.header.raw)
         except InvalidTag:
             raise AuthenticationError(f"spool file failed authentication: chunk {index}") from None
         self._chunk_index, self._chunk = index, pt
