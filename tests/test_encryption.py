@@ -223,3 +223,48 @@ def test_tampered_spool_file_is_held_others_delivered(db_url: str, orthanc_facto
         assert np.array_equal(got.pixel_array, sops[sop].pixel_array), sop
     assert proc.running, "qrproxy stopped"
     assert os.path.exists(flipped) and os.path.exists(cut)  # kept for inspection, not deleted
+
+
+@pytest.mark.orthanc
+def test_large_encrypted_instance_streams_in_and_out(tmp_path: Path, qrproxy: Any, storescp: Any,
+                                                     db_url: str) -> None:
+    """Encrypting on the way in and decrypting on the way out keep memory flat: a 120 MB instance
+    does not grow qrproxy by anything near its size, and arrives byte-identical."""
+    from test_large_instance import rss_kb
+
+    mb = 120
+    ds = pydicom.Dataset()
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7.2"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.PatientName, ds.PatientID = "LARGE^ENCRYPTED", "BIGENC"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = pydicom.uid.generate_uid(), pydicom.uid.generate_uid(), "OT"
+    ds.Rows = ds.Columns = 512
+    ds.NumberOfFrames = mb * 4
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    frame = np.random.default_rng(5).integers(0, 255, 512 * 512, dtype=np.uint8).tobytes()
+    ds.PixelData = frame * (mb * 4)
+    src = tmp_path / "big.dcm"
+    ds.save_as(src, enforce_file_format=True)
+    del ds
+    size = src.stat().st_size
+
+    proc = new_proxy_with_key(qrproxy, proxy_config(db_url, {"SINK": node(storescp)}))
+    before = rss_kb(proc.pid, "VmRSS")
+    res = storescu(proc.port, [src], aec="QRPROXY", timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    wait_until(lambda: storescp.received_files(), 300, "the large instance at storescp")
+    received = storescp.received_files()[0]
+    wait_until(lambda: received.stat().st_size >= size - 1024, 300, "storescp to finish writing")
+    grown_mb = (rss_kb(proc.pid, "VmHWM") - before) / 1024
+    print(f"peak RSS growth {grown_mb:.1f} MB for {size / 1e6:.0f} MB, encrypted spool")
+    assert grown_mb < mb / 3, f"qrproxy peak RSS grew by {grown_mb:.0f} MB for a {size / 1e6:.0f} MB instance"
+    assert dicomgen.body_bytes(received) == dicomgen.body_bytes(src), "the instance changed on the way"
+    spooled = [p for p in spool_files(proc) if "objects" in p.parts]
+    assert len(spooled) == 1
+    with open(spooled[0], "rb") as f:
+        assert f.read(8) == MAGIC
+        f.seek(size // 2)
+        assert frame[1000:1064] not in f.read(4 << 20)
