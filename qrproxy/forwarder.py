@@ -345,6 +345,10 @@ class NodeWorker(threading.Thread):
             # not discovered half-way through a transfer the peer would then see aborted.
             self.proxy.spool.verify(path)
         except (CryptoError, OSError) as exc:
+            if plan[0] == "convert" and path != self.proxy.spool.path(job.path):
+                # A damaged converted copy is only a damaged cache entry: made again next attempt.
+                self.fw.forget_variant(job, plan[2][0], path)
+                return ("transient", f"transient: converted copy unusable ({exc}); converting again", None)
             return ("permanent", f"permanent: {exc}", None)
         dataset: Any = path
         muts = []
@@ -478,6 +482,14 @@ class Forwarder:
                         if self._variants[k].done():
                             del self._variants[k]
             return fut
+
+    def forget_variant(self, job: Job, ts: str, path: Any) -> None:
+        with self._variants_lock:
+            self._variants.pop((job.object_pk, ts), None)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
     def recover(self) -> int:
         """Put back to pending what a previous run of this proxy left in flight, and expired leases."""

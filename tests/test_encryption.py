@@ -268,3 +268,47 @@ def test_large_encrypted_instance_streams_in_and_out(tmp_path: Path, qrproxy: An
         assert f.read(8) == MAGIC
         f.seek(size // 2)
         assert frame[1000:1064] not in f.read(4 << 20)
+
+
+def test_conversion_reads_and_writes_encrypted_and_rebuilds_a_damaged_cache(tmp_path: Path) -> None:
+    """The conversion pool's entry point, called directly: an encrypted original gives an encrypted
+    J2K variant with identical pixels; a damaged cached variant is made again; a damaged original
+    raises, naming the chunk (the forwarder then holds the row)."""
+    from qrproxy import crypto, keys
+    from qrproxy.forwarder import convert_variant
+
+    key_file = tmp_path / "spool.key"
+    keys.new_key_file(key_file)
+    ring = keys.load(key_file)
+    ds = make_instances(1, rows=300)[0]
+    plain = dicomgen.write_dataset(ds, tmp_path / "plain.dcm")
+    src = tmp_path / "orig.dcm"
+    with crypto.open_reader(plain, None) as fin, crypto.open_writer(src, ring) as fout:
+        crypto.copy_plaintext(fin, fout)
+    dest = tmp_path / "variants" / "orig.dcm.j2k.dcm"
+
+    def check_variant() -> None:
+        raw = dest.read_bytes()
+        assert raw[:8] == MAGIC and b"SECRET^PATIENTNAME" not in raw
+        with crypto.open_reader(dest, ring) as f:
+            got = pydicom.dcmread(f)
+            assert got.file_meta.TransferSyntaxUID == J2K
+            assert np.array_equal(got.pixel_array, ds.pixel_array)
+
+    path, result = convert_variant(str(src), str(dest), J2K, ring)
+    assert result.ok and result.transfer_syntax == J2K and Path(path) == dest
+    check_variant()
+    damaged = bytearray(dest.read_bytes())
+    damaged[len(damaged) // 2] ^= 0x10
+    dest.write_bytes(bytes(damaged))
+    path, result = convert_variant(str(src), str(dest), J2K, ring)
+    assert result.ok and dest.read_bytes() != bytes(damaged)
+    check_variant()
+
+    blob = bytearray(src.read_bytes())
+    blob[-100] ^= 0x01
+    src.write_bytes(bytes(blob))
+    dest.unlink()
+    with pytest.raises(crypto.AuthenticationError, match="chunk"):
+        convert_variant(str(src), str(dest), J2K, ring)
+    assert not dest.exists()
