@@ -312,3 +312,51 @@ def test_conversion_reads_and_writes_encrypted_and_rebuilds_a_damaged_cache(tmp_
     with pytest.raises(crypto.AuthenticationError, match="chunk"):
         convert_variant(str(src), str(dest), J2K, ring)
     assert not dest.exists()
+
+
+@pytest.mark.orthanc
+def test_kill9_mid_transfer_leaves_nothing_in_clear(db_url: str, orthanc: Any, qrproxy: Any, tmp_path: Path) -> None:
+    """Bytes of a transfer still arriving are encrypted as they land in spool/incoming: a kill -9 in
+    the middle leaves nothing readable, and what was acknowledged is delivered after the restart."""
+    import subprocess
+
+    from test_store_forward import dcmtk_env, store_responses, storescu_argv
+
+    proc = new_proxy_with_key(qrproxy, proxy_config(db_url, {"PACS": node(orthanc)}))
+    datasets = make_instances(40, rows=512, name="INFLIGHT^PATIENT")
+    files = dicomgen.write_all(datasets, tmp_path / "in")
+    uid_of = {str(p): str(ds.SOPInstanceUID) for p, ds in zip(files, datasets)}
+    log_path = tmp_path / "storescu.log"
+    with open(log_path, "w") as log:
+        scu = subprocess.Popen(storescu_argv(proc.port, files, aec="QRPROXY", extra=["-pdu", "16384"]), stdout=log,
+                               stderr=subprocess.STDOUT, env=dcmtk_env(), start_new_session=True)
+    try:
+        def mid_transfer() -> bool:  # some acknowledged, and a transfer half-way into incoming/
+            if scu.poll() is not None:
+                return True
+            sizes = []
+            for p in (proc.dir / "spool" / "incoming").glob("*"):
+                try:
+                    sizes.append(p.stat().st_size)
+                except FileNotFoundError:  # renamed into objects/ meanwhile
+                    pass
+            return len(store_responses(log_path.read_text())) >= 5 and any(n > 200_000 for n in sizes)
+
+        wait_until(mid_transfer, 120, "storescu half-way through an instance", interval=0.01)
+        assert scu.poll() is None, "storescu finished before the kill"
+        assert proc.kill9() == -9
+        scu.wait(60)
+    finally:
+        if scu.poll() is None:
+            scu.kill()
+            scu.wait(10)
+    left = spool_files(proc)
+    print(f"after kill -9: {len(left)} spool files, {sum('incoming' in p.parts for p in left)} in incoming/")
+    assert_nothing_in_clear(left, datasets, b"INFLIGHT^PATIENT")
+    acked = {uid_of[f] for f, st in store_responses(log_path.read_text()).items() if st == "Success"}
+    assert acked
+    proc.start()
+    index = wait_orthanc_has(orthanc, acked, timeout=120)
+    for ds, f in zip(datasets, files):
+        if str(ds.SOPInstanceUID) in acked:
+            assert dicomgen.body_bytes(orthanc.instance_file(index[str(ds.SOPInstanceUID)])) == dicomgen.body_bytes(f)
