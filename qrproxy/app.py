@@ -66,7 +66,7 @@ class Proxy:
         self.worker = worker
         self.engine = make_engine(config.database)
         self.sessions = make_sessionmaker(self.engine)
-        self.spool = Spool(config.spool_dir)
+        self.spool = Spool(config.spool_dir, keys=_spool_keys(config))
         self.forwarder = Forwarder(self)
         # fsyncs of received files overlap with parsing and indexing (scp/store.py)
         self.io_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fsync")
@@ -89,7 +89,7 @@ class Proxy:
     def start(self, prepare: bool = True) -> None:
         if prepare:
             self.prepare()
-        store.configure_receive(self.spool.incoming)
+        store.configure_receive(self.spool)
         cheap_context_copies()
         ae = AE(ae_title=self.config.ae_title)
         configure_ae_policy(ae, self)
@@ -121,8 +121,6 @@ class Proxy:
         rather than let a site believe, say, that its spool is encrypted."""
         cfg = self.config
         gaps = []
-        if cfg.encryption is not None:
-            gaps.append("encryption: the spool is NOT encrypted yet")
         if cfg.http is not None:
             gaps.append("http: no HTTP endpoint yet")
         if cfg.tls is not None:
@@ -176,6 +174,15 @@ class Proxy:
                 pass
         finally:
             self.stop()
+
+
+def _spool_keys(config: Config) -> Any:
+    """The key file's keys when `encryption` is configured (checked by load_config for serve)."""
+    if config.encryption is None:
+        return None
+    from .keys import load
+
+    return load(config.encryption.key_file)
 
 
 def _stop_on_signals() -> threading.Event:

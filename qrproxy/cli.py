@@ -64,6 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
             a.add_argument("--yes", action="store_true", help="really delete")
             a.add_argument("--all", action="store_true", help="allow purging with no filter")
 
+    k = sub.add_parser("keys", help="the spool encryption key file (encryption.key_file)")
+    k_sub = k.add_subparsers(dest="keys_command", metavar="ACTION", parser_class=_Parser)
+    k_sub.required = True
+    k_sub.add_parser("new", help="create the key file (mode 0600) with one key; refuses to overwrite")
+    k_sub.add_parser("rotate", help="add a key that becomes current for new files; old keys stay")
+    k_sub.add_parser("list", help="key ids, creation times, which is current")
+    k_sub.add_parser("reencrypt", help="rewrite spool files under older keys (or plain) with the current key; "
+                                       "resumable")
+
     r = sub.add_parser("rules", help="routes and mutations")
     r_sub = r.add_subparsers(dest="rules_command", metavar="ACTION", parser_class=_Parser)
     r_sub.required = True
@@ -80,7 +89,7 @@ def _load(args: argparse.Namespace) -> Config:
     path = args.config or os.environ.get("QRPROXY_CONFIG")
     if not path:
         raise ConfigError(["no config file: give --config FILE or set QRPROXY_CONFIG"])
-    return load_config(path)
+    return load_config(path, check_key_file=args.command in ("serve", "check"))
 
 
 def cmd_check(cfg: Config) -> int:
@@ -292,6 +301,50 @@ def cmd_rules_test(cfg: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_keys(cfg: Config, action: str) -> int:
+    from . import keys
+
+    if cfg.encryption is None:
+        print("qrproxy: error: encryption.key_file is not set in the config", file=sys.stderr)
+        return EXIT_CONFIG
+    path = cfg.encryption.key_file
+    try:
+        if action == "new":
+            kid = keys.new_key_file(path)
+            print(f"created key file {path} (mode 0600) with key {kid}; keep a copy somewhere safe: "
+                  f"without it the spool cannot be read")
+            return EXIT_OK
+        if action == "rotate":
+            kid = keys.rotate(path)
+            print(f"key {kid} added to {path} and is now current; older keys stay for older files "
+                  f"('qrproxy keys reencrypt' rewrites those)")
+            return EXIT_OK
+        if action == "list":
+            entries, current = keys.list_keys(path)
+            for e in entries:
+                print(f"{e.id:<8} created {e.created or '-':<20} {'current' if e.id == current else ''}".rstrip())
+            return EXIT_OK
+        keyring = keys.load(path)
+
+        def progress(st: keys.ReencryptStats) -> None:
+            print(f"... {st.examined} files examined, {st.rewritten} rewritten", file=sys.stderr)
+
+        st = keys.reencrypt(cfg.spool_dir, keyring, progress)
+        print(f"{st.examined} spool files examined: {st.rewritten} re-encrypted with key {keyring.current_id} "
+              f"({st.encrypted_plain} of them were plain), {st.current} already current, "
+              f"{len(st.failed)} failed" + (f", {st.leftovers_removed} leftovers of an interrupted run removed"
+                                            if st.leftovers_removed else ""))
+        for rel, reason in st.failed:
+            print(f"failed: {rel}: {reason}", file=sys.stderr)
+        return EXIT_RUNTIME if st.failed else EXIT_OK
+    except keys.KeyFileError as exc:
+        print(f"qrproxy: error: encryption.key_file: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except FileExistsError as exc:
+        print(f"qrproxy: error: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -317,6 +370,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_queue(cfg, args)
         if args.command == "rules":
             return cmd_rules_test(cfg, args)
+        if args.command == "keys":
+            return cmd_keys(cfg, args.keys_command)
     except KeyboardInterrupt:
         return EXIT_RUNTIME
     except Exception as exc:  # a runtime failure: say what, exit 1, keep the traceback for -v logs

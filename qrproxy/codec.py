@@ -56,6 +56,8 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import VR
 
+from .crypto import KeySource, copy_plaintext, open_reader, open_writer
+
 __all__ = ["TARGETS", "ConvertResult", "can_convert", "convert_file", "resolve_target"]
 
 TARGETS: dict[str, str | None] = {
@@ -299,7 +301,8 @@ def can_convert(ds_header: Dataset, target_uid: str | None, *,
 
 def convert_file(src: str | os.PathLike[str], dest: str | os.PathLike[str], target_uid: str | None,
                  fallbacks: Sequence[str | None] = (ExplicitVRLittleEndian,), *,
-                 jpeg_quality: int = _DEFAULT_JPEG_QUALITY, verify: bool = False) -> ConvertResult:
+                 jpeg_quality: int = _DEFAULT_JPEG_QUALITY, verify: bool = False,
+                 keys: KeySource | None = None) -> ConvertResult:
     """Write the Part 10 file `src` to `dest` in `target_uid` (a UID or a TARGETS name).
 
     When the target cannot hold the data, the first possible entry of `fallbacks` (UIDs or TARGETS
@@ -307,6 +310,9 @@ def convert_file(src: str | os.PathLike[str], dest: str | os.PathLike[str], targ
     data problems: ``ok=False`` with the reasons when nothing could be written. `dest` is replaced
     atomically (written next to it, then renamed). `verify=True` decodes compressed output again and
     compares it with the source array (costs one extra decode).
+
+    With `keys` (an encrypted spool, crypto.py) `src` is read through decryption (a plain `src` is
+    read as it is) and `dest` is always written encrypted under the current key; without, plain.
     """
     src, dest = os.fspath(src), os.fspath(dest)
     try:
@@ -329,15 +335,15 @@ def convert_file(src: str | os.PathLike[str], dest: str | os.PathLike[str], targ
         label = "target" if i == 0 else "fallback"
         if t is None:
             try:
-                _copy(src, dest)
+                _copy(src, dest, keys)
             except OSError as exc:
                 reasons.append(f"{label} as-received: {exc}")
                 continue
-            ts = str(ds.file_meta.TransferSyntaxUID) if ds is not None else _peek_ts(src)
+            ts = str(ds.file_meta.TransferSyntaxUID) if ds is not None else _peek_ts(src, keys)
             return done(ConvertResult(True, ts, None, _ratio(ds) if ds is not None else None))
         try:
             if ds is None or i > 0:
-                ds = _load(src)  # a fresh copy per attempt: a failed attempt may have changed it
+                ds = _load(src, keys)  # a fresh copy per attempt: a failed attempt may have changed it
             src_ts = str(ds.file_meta.TransferSyntaxUID)
             has_pixels = any(tag in ds for tag in _PIXEL_TAGS)
             if not has_pixels and t not in NATIVE_TARGETS:
@@ -347,7 +353,7 @@ def convert_file(src: str | os.PathLike[str], dest: str | os.PathLike[str], targ
                 reasons.append(f"no pixel data: written in {_name(native)} instead of {_name(t)}")
                 t = native
             if t == src_ts:
-                _copy(src, dest)
+                _copy(src, dest, keys)
                 return done(ConvertResult(True, t, None, _ratio(ds)))
             if t in NATIVE_TARGETS:
                 _to_native(ds, src_ts, t)
@@ -355,7 +361,7 @@ def convert_file(src: str | os.PathLike[str], dest: str | os.PathLike[str], targ
                 _to_compressed(ds, src_ts, t, jpeg_quality=jpeg_quality, verify=verify)
             else:
                 raise _Cannot(f"{_name(t)} is not a target qrproxy can write")
-            _write(ds, dest)
+            _write(ds, dest, keys)
             return done(ConvertResult(True, t, None, _ratio(ds)))
         except _Cannot as exc:
             reasons.append(f"{label} {_name(t)}: {exc}")
@@ -364,17 +370,17 @@ def convert_file(src: str | os.PathLike[str], dest: str | os.PathLike[str], targ
     return done(ConvertResult(False, "", None, None))
 
 
-def _load(path: str) -> Dataset:
-    with open(path, "rb") as fh:
+def _load(path: str, keys: KeySource | None = None) -> Dataset:
+    with open_reader(path, keys) as fh:
         ds = dcmread(fh)
     if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
         raise _Cannot("not a Part 10 file (no Transfer Syntax UID in the file meta)")
     return ds
 
 
-def _peek_ts(path: str) -> str:
+def _peek_ts(path: str, keys: KeySource | None = None) -> str:
     try:
-        with open(path, "rb") as fh:
+        with open_reader(path, keys) as fh:
             ds = dcmread(fh, stop_before_pixels=True, specific_tags=[0x00020010])
         return str(ds.file_meta.TransferSyntaxUID)
     except Exception:
@@ -385,21 +391,29 @@ def _tmp_name(dest: str) -> str:
     return f"{dest}.{os.getpid()}.tmp"
 
 
-def _copy(src: str, dest: str) -> None:
+def _copy(src: str, dest: str, keys: KeySource | None = None) -> None:
     tmp = _tmp_name(dest)
     try:
-        shutil.copyfile(src, tmp)
+        if keys is None:
+            shutil.copyfile(src, tmp)
+        else:  # re-encrypted on the way (a plain source stays plain nowhere)
+            with open_reader(src, keys) as fin, open_writer(tmp, keys) as fout:
+                copy_plaintext(fin, fout)
         os.replace(tmp, dest)
     except BaseException:
         _unlink(tmp)
         raise
 
 
-def _write(ds: Dataset, dest: str) -> None:
+def _write(ds: Dataset, dest: str, keys: KeySource | None = None) -> None:
     tmp = _tmp_name(dest)
     try:
         # dcmwrite, not save_as: save_as refuses a big -> little endian change even after the swap
-        dcmwrite(tmp, ds, enforce_file_format=True)
+        if keys is None:
+            dcmwrite(tmp, ds, enforce_file_format=True)
+        else:
+            with open_writer(tmp, keys) as fout:
+                dcmwrite(fout, ds, enforce_file_format=True)
         os.replace(tmp, dest)
     except BaseException:
         _unlink(tmp)

@@ -173,6 +173,10 @@ class Mutation(_Strict):
 
 
 class Encryption(_Strict):
+    """Spool encryption at rest (README "Encryption at rest"). The key file itself is checked by
+    `load_config(..., check_key_file=True)` (serve, check): it must exist, be mode 0600 or stricter
+    and hold valid keys; `qrproxy keys new` creates it."""
+
     key_file: Path
 
 
@@ -553,8 +557,11 @@ def _check_database_url(db: Any) -> str | None:
     return None
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
-    """Read, validate and resolve a config file. Raises ConfigError listing every problem found."""
+def load_config(path: str | os.PathLike[str], *, check_key_file: bool = False) -> Config:
+    """Read, validate and resolve a config file. Raises ConfigError listing every problem found.
+
+    `check_key_file`: also require `encryption.key_file` to be a usable key file (serve and check do;
+    `keys new` must not, it is there to create it)."""
     path = Path(path)
     fname = str(path)
     try:
@@ -576,6 +583,12 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         problems += _pydantic_problems(exc, fname, located.lines, located.data)
         raise ConfigError(problems) from None
     problems += [_fmt(fname, p, located.lines, m) for p, m in _cross_check(cfg)]
+    if check_key_file and cfg.encryption is not None:
+        from .keys import check_key_file as key_file_problem
+
+        problem = key_file_problem(cfg.encryption.key_file)
+        if problem:
+            problems.append(_fmt(fname, ("encryption", "key_file"), located.lines, problem))
     if problems:
         raise ConfigError(problems)
     return cfg.model_copy(update={"source": path.resolve()})

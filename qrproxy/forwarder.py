@@ -12,6 +12,12 @@ of instances into held rows:
 Rows are claimed with a lease (state inflight, lease_until, lease_owner); a crash leaves them
 inflight and the next start (or, for another proxy sharing a PostgreSQL queue, lease expiry) puts them
 back to pending: at most the in-flight instances are sent twice, which the upstream dedupes by UID.
+
+Encrypted spool: every file is authenticated in full just before it is sent (a tampered or truncated
+file holds its row with the failing chunk named, and sends nothing), then streamed from disk through
+the decrypting reader (pynetdicom_tuning.decrypt_sent_files); conversions read and write encrypted
+files in the pool. Reading a data set here (`dcmread`, used by store mutations) goes through
+spool.dcmread, which decrypts.
 """
 
 from __future__ import annotations
@@ -29,14 +35,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pydicom import dcmread
 from pynetdicom import _config
 from sqlalchemy import or_, select, update
 
+from . import pynetdicom_tuning
 from .codec import TARGETS
+from .crypto import CryptoError, KeySource
 from .db.models import ForwardItem, ForwardState, SpoolObject, utcnow
 from .logs import kv
 from .anonymize import AnonymizeError
+from .spool import dcmread  # pydicom's dcmread through the spool's decryption
 from .rules import apply_mutations, mutations_for
 from .uidmap import DbPseudonyms
 from .upstream import UpstreamError, associate
@@ -328,12 +336,22 @@ class NodeWorker(threading.Thread):
         """None when sent; else (kind, reason, status)."""
         try:
             path, problem = self._file_for(job, plan)
-        except ValueError as exc:
+        except (ValueError, CryptoError) as exc:
             return ("permanent", f"permanent: {exc}", None)
         if problem is not None:
             return ("permanent", problem, None)
         if not path.exists():
             return ("permanent", "permanent: spool file missing", None)
+        try:
+            # Every chunk authenticated before the first byte goes out: a damaged file is held here,
+            # not discovered half-way through a transfer the peer would then see aborted.
+            self.proxy.spool.verify(path)
+        except (CryptoError, OSError) as exc:
+            if plan[0] == "convert" and path != self.proxy.spool.path(job.path):
+                # A damaged converted copy is only a damaged cache entry: made again next attempt.
+                self.fw.forget_variant(job, plan[2][0], path)
+                return ("transient", f"transient: converted copy unusable ({exc}); converting again", None)
+            return ("permanent", f"permanent: {exc}", None)
         dataset: Any = path
         muts = []
         if self.fw.has_store_mutations:
@@ -349,6 +367,11 @@ class NodeWorker(threading.Thread):
                          mutations=",".join(m.name for m in muts), changes=len(changes)))
         try:
             rsp = assoc.send_c_store(dataset)
+        except CryptoError as exc:
+            # The file changed between the check above and the send: the peer holds a partial data
+            # set, so the association must go. The next attempt's check holds the row.
+            assoc.abort()
+            return ("node-down", f"spool file changed while sending: {exc}", None)
         except (OSError, RuntimeError, ValueError) as exc:
             if not assoc.is_established:
                 return ("node-down", f"association lost: {exc}", None)
@@ -404,19 +427,34 @@ def _context_chunks(jobs: list[Job], target: str | None) -> list[list[Job]]:
     return chunks
 
 
-def convert_variant(src: str, dest: str, ts: str) -> tuple[Any, Any]:
-    """Runs in the conversion process pool: reuse a variant made earlier, else convert."""
+def convert_variant(src: str, dest: str, ts: str, keys: KeySource | None = None) -> tuple[Any, Any]:
+    """Runs in the conversion process pool: reuse a variant made earlier, else convert.
+
+    With `keys`, the original is authenticated in full first (CryptoError, naming the chunk, reaches
+    the worker through the future and holds the row), and a cached variant that fails
+    authentication is discarded and made again: it is only a cache.
+    """
     from pathlib import Path
 
-    from pydicom.filereader import read_file_meta_info
+    from pydicom import dcmread as read
 
     from .codec import ConvertResult, convert_file
+    from .crypto import open_reader, verify_file
 
     if os.path.exists(dest):
-        written = str(read_file_meta_info(dest).TransferSyntaxUID)
-        return Path(dest), ConvertResult(True, written, None if written == ts else "cached fallback", None)
+        try:
+            if keys is not None:
+                verify_file(dest, keys)
+            with open_reader(dest, keys) as f:
+                written = str(read(f, stop_before_pixels=True, specific_tags=[0x00020010]).file_meta
+                              .TransferSyntaxUID)
+            return Path(dest), ConvertResult(True, written, None if written == ts else "cached fallback", None)
+        except CryptoError:
+            os.unlink(dest)
+    if keys is not None:
+        verify_file(src, keys)
     os.makedirs(os.path.dirname(dest), exist_ok=True)
-    return Path(dest), convert_file(src, dest, ts, fallbacks=(EXPLICIT_LITTLE,))
+    return Path(dest), convert_file(src, dest, ts, fallbacks=(EXPLICIT_LITTLE,), keys=keys)
 
 
 class Forwarder:
@@ -445,13 +483,21 @@ class Forwarder:
                 if self.pool is None:
                     self.pool = ProcessPoolExecutor(max_workers=os.cpu_count() or 1,
                                                     mp_context=multiprocessing.get_context("spawn"))
-                fut = self.pool.submit(convert_variant, str(src), str(dest), ts)
+                fut = self.pool.submit(convert_variant, str(src), str(dest), ts, self.proxy.spool.keys)
                 self._variants[key] = fut
                 if len(self._variants) > 4096:
                     for k in list(self._variants)[:2048]:
                         if self._variants[k].done():
                             del self._variants[k]
             return fut
+
+    def forget_variant(self, job: Job, ts: str, path: Any) -> None:
+        with self._variants_lock:
+            self._variants.pop((job.object_pk, ts), None)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
     def recover(self) -> int:
         """Put back to pending what a previous run of this proxy left in flight, and expired leases."""
@@ -471,6 +517,8 @@ class Forwarder:
     def start(self) -> None:
         # Send spool files as stored, byte for byte, streamed from disk (no whole dataset in memory).
         _config.STORE_SEND_CHUNKED_DATASET = True
+        if self.proxy.spool.encrypted:
+            pynetdicom_tuning.decrypt_sent_files(self.proxy.spool.open)
         self.recover()
         for node in self.proxy.config.nodes:
             w = NodeWorker(self, node)

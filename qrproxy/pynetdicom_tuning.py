@@ -37,15 +37,31 @@ Cheap copies of presentation contexts
     than a whole single-match C-FIND. `cheap_context_copies` gives PresentationContext a
     `__deepcopy__` that copies its fields and its transfer syntax list but shares the UIDs (immutable
     str subclasses), which is what the deep copy achieved.
+
+Encrypted spool files (encryption.key_file)
+    With STORE_RECV_CHUNKED_DATASET, pynetdicom's DIMSE layer writes each received data set to a file
+    it creates itself, `tempfile.NamedTemporaryFile(delete=False)` in dimse_messages, fragment by
+    fragment as P-DATA arrives; its handler API only ever sees the finished path. Nothing public lets
+    those bytes be encrypted on the way to disk, and patient data must never rest there in clear, so
+    that module's `NamedTemporaryFile` is replaced by a factory returning an encrypting writer in
+    spool/incoming/ (same `name`/`write`/`file.flush`/`close` surface). The sending side reads a file
+    it is given by path with the builtin `open` in dsutils.split_dataset and
+    dimse_messages.encode_msg; there `open` is shadowed by one that returns the decrypted stream of a
+    spool file, so forwarding still streams from disk chunk by chunk (a Dataset instead of a path
+    would be encoded whole in memory). Both are process-wide and installed only when encryption is on.
 """
 
 from __future__ import annotations
 
+import builtins
+import os
 import queue
 import select
 import struct
+import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, BinaryIO
 
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.presentation import PresentationContext
@@ -172,3 +188,69 @@ def cheap_context_copies() -> None:
     """Install `_context_copy` as PresentationContext.__deepcopy__ (idempotent)."""
     if getattr(PresentationContext, "__deepcopy__", None) is not _context_copy:
         PresentationContext.__deepcopy__ = _context_copy  # type: ignore[attr-defined]
+
+
+# --- encrypted spool files ---------------------------------------------------------------------
+
+
+class _ReceivedFile:
+    """What pynetdicom expects of its NamedTemporaryFile: `name`, `write`, `file.flush()`, `close()`."""
+
+    def __init__(self, writer: BinaryIO):
+        self._writer = writer
+        self.name = writer.path  # type: ignore[attr-defined]
+        self.file = self
+
+    def write(self, data: bytes) -> int:
+        return self._writer.write(data)
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def close(self) -> None:
+        with _receiving_lock:
+            _receiving.pop(self.name, None)
+        self._writer.close()
+
+
+_receiving: dict[str, _ReceivedFile] = {}
+_receiving_lock = threading.Lock()
+
+
+def encrypt_received_files(make_writer: Callable[[str], BinaryIO]) -> None:
+    """Make pynetdicom write received data sets through `make_writer(suffix)` (an encrypting writer
+    with a `path` attribute) instead of a plain temporary file. See the module docstring."""
+    from pynetdicom import dimse_messages
+
+    def named_temporary_file(*_args: Any, suffix: str = ".dcm", **_kwargs: Any) -> _ReceivedFile:
+        f = _ReceivedFile(make_writer(suffix))
+        with _receiving_lock:
+            _receiving[f.name] = f
+        return f
+
+    dimse_messages.NamedTemporaryFile = named_temporary_file  # type: ignore[attr-defined]
+
+
+def finish_received_file(path: str | os.PathLike[str]) -> bool:
+    """Write the final chunk of a received file and close it, before the handler reads it: pynetdicom
+    itself closes its file only after the EVT_C_STORE handler returned. False if `path` is not one."""
+    with _receiving_lock:
+        f = _receiving.get(os.fspath(path))
+    if f is None:
+        return False
+    f.close()
+    return True
+
+
+def decrypt_sent_files(open_plain: Callable[[str | os.PathLike[str]], BinaryIO]) -> None:
+    """Make pynetdicom read the files it sends by path (send_c_store(path) with
+    STORE_SEND_CHUNKED_DATASET) through `open_plain`. See the module docstring."""
+    from pynetdicom import dimse_messages, dsutils
+
+    def _open(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        if mode == "rb" and not args and not kwargs:
+            return open_plain(file)
+        return builtins.open(file, mode, *args, **kwargs)
+
+    dimse_messages.open = _open  # type: ignore[attr-defined]
+    dsutils.open = _open  # type: ignore[attr-defined]

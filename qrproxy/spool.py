@@ -7,6 +7,12 @@ left in `incoming/` belonged to an association that never got Success, so it is 
 
 File names are random UUIDs, never UIDs from the peer: a SOP Instance UID of `../../x` cannot
 choose where bytes land.
+
+With `encryption.key_file` every file here is encrypted (crypto.py): received files as pynetdicom
+writes them (pynetdicom_tuning.encrypt_received_files), converted copies as codec.py writes them.
+Everything that reads a spool file goes through `Spool.open` / `open_plain`, which gives the plaintext
+of an encrypted file and a plain file (written before encryption was configured) as it is. Sizes and
+SHA-256 digests are of the plaintext, so an identical re-send is recognised whatever the keys.
 """
 
 from __future__ import annotations
@@ -18,6 +24,12 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
+
+from pydicom import dcmread as _pydicom_dcmread
+from pydicom.dataset import Dataset
+
+from .crypto import KeySource, open_reader, open_writer, verify_file
 
 log = logging.getLogger("qrproxy.spool")
 
@@ -39,10 +51,29 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def hash_file(path: Path) -> tuple[int, str]:
+# The keys of the one spool a process serves (Spool() with keys sets them): read by `open_plain` and
+# `dcmread` below, which code holding only a path uses (the forwarder, pynetdicom's send path).
+_process_keys: KeySource | None = None
+
+
+def open_plain(path: str | os.PathLike[str]) -> BinaryIO:
+    """The plaintext of a spool file (decrypted when encrypted), with this process's keys."""
+    return open_reader(path, _process_keys)
+
+
+def dcmread(path: str | os.PathLike[str], **kwargs: Any) -> Dataset:
+    """pydicom's dcmread of a spool file, through decryption. Values are read while the file is open
+    (no deferred reads: they would reopen the path and read ciphertext)."""
+    kwargs.pop("defer_size", None)
+    with open_plain(path) as f:
+        return _pydicom_dcmread(f, **kwargs)
+
+
+def hash_file(path: Path, keys: KeySource | None = None) -> tuple[int, str]:
+    """(plaintext size, SHA-256 of the plaintext); authenticates every chunk of an encrypted file."""
     h = hashlib.sha256()
     size = 0
-    with open(path, "rb") as f:
+    with open_reader(path, keys) as f:
         while True:
             block = f.read(CHUNK)
             if not block:
@@ -61,8 +92,12 @@ def fsync_file(path: Path) -> None:
 
 
 class Spool:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, keys: KeySource | None = None):
+        global _process_keys
         self.root = Path(root)
+        self.keys = keys
+        if keys is not None:
+            _process_keys = keys
         self.incoming = self.root / "incoming"
         self.objects = self.root / "objects"
         self.variants = self.root / "variants"  # converted copies per transfer syntax: a cache
@@ -84,6 +119,29 @@ class Spool:
         if removed:
             log.info("event=spool-sweep removed=%d reason=\"partial files of unacknowledged transfers\"", removed)
         return removed
+
+    @property
+    def encrypted(self) -> bool:
+        return self.keys is not None
+
+    def open(self, path: str | os.PathLike[str]) -> BinaryIO:
+        """The plaintext of a spool file: seekable, usable by dcmread(defer_size=...) while open."""
+        return open_reader(path, self.keys)
+
+    def verify(self, path: str | os.PathLike[str]) -> None:
+        """Raise crypto.AuthenticationError if any chunk of an encrypted file fails its tag, and
+        crypto.UnknownKeyError for an encrypted file when no key file is configured (a spool that
+        was encrypted, then the key file dropped from the config): never send ciphertext."""
+        verify_file(path, self.keys)
+
+    def hash(self, path: Path) -> tuple[int, str]:
+        return hash_file(path, self.keys)
+
+    def open_incoming_writer(self, suffix: str = ".dcm") -> BinaryIO:
+        """A new file in incoming/ (mode 0600) that encrypts what is written to it; its `path`
+        attribute names it. Used in place of pynetdicom's temporary file when encryption is on."""
+        path = self.new_incoming(suffix)
+        return open_writer(path, self.keys, exclusive=True)
 
     def new_incoming(self, suffix: str = ".part") -> Path:
         return self.incoming / f"{uuid.uuid4().hex}{suffix}"
@@ -117,7 +175,7 @@ class Spool:
         `src` must be on the same filesystem (it is: incoming/ is inside the spool), so the rename is
         atomic: after a crash the file is either whole in objects/ or still in incoming/.
         """
-        size, digest = hash_file(src)
+        size, digest = self.hash(src)
         fsync_file(src)
         relpath, dest = self.reserve(suffix)
         self.place(src, dest)

@@ -88,6 +88,7 @@ def test_good_config_parses_everything(tmp_path: Path, capsys: pytest.CaptureFix
     assert cfg.database == f"sqlite:///{tmp_path}/var/q.sqlite3"
     assert cfg.encryption is not None and cfg.encryption.key_file == tmp_path / "var" / "spool.key"
     assert cfg.routes[0].to == ["REPORTS"]
+    assert main(["--config", str(tmp_path / "qrproxy.yml"), "keys", "new"]) == 0  # check needs the key file
     r = run_check(tmp_path, GOOD, capsys)
     assert r.returncode == 0, r.stderr
     assert "3 nodes" in r.stdout
@@ -185,6 +186,7 @@ def test_serve_refuses_bad_config_with_exit_2(tmp_path: Path) -> None:
 def test_config_from_environment_and_missing(tmp_path: Path) -> None:
     cfg = tmp_path / "qrproxy.yml"
     cfg.write_text(GOOD)
+    assert main(["--config", str(cfg), "keys", "new"]) == 0  # check needs the key file
     env = {"QRPROXY_CONFIG": str(cfg), "PATH": "/usr/bin:/bin"}
     r = subprocess.run([sys.executable, "-m", "qrproxy", "check"], capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 0, r.stderr

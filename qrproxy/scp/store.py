@@ -6,6 +6,11 @@ which qrproxy points at `spool/incoming/` (the only process-wide setting this mo
 the move into `spool/objects/` is a same-filesystem atomic rename and a crash leaves only
 `incoming/` leftovers, which the next start deletes.
 
+With `encryption.key_file` the bytes are encrypted as pynetdicom writes them (pynetdicom_tuning swaps
+its temporary file for an encrypting writer), so no received data set ever rests on disk in clear;
+the handler closes the writer (final chunk) and then parses, checks and hashes the plaintext through
+the decrypting reader, in the same order and with the same fsyncs as without encryption.
+
 Order of a C-STORE, each step before the next (DESIGN.md "Durability"): free-space floor -> parse and
 validate -> route -> fsync file, rename, fsync directory -> commit index row and forward rows -> Success.
 """
@@ -18,7 +23,7 @@ import re
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -27,10 +32,12 @@ from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _c
 
 from sqlalchemy.exc import IntegrityError
 
+from .. import pynetdicom_tuning
+from ..crypto import CryptoError
 from ..index import Header, IndexWriter
 from ..logs import kv
 from ..rules import route
-from ..spool import Committed, fsync_file, hash_file
+from ..spool import Committed, Spool, fsync_file
 from ..worklist_index import close_on_store
 from .associations import called_ae_title
 
@@ -49,7 +56,7 @@ DEFLATED = "1.2.840.10008.1.2.1.99"
 SEQ_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
 
 
-def truncation(ds: Dataset, size: int, path: Path) -> str | None:
+def truncation(ds: Dataset, size: int, f: BinaryIO) -> str | None:
     """Why the top-level data set does not fill the file exactly, or None when it does.
 
     pydicom reads a short value or a partial element header at the end of a file without complaint,
@@ -78,10 +85,9 @@ def truncation(ds: Dataset, size: int, path: Path) -> str | None:
             return f"element {tag} has {len(value)} of {length} bytes"
         last_end = end
     if last_end is None:
-        with open(path, "rb") as f:
-            f.seek(max(0, size - 8))
-            if f.read(8) != SEQ_DELIMITER:
-                return "the last sequence or pixel data item is not closed"
+        f.seek(max(0, size - 8))
+        if f.read(8) != SEQ_DELIMITER:
+            return "the last sequence or pixel data item is not closed"
     elif last_end != size:
         return f"{size - last_end} bytes after the last element"
     return None
@@ -95,9 +101,13 @@ def contexts(extra_sop_classes: list[str] | None = None) -> list[tuple[str, list
     return [(uid, list(ALL_TRANSFER_SYNTAXES)) for uid in uids]
 
 
-def configure_receive(incoming: Path) -> None:
+def configure_receive(spool: Spool) -> None:
     _config.STORE_RECV_CHUNKED_DATASET = True
-    tempfile.tempdir = str(incoming)
+    tempfile.tempdir = str(spool.incoming)
+    if spool.encrypted:
+        pynetdicom_tuning.encrypt_received_files(spool.open_incoming_writer)
+        kid, _ = spool.keys.current()  # type: ignore[union-attr]
+        log.info(kv(event="spool-encryption", cipher="AES-256-GCM", current_key=kid))
 
 
 def _status(code: int, comment: str) -> Dataset:
@@ -124,14 +134,17 @@ class StoreSCP:
         ign = self.cfg.store.ignore_sop_classes
         return sop_class in ign.get(calling, ()) or sop_class in ign.get("*", ())
 
-    def _parse(self, path: Path, req: Any) -> tuple[Dataset, str] | Dataset:
-        """The dataset without its bulk values (deferred), or a failure status saying what is wrong."""
-        size = path.stat().st_size
+    def _parse(self, f: BinaryIO, req: Any) -> tuple[Dataset, str] | Dataset:
+        """The dataset without its bulk values (deferred: `f` must stay open while it is used), or a
+        failure status saying what is wrong. `f` is the plaintext (spool.open)."""
         try:
-            with open(path, "rb") as f:
-                ds = dcmread(f, defer_size=4096)
-                ts = str(ds.file_meta.TransferSyntaxUID)
-                problem = None if ts == DEFLATED else truncation(ds, size, path)
+            size = f.seek(0, os.SEEK_END)
+            f.seek(0)
+            ds = dcmread(f, defer_size=4096)
+            ts = str(ds.file_meta.TransferSyntaxUID)
+            problem = None if ts == DEFLATED else truncation(ds, size, f)
+        except CryptoError:
+            raise
         except (InvalidDicomError, EOFError, ValueError, TypeError, OSError, NotImplementedError, KeyError,
                 AttributeError) as exc:
             return _status(CANNOT_UNDERSTAND, f"cannot parse data set: {exc}")
@@ -180,19 +193,28 @@ class StoreSCP:
             return fail(_status(OUT_OF_RESOURCES, f"spool below free-space floor ({free // 1_000_000} MB free)"),
                         logging.ERROR)
 
+        if spool.encrypted:
+            # pynetdicom closes its file only after this handler: write the final chunk now.
+            pynetdicom_tuning.finish_received_file(path)
         # The file's fsync runs in a worker thread while this one parses, routes and hashes it.
         sync = self.proxy.io_pool.submit(fsync_file, path)
-        parsed = self._parse(path, req)
-        if isinstance(parsed, Dataset):
-            return fail(parsed)
-        ds, ts = parsed
-        hdr = Header.from_dataset(ds)
-        decision = route(self.cfg, ds, calling, called)
+        try:
+            # Parsed and routed while open: deferred values (defer_size) are read from this handle.
+            with spool.open(path) as f:
+                parsed = self._parse(f, req)
+                if isinstance(parsed, Dataset):
+                    return fail(parsed)
+                ds, ts = parsed
+                hdr = Header.from_dataset(ds)
+                decision = route(self.cfg, ds, calling, called)
+        except (CryptoError, OSError) as exc:
+            # Our own file failed to read back (disk error, or changed under us): a local failure.
+            return fail(_status(OUT_OF_RESOURCES, f"spool file unreadable after writing: {exc}"), logging.ERROR)
 
         peer = f"{assoc.requestor.address}:{assoc.requestor.port}"
         final: Path | None = None
         try:
-            size, digest = hash_file(path)
+            size, digest = spool.hash(path)
             relpath, final = spool.reserve()
             committed = Committed(relpath, size, digest)
             # Durable in place before the transaction starts, so the database write lock is held
@@ -211,11 +233,11 @@ class StoreSCP:
                 # A cached series row vanished meanwhile (or another writer raced us): retry uncached.
                 self.index.forget()
                 rec = record()
-        except OSError as exc:
+        except (OSError, CryptoError) as exc:
             if final is not None:
                 _unlink(final)
-            return fail(_status(OUT_OF_RESOURCES, f"cannot write to the spool: {exc.strerror or exc}"),
-                        logging.ERROR)
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            return fail(_status(OUT_OF_RESOURCES, f"cannot write to the spool: {reason}"), logging.ERROR)
         except Exception as exc:
             if final is not None:
                 _unlink(final)
