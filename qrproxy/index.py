@@ -42,6 +42,48 @@ def _i(ds: Dataset, keyword: str) -> int | None:
         return None
 
 
+# Study-level sequences kept (in Study.identifier) so that C-FIND can return them and match inside
+# their items (PS3.4 C.2.2.2.6): the ones modalities and viewers ask for.
+STUDY_SEQUENCES = ("ProcedureCodeSequence", "ReferencedStudySequence")
+
+
+def study_sequences(ds: Dataset) -> bytes | None:
+    """The study-level sequences of `ds`, encoded explicit VR little endian in UTF-8 (decoded from the
+    instance's own character set), or None when it has none."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_data_element
+
+    present = [kw for kw in STUDY_SEQUENCES if kw in ds]
+    if not present:
+        return None
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    try:
+        for kw in present:
+            elem = ds[kw]
+            if elem.VR != "SQ" or not elem.value:
+                continue
+            elem.is_undefined_length = False
+            for item in elem.value:
+                item.is_undefined_length_sequence_item = False
+            write_data_element(fp, elem, ["utf_8"])
+    except Exception:  # a malformed optional sequence never costs the instance its index row
+        return None
+    return fp.getvalue() or None
+
+
+def read_sequences(data: bytes | None) -> Dataset:
+    """`study_sequences`' bytes back as a Dataset (values decoded)."""
+    from io import BytesIO
+
+    from pydicom.filereader import read_dataset
+
+    ds = read_dataset(BytesIO(data or b""), is_implicit_VR=False, is_little_endian=True)
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.decode()
+    return ds
+
+
 def normalize_name(name: str | None) -> str | None:
     """Upper case, trailing empty components dropped: `Doe^John^^` and `DOE^JOHN` compare equal."""
     if not name:
@@ -88,6 +130,7 @@ class Header:
                 "study_id": _s(ds, "StudyID", 16),
                 "study_description": _s(ds, "StudyDescription", 64),
                 "referring_physician_name": _s(ds, "ReferringPhysicianName", 324),
+                "identifier": study_sequences(ds),
             },
             series={
                 "modality": _s(ds, "Modality", 16),

@@ -616,9 +616,6 @@ def _code_item(value: str) -> Dataset:
 
 
 @pytest.mark.orthanc
-@pytest.mark.xfail(strict=True, reason="the index holds no sequence items (index.Header and refresh.STUDY_KEYS keep "
-                   "no ProcedureCodeSequence): find.py answers every sequence key empty, and sequence matching "
-                   "(matches_in_python on the built response) never finds an item")
 def test_sequence_keys_match_orthanc(db_url: str, orthanc_factory: Any, qrproxy: Any, tmp_path: Path) -> None:
     """Sequence matching (PS3.4 C.2.2.2.6) and sequence return keys. Orthanc answers sequence return keys
     from its storage (StorageAccessOnFind Always), so their items are compared with Orthanc's; but it does

@@ -29,7 +29,10 @@ from typing import TYPE_CHECKING, Any
 
 from pydicom import config as pydicom_config
 from pydicom.dataelem import DataElement
+from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_data_element
 from pydicom.tag import BaseTag, Tag
 from pynetdicom import _config, evt
 from pynetdicom.sop_class import (
@@ -42,6 +45,7 @@ from sqlalchemy.orm import aliased
 from .. import dicomenc, hotcache, querymode, querythrough, upstream
 from ..db.models import Instance, Patient, Series, Study, utcnow
 from ..db.session import read_only
+from ..index import STUDY_SEQUENCES, read_sequences
 from ..logs import kv
 from ..pynetdicom_tuning import find_pending_command, let_peer_speak, peer_has_spoken, peer_max_pdu, send_pending
 from ..matching import (LEVELS, UNIQUE_KEYS, Query, QueryError, matches_in_python, parse_query, residual_keys,
@@ -157,6 +161,7 @@ class _Field:
     vr: str
     column: int | None = None
     sequence: bool = False
+    children: tuple[str, ...] = ()  # a sequence's requested item keys (empty: whole items)
 
 
 def _vr(vr: str) -> str:
@@ -174,23 +179,26 @@ def plan(query: Query, dialect: str) -> tuple[Any, list[_Field]]:
     fields: list[_Field] = []
     seen: set[int] = set()
 
-    def add(tag: int, keyword: str, vr: str, sequence: bool = False) -> None:
+    def add(tag: int, keyword: str, vr: str, sequence: bool = False, children: tuple[str, ...] = ()) -> None:
         if tag in seen or tag in (_QRLEVEL, _CHARSET_TAG, _RETRIEVE_AE):
             return
         seen.add(tag)
         col = None
+        if sequence and keyword in STUDY_SEQUENCES and depth >= LEVELS.index("STUDY"):
+            columns.append(Study.identifier)  # the study's sequences (index.study_sequences)
+            col = len(columns) - 1
         if not sequence:
             where = _COLUMNS.get(keyword)
             level = where[0] if where else _COMPUTED.get(keyword)
             if level is not None and LEVELS.index(level) <= depth:
                 columns.append(where[1] if where else _computed(keyword, dialect))
                 col = len(columns) - 1
-        fields.append(_Field(Tag(tag), keyword, _vr(vr), col, sequence))
+        fields.append(_Field(Tag(tag), keyword, _vr(vr), col, sequence, children))
 
     unique = UNIQUE_KEYS[query.level]
     add(Tag(unique), unique, "UI" if unique != "PatientID" else "LO")
     for rk in query.return_keys:
-        add(rk.tag, rk.keyword, rk.vr, rk.vr == "SQ")
+        add(rk.tag, rk.keyword, rk.vr, rk.vr == "SQ", tuple(c.keyword for c in rk.children))
     stmt = select_matching(query).with_only_columns(*columns).order_by(entity.id)
     return stmt, fields
 
@@ -208,6 +216,42 @@ def _value(field: _Field, raw: Any) -> Any:
     return raw
 
 
+def _items(field: _Field, blob: bytes | None) -> list[Dataset]:
+    """The items of a stored study sequence, reduced to the requested item keys (all when none)."""
+    if not blob:
+        return []
+    stored = read_sequences(blob)
+    if field.keyword not in stored:
+        return []
+    items = []
+    for item in stored[field.keyword].value:
+        if field.children:
+            reduced = Dataset()
+            for kw in field.children:
+                if kw in item:
+                    reduced[kw] = item[kw]
+                else:
+                    reduced.add_new(kw, _vr(dictionary_VR(kw)), None)
+            item = reduced
+        items.append(item)
+    return items
+
+
+def _sequence_value(field: _Field, explicit: bool, charset: str, blob: bytes | None) -> bytes:
+    """The value field of a sequence element for `dicomenc.Layout` (defined lengths throughout)."""
+    items = _items(field, blob)
+    if not items:
+        return b""
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, not explicit
+    elem = DataElement(field.tag, "SQ", items)
+    elem.is_undefined_length = False
+    for item in elem.value:
+        item.is_undefined_length_sequence_item = False
+    write_data_element(fp, elem, [dicomenc.CODECS.get(charset, "utf_8")])
+    return fp.getvalue()[12 if explicit else 8:]
+
+
 def build(row: Any, fields: list[_Field], level: str, ae_title: str) -> Dataset:
     """The response identifier of one row, built element by element (no copy of the request)."""
     ds = Dataset()
@@ -217,7 +261,8 @@ def build(row: Any, fields: list[_Field], level: str, ae_title: str) -> Dataset:
     d[_RETRIEVE_AE] = DataElement(_RETRIEVE_AE, "AE", ae_title, validation_mode=_IGNORE)
     for f in fields:
         if f.sequence:
-            d[f.tag] = DataElement(f.tag, "SQ", [], validation_mode=_IGNORE)
+            d[f.tag] = DataElement(f.tag, "SQ", _items(f, None if f.column is None else row[f.column]),
+                                   validation_mode=_IGNORE)
             continue
         value = None if f.column is None else _value(f, row[f.column])
         d[f.tag] = DataElement(f.tag, f.vr, value, validation_mode=_IGNORE)
@@ -249,7 +294,10 @@ def layout(fields: list[_Field], level: str, ae_title: str, explicit: bool, char
         dicomenc.Slot(_RETRIEVE_AE, "AE", constant=dicomenc.element(_RETRIEVE_AE, "AE", ae_title, explicit)),
     ]
     for f in fields:
-        if f.sequence or f.column is None:
+        if f.sequence and f.column is not None:
+            slots.append(dicomenc.Slot(int(f.tag), "SQ", column=f.column,
+                                       convert=functools.partial(_sequence_value, f, explicit, charset)))
+        elif f.sequence or f.column is None:
             slots.append(dicomenc.Slot(int(f.tag), f.vr))
         else:
             convert = _modalities if f.keyword == "ModalitiesInStudy" else None
