@@ -47,15 +47,14 @@ from ..db.models import Instance, Patient, Series, Study, utcnow
 from ..db.session import read_only
 from ..index import STUDY_SEQUENCES, read_sequences
 from ..logs import kv
-from ..pynetdicom_tuning import find_pending_command, let_peer_speak, peer_has_spoken, peer_max_pdu, send_pending
 from ..matching import (LEVELS, UNIQUE_KEYS, Query, QueryError, matches_in_python, parse_query, residual_keys,
                         select_matching)
+from . import pending
 from .associations import called_ae_title
 
 if TYPE_CHECKING:
     from ..app import Proxy
 
-CANCEL_CHECK_EVERY = 32  # responses between pauses that let an incoming C-CANCEL be read
 
 log = logging.getLogger("qrproxy.find")
 
@@ -66,7 +65,6 @@ MODELS = {
     str(StudyRootQueryRetrieveInformationModelFind): "study",
 }
 
-PENDING = 0xFF00
 CANCEL = 0xFE00
 OUT_OF_RESOURCES = 0xA700
 UNABLE_TO_PROCESS = 0xC000
@@ -440,7 +438,7 @@ class FindSCP:
                 yield _status(err.status, err.comment), None
                 return
             fields["level"] = query.level
-            cx_id, ts = event.context.context_id, event.context.transfer_syntax
+            ts = event.context.transfer_syntax
             explicit = ts != dicomenc.IMPLICIT_LE
             charset = answer_charset(identifier)
             raw = req.Identifier.getvalue() if hasattr(req.Identifier, "getvalue") else None
@@ -453,33 +451,16 @@ class FindSCP:
                 self.config.query.mode, local=local, upstream=self._upstream(identifier, query.level or "STUDY", model),
                 timeout=self.config.query.upstream_timeout, remember=self._remember(query.level or "STUDY"),
                 what=f"c-find {model}/{query.level}", outcome=outcome)
-            command = find_pending_command(sop_class, req.MessageID)
-            max_pdu = peer_max_pdu(assoc)
-            n = 0
             try:
-                for n, item in enumerate(items):
-                    if n and n % CANCEL_CHECK_EVERY == 0 and peer_has_spoken(assoc):
-                        let_peer_speak(assoc)
-                    if event.is_cancelled:
-                        fields.update(status=f"0x{CANCEL:04X}", matches=n, reason="cancelled")
-                        yield CANCEL, None
-                        return
-                    if not assoc.is_established:
-                        fields.update(status="aborted", matches=n, reason="association ended during the answer")
-                        return
-                    fields["matches"] = n + 1
-                    if isinstance(item, bytes):
-                        send_pending(assoc, cx_id, command, item, max_pdu)
-                    else:
-                        yield PENDING, querythrough.restrict(item, identifier, self.ae_title)
+                yield from pending.stream(
+                    event, items, fields,
+                    lambda item: item if isinstance(item, bytes) else querythrough.restrict(item, identifier,
+                                                                                              self.ae_title))
             except Exception as exc:
                 log.exception("C-FIND from the index failed")
                 fields.update(status=f"0x{OUT_OF_RESOURCES:04X}", reason=f"index unavailable: {type(exc).__name__}")
                 yield _status(OUT_OF_RESOURCES, fields["reason"]), None
                 return
-            if event.is_cancelled:  # a C-CANCEL after the last match still gets its Cancel status
-                fields.update(status=f"0x{CANCEL:04X}", reason="cancelled")
-                yield CANCEL, None
         finally:
             level = logging.WARNING if fields["status"] not in ("0x0000", f"0x{CANCEL:04X}") else logging.INFO
             line = {"event": "c-find", "calling": calling, "called": called_ae_title(assoc), "model": model,

@@ -17,6 +17,7 @@ C-CANCEL is read every few responses (pynetdicom_tuning.let_peer_speak) and answ
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import threading
 import time
@@ -34,7 +35,7 @@ from ..db.models import WorklistItem
 from ..db.session import read_only
 from ..logs import kv
 from ..matching import Query, QueryError, matches_in_python, parse_query, residual_keys, select_matching
-from ..pynetdicom_tuning import find_pending_command, let_peer_speak, peer_has_spoken, peer_max_pdu, send_pending
+from . import pending
 from .associations import called_ae_title
 
 if TYPE_CHECKING:
@@ -44,11 +45,9 @@ log = logging.getLogger("qrproxy.mwl")
 
 MWL_FIND = str(ModalityWorklistInformationFind)
 TRANSFER_SYNTAXES = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
-PENDING = 0xFF00
 CANCEL = 0xFE00
 OUT_OF_RESOURCES = 0xA700
 UNABLE_TO_PROCESS = 0xC000
-CANCEL_CHECK_EVERY = 32
 
 
 def _status(code: int, comment: str) -> Dataset:
@@ -193,33 +192,12 @@ class WorklistFindSCP:
                 fields.update(status=f"0x{OUT_OF_RESOURCES:04X}", reason=f"worklist unavailable: {type(exc).__name__}")
                 yield _status(OUT_OF_RESOURCES, fields["reason"]), None
                 return
-            n = 0
-            ds = first
             # Answers go out as P-DATA with identifiers written from the stored raw elements
-            # (dicomenc.encode_dataset), not through pydicom's writer per response: see
-            # pynetdicom_tuning.send_pending.
-            assoc, req = event.assoc, event.request
-            cx_id = event.context.context_id
-            command = find_pending_command(str(req.AffectedSOPClassUID), req.MessageID)
-            max_pdu = peer_max_pdu(assoc)
-            while ds is not None:
-                if n and n % CANCEL_CHECK_EVERY == 0 and peer_has_spoken(assoc):
-                    let_peer_speak(assoc)
-                if event.is_cancelled:
-                    fields.update(status=f"0x{CANCEL:04X}", matches=n, reason="cancelled")
-                    yield CANCEL, None
-                    return
-                if not assoc.is_established:
-                    fields.update(status="aborted", matches=n, reason="association ended during the answer")
-                    return
-                n += 1
-                fields["matches"] = n
-                data = ds if isinstance(ds, bytes) else dicomenc.encode_dataset(ds, explicit)
-                send_pending(assoc, cx_id, command, data, max_pdu)
-                ds = next(matches, None)
-            if event.is_cancelled:
-                fields.update(status=f"0x{CANCEL:04X}", reason="cancelled")
-                yield CANCEL, None
+            # (dicomenc.encode_dataset), not through pydicom's writer per response.
+            answers = [] if first is None else itertools.chain([first], matches)
+            yield from pending.stream(
+                event, answers, fields,
+                lambda ds: ds if isinstance(ds, bytes) else dicomenc.encode_dataset(ds, explicit))
         finally:
             ok = fields["status"] in ("0x0000", f"0x{CANCEL:04X}")
             outcome = fields.get("outcome")
