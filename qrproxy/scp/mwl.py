@@ -91,18 +91,24 @@ class WorklistFindSCP:
             rows = conn.execute(stmt).scalars().all()
         return self._answers(query, (worklist.decode(data) for data in rows), mutate or bool(residual_keys(query)))
 
-    def local_encoded(self, query: Query, key: Any, explicit: bool, info: dict[str, Any]) -> list[bytes]:
+    def local_encoded(self, query: Query, key: Any, explicit: bool, info: dict[str, Any]) -> Iterator[bytes]:
         """`local`'s answers encoded for the association's transfer syntax: the whole answer from the
         hot cache when an identical request was answered since the worklist last changed, else each
         item's answer from `self.answers_by_item` when SQL decided the match alone (no residual keys,
-        no query mutations), so a modality polling every minute costs a SELECT and no decoding."""
+        no query mutations), so a modality polling every minute costs a SELECT and no decoding.
+        Answers are produced as they are sent (the first goes out before the last is built), and the
+        whole answer is kept only when it was produced to the end."""
         hit = self.hot.get(key)
         if hit is not None:
             info["hot"] = True
-            return hit
+            yield from hit
+            return
         generation = self.hot.generation()
+        encoded: list[bytes] = []
         if self._query_mutations() or residual_keys(query):
-            encoded = [dicomenc.encode_dataset(ds, explicit) for ds in self.local(query)]
+            for ds in self.local(query):
+                encoded.append(dicomenc.encode_dataset(ds, explicit))
+                yield encoded[-1]
         else:
             stmt = (select_matching(query).with_only_columns(WorklistItem.identifier)
                     .where(WorklistItem.done_at.is_(None))
@@ -110,7 +116,6 @@ class WorklistFindSCP:
             with self.engine.connect() as conn:
                 rows = conn.execute(stmt).scalars().all()
             shape = (explicit, query.return_keys)
-            encoded = []
             for data in rows:
                 item_key = (hashlib.sha1(data).digest(), shape)  # content-addressed: never stale
                 with self._items_lock:
@@ -121,8 +126,8 @@ class WorklistFindSCP:
                     with self._items_lock:
                         self.answers_by_item[item_key] = answer
                 encoded.append(answer)
+                yield answer
         self.hot.put(key, encoded, generation, size=sum(map(len, encoded)))
-        return encoded
 
     def _answers(self, query: Query, items: Iterable[Dataset], check: bool) -> Iterator[Dataset]:
         for item in items:
