@@ -33,6 +33,7 @@ from typing import Any
 
 from .crypto import KEY_LEN, CryptoError, UnknownKeyError, copy_plaintext, open_reader, open_writer, peek_header
 from .logs import kv
+from .spool import fsync_dir
 
 log = logging.getLogger("qrproxy.keys")
 
@@ -207,14 +208,6 @@ def check_key_file(path: Path) -> str | None:
 # --- writing the key file --------------------------------------------------------------------------
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_tmp(path: Path, text: str) -> Path:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -252,7 +245,7 @@ def new_key_file(path: Path) -> str:
         raise FileExistsError(f"key file {path} already exists: not overwriting it") from None
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return entry.id
 
 
@@ -263,7 +256,7 @@ def rotate(path: Path) -> str:
     entry = _new_entry(entries)
     tmp = _write_tmp(path, render(entries + [entry], entry.id))
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return entry.id
 
 
@@ -301,7 +294,7 @@ def _rewrite(path: Path, keys: Keyring) -> bool:
             tmp.unlink(missing_ok=True)
             return False
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         return True
     except BaseException:
         tmp.unlink(missing_ok=True)

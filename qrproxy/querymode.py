@@ -106,15 +106,12 @@ def answer(mode: str, *, local: Callable[[], Iterable[T]],
         yield from local()
         return
     if mode == "upstream-first":
-        fut = _call_upstream(upstream, timeout, remember, what)
-        try:
-            matches = _wait(fut, timeout)
-        except Exception as exc:
-            out.source, out.reason = "cache-fallback", _reason(exc)
+        matches = _ask(upstream, timeout, remember, what, out)
+        if matches is None:
+            out.source = "cache-fallback"
             log.warning(kv(event="upstream-fallback", what=what, reason=out.reason))
             yield from local()
             return
-        out.source, out.upstream_ms = "upstream", getattr(fut, "ms", None)
         yield from matches
         return
     # cache-first
@@ -123,15 +120,25 @@ def answer(mode: str, *, local: Callable[[], Iterable[T]],
     if first is not _NOTHING:
         yield from itertools.chain([first], items)  # type: ignore[list-item]
         return
+    matches = _ask(upstream, timeout, remember, what, out)
+    if matches is None:
+        out.source = "cache+upstream-failed"
+        log.warning(kv(event="query-through-failed", what=what, reason=out.reason))
+        return
+    yield from matches
+
+
+def _ask(upstream: Callable[[float], list[Dataset]], timeout: float,
+         remember: Callable[[list[Dataset]], int] | None, what: str, out: Answer) -> list[Dataset] | None:
+    """The upstream's matches within `timeout` (`out` says so), or None with `out.reason` set."""
     fut = _call_upstream(upstream, timeout, remember, what)
     try:
         matches = _wait(fut, timeout)
     except Exception as exc:
-        out.source, out.reason = "cache+upstream-failed", _reason(exc)
-        log.warning(kv(event="query-through-failed", what=what, reason=out.reason))
-        return
+        out.reason = _reason(exc)
+        return None
     out.source, out.upstream_ms = "upstream", getattr(fut, "ms", None)
-    yield from matches
+    return matches
 
 
 _NOTHING: Any = object()

@@ -50,6 +50,7 @@ from ..logs import kv
 from ..matching import (LEVELS, UNIQUE_KEYS, Query, QueryError, matches_in_python, parse_query, residual_keys,
                         select_matching)
 from . import pending
+from .responses import status as _status
 from .associations import called_ae_title
 
 if TYPE_CHECKING:
@@ -268,21 +269,8 @@ def build(row: Any, fields: list[_Field], level: str, ae_title: str) -> Dataset:
     return ds
 
 
-def _status(code: int, comment: str) -> Dataset:
-    ds = Dataset()
-    ds.Status = code
-    ds.ErrorComment = comment[:64]
-    return ds
-
-
-def _modalities(raw: Any) -> Any:
-    return _value(_MODALITIES_FIELD, raw)
-
-
-_MODALITIES_FIELD = _Field(Tag("ModalitiesInStudy"), "ModalitiesInStudy", "CS")
-
-
-def layout(fields: list[_Field], level: str, ae_title: str, explicit: bool, charset: str) -> dicomenc.Layout:
+def layout(fields: list[_Field], level: str, ae_title: str, explicit: bool, charset: str,
+           errors: str = "replace") -> dicomenc.Layout:
     """The byte layout of every identifier of one answer: the constant elements encoded once, and
     each field read from its SQL row column (zero-length when the index does not hold it)."""
     codec = dicomenc.CODECS[charset]
@@ -298,9 +286,9 @@ def layout(fields: list[_Field], level: str, ae_title: str, explicit: bool, char
         elif f.sequence or f.column is None:
             slots.append(dicomenc.Slot(int(f.tag), f.vr))
         else:
-            convert = _modalities if f.keyword == "ModalitiesInStudy" else None
+            convert = functools.partial(_value, f) if f.keyword == "ModalitiesInStudy" else None
             slots.append(dicomenc.Slot(int(f.tag), f.vr, column=f.column, convert=convert))
-    return dicomenc.Layout(slots, explicit, codec)
+    return dicomenc.Layout(slots, explicit, codec, errors)
 
 
 def answer_charset(identifier: Dataset) -> str:
@@ -320,10 +308,9 @@ class Answerer:
     ISO_IR 192."""
 
     def __init__(self, fields: list[_Field], level: str, ae_title: str, explicit: bool, charset: str):
-        self.primary = layout(fields, level, ae_title, explicit, charset)
+        self.primary = layout(fields, level, ae_title, explicit, charset, errors="strict")
         self.fallback = (self.primary if charset == CHARSET
                          else layout(fields, level, ae_title, explicit, CHARSET))
-        self.primary.errors = "strict"
 
     def encode(self, row: Any) -> bytes:
         try:
@@ -334,10 +321,7 @@ class Answerer:
 
 def query_node(config: Any, role: str = "query") -> str | None:
     """The upstream node C-FIND goes to in cache-first / upstream-first: the first with `role`."""
-    for name, node in config.nodes.items():
-        if role in node.roles:
-            return name
-    return None
+    return next(iter(config.nodes_with_role(role)), None)
 
 
 class FindSCP:
@@ -370,12 +354,6 @@ class FindSCP:
             stamps = [r[refreshed_col] for r in rows if r[refreshed_col] is not None]
             oldest = min(stamps) if stamps else None
         return rows, fields, oldest
-
-    def cache_matches(self, query: Query) -> Iterator[Dataset]:
-        """Every local match of `query` as pydicom Datasets (the slow path; for callers other than the
-        C-FIND answer, which sends `cache_answer`'s bytes)."""
-        rows, fields, _ = self.cache_rows(query)
-        return (build(r, fields, query.level or "", self.ae_title) for r in rows)
 
     def cache_answer(self, query: Query, key: Any, explicit: bool, charset: str,
                      info: dict[str, Any]) -> list[bytes]:

@@ -29,6 +29,7 @@ from ..db.models import MppsMessage, MppsStep
 from ..index import _s
 from ..logs import kv
 from ..worklist_index import mark_done
+from .responses import status as _status
 from .associations import called_ae_title
 
 if TYPE_CHECKING:
@@ -52,18 +53,23 @@ class Refused(Exception):
         self.comment = comment[:64]
 
 
-def _status(code: int, comment: str) -> Dataset:
-    ds = Dataset()
-    ds.Status = code
-    ds.ErrorComment = comment[:64]
-    return ds
-
-
 def merge(step: Dataset, modifications: Dataset) -> Dataset:
     """N-SET semantics (PS3.7 10.1.1): each attribute of the modification list replaces the step's."""
     for elem in modifications:
         step[elem.tag] = elem
     return step
+
+
+def _refusal(exc: Exception, line: dict[str, Any], what: str) -> Dataset:
+    """The status of an N-CREATE / N-SET that was not recorded, logged: a Refused one with its own
+    status, anything else (a bug, the database) as a processing failure."""
+    if isinstance(exc, Refused):
+        log.warning(kv(**line, status=f"0x{exc.status:04X}", reason=exc.comment))
+        return _status(exc.status, exc.comment)
+    log.exception(f"MPPS {what} not recorded")
+    comment = f"not recorded: {type(exc).__name__}"
+    log.error(kv(**line, status=f"0x{PROCESSING_FAILURE:04X}", reason=comment))
+    return _status(PROCESSING_FAILURE, comment)
 
 
 class MppsSCP:
@@ -102,14 +108,8 @@ class MppsSCP:
                 s.add(step)
                 s.flush()
                 self._enqueue(s, step.id, "create", uid, payload, calling)
-        except Refused as exc:
-            log.warning(kv(**line, status=f"0x{exc.status:04X}", reason=exc.comment))
-            return _status(exc.status, exc.comment), None
         except Exception as exc:
-            log.exception("MPPS N-CREATE not recorded")
-            comment = f"not recorded: {type(exc).__name__}"
-            log.error(kv(**line, status=f"0x{PROCESSING_FAILURE:04X}", reason=comment))
-            return _status(PROCESSING_FAILURE, comment), None
+            return _refusal(exc, line, "N-CREATE"), None
         self._notify()
         log.info(kv(**line, status="0x0000", state=state, relay=",".join(self.nodes) or "-",
                     ms=int((time.monotonic() - t0) * 1000)))
@@ -144,14 +144,8 @@ class MppsSCP:
                 if step.status in worklist.DONE_STATUSES:
                     closed = mark_done(s, worklist.step_refs(merged), f"mpps {step.status.lower()}")
                 state = step.status
-        except Refused as exc:
-            log.warning(kv(**line, status=f"0x{exc.status:04X}", reason=exc.comment))
-            return _status(exc.status, exc.comment), None
         except Exception as exc:
-            log.exception("MPPS N-SET not recorded")
-            comment = f"not recorded: {type(exc).__name__}"
-            log.error(kv(**line, status=f"0x{PROCESSING_FAILURE:04X}", reason=comment))
-            return _status(PROCESSING_FAILURE, comment), None
+            return _refusal(exc, line, "N-SET"), None
         self._notify()
         log.info(kv(**line, status="0x0000", state=state, worklist_done=closed, relay=",".join(self.nodes) or "-",
                     ms=int((time.monotonic() - t0) * 1000)))

@@ -36,6 +36,7 @@ from ..db.session import read_only
 from ..logs import kv
 from ..matching import Query, QueryError, matches_in_python, parse_query, residual_keys, select_matching
 from . import pending
+from .responses import status as _status
 from .associations import called_ae_title
 
 if TYPE_CHECKING:
@@ -48,13 +49,6 @@ TRANSFER_SYNTAXES = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
 CANCEL = 0xFE00
 OUT_OF_RESOURCES = 0xA700
 UNABLE_TO_PROCESS = 0xC000
-
-
-def _status(code: int, comment: str) -> Dataset:
-    ds = Dataset()
-    ds.Status = code
-    ds.ErrorComment = comment[:64]
-    return ds
 
 
 ITEM_ANSWERS = 20000  # encoded answers kept per (item content, return keys): a few MB

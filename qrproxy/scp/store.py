@@ -39,6 +39,7 @@ from ..logs import kv
 from ..rules import route
 from ..spool import Committed, Spool, fsync_file
 from ..worklist_index import close_on_store
+from .responses import status as _status
 from .associations import called_ae_title
 
 if TYPE_CHECKING:
@@ -108,13 +109,6 @@ def configure_receive(spool: Spool) -> None:
         pynetdicom_tuning.encrypt_received_files(spool.open_incoming_writer)
         kid, _ = spool.keys.current()  # type: ignore[union-attr]
         log.info(kv(event="spool-encryption", cipher="AES-256-GCM", current_key=kid))
-
-
-def _status(code: int, comment: str) -> Dataset:
-    ds = Dataset()
-    ds.Status = code
-    ds.ErrorComment = comment[:64]
-    return ds
 
 
 def _unlink(path: Path) -> None:
