@@ -1064,15 +1064,25 @@ def drop_database(url: str) -> None:
     name = make_url(url).database
     if not name or name in ("postgres", "template0", "template1"):
         raise ValueError(f"refusing to drop database {name!r}")
+    # Not WITH (FORCE): that also tries to terminate an autovacuum worker busy in the database,
+    # which only a superuser may do ("must be a superuser to terminate superuser process").
+    # Plain DROP DATABASE tells autovacuum to stop by itself; our own leftover sessions (e.g. of
+    # a qrproxy killed with -9) are terminated first, and the drop is retried while they exit.
+    deadline = time.monotonic() + 30
     with _pg_connect(url, dbname="postgres") as conn:
-        try:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-        except Exception:  # noqa: BLE001 - PostgreSQL < 13 has no WITH (FORCE)
+        while True:
             conn.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s"
+                " AND pid <> pg_backend_pid() AND usename = current_user",
                 (name,),
             )
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
+            try:
+                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
+                return
+            except Exception:  # noqa: BLE001 - "is being accessed by other users": retry
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
 
 
 # --- qrproxy itself ---------------------------------------------------------------------------
