@@ -28,6 +28,7 @@ from .logs import kv
 from .maintenance import Maintenance
 from .mpps_relay import MppsRelay
 from .refresh import Refresher
+from .retention import Retention
 from .pynetdicom_tuning import cheap_context_copies
 from .scp import echo, find, mpps, mwl, store
 from .scp.associations import AssociationLog, configure_ae_policy
@@ -73,6 +74,7 @@ class Proxy:
         self.maintenance = Maintenance(self)
         self.refresher = Refresher(self)
         self.mpps_relay = MppsRelay(self)
+        self.retention = Retention(self) if config.retention is not None else None
         self.ae: AE | None = None
         self._server: Any = None
         self._stopping = threading.Event()
@@ -114,6 +116,8 @@ class Proxy:
             self.maintenance.start()
             self.refresher.start()
             self.mpps_relay.start()
+            if self.retention is not None:
+                self.retention.start()
             threading.Thread(target=self._check_nodes, name="node-check", daemon=True).start()
 
     def _warn_not_yet_implemented(self) -> None:
@@ -160,6 +164,8 @@ class Proxy:
         self.maintenance.stop()
         self.refresher.stop()
         self.mpps_relay.stop()
+        if self.retention is not None:
+            self.retention.stop()
         self.forwarder.stop(timeout=3.0)
         self.io_pool.shutdown(wait=True)
         self.engine.dispose()

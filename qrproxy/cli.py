@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
             a.add_argument("--yes", action="store_true", help="really delete")
             a.add_argument("--all", action="store_true", help="allow purging with no filter")
 
+    rn = sub.add_parser("retention", help="evict local copies under the retention limits")
+    rn_sub = rn.add_subparsers(dest="retention_command", metavar="ACTION", parser_class=_Parser)
+    rn_sub.required = True
+    rr = rn_sub.add_parser("run", help="run one retention pass now and print what it evicted")
+    rr.add_argument("--dry-run", action="store_true", help="print what would be evicted, evict nothing")
+
     k = sub.add_parser("keys", help="the spool encryption key file (encryption.key_file)")
     k_sub = k.add_subparsers(dest="keys_command", metavar="ACTION", parser_class=_Parser)
     k_sub.required = True
@@ -221,6 +227,42 @@ def cmd_queue(cfg: Config, args: argparse.Namespace) -> int:
         engine.dispose()
 
 
+def cmd_retention(cfg: Config, args: argparse.Namespace) -> int:
+    """One pass in this process, against the database and spool directly (no server needed)."""
+    from types import SimpleNamespace
+
+    from .db.session import make_engine, make_sessionmaker, upgrade
+    from .retention import run_pass
+    from .spool import Spool
+
+    if cfg.retention is None:
+        print("retention is not configured: nothing is evicted")
+        return EXIT_OK
+    engine = make_engine(cfg.database)
+    try:
+        upgrade(engine)
+        proxy = SimpleNamespace(config=cfg, sessions=make_sessionmaker(engine), spool=Spool(cfg.spool_dir))
+        r = run_pass(proxy, dry_run=args.dry_run)
+        if args.dry_run:
+            for p in r.planned:
+                print(f"would evict {p.holding.study_uid} {p.holding.objects} objects {p.holding.bytes} bytes "
+                      f"reason {p.reason}" + (f" node {p.node}" if p.node else ""))
+        for e in r.evicted:
+            print(f"evicted {e.study_uid} {e.objects} objects {e.bytes} bytes reason {e.reason}"
+                  + (f" node {e.node}" if e.node else ""))
+        for uid, why in r.skipped:
+            print(f"kept {uid}: {why}")
+        for text in r.short:
+            print(f"short: {text}")
+        verb = "would evict" if args.dry_run else "evicted"
+        n = len(r.planned) if args.dry_run else len(r.evicted)
+        freed = sum(p.holding.bytes for p in r.planned) if args.dry_run else sum(e.bytes for e in r.evicted)
+        print(f"{verb} {n} studies, {freed} bytes")
+        return EXIT_OK
+    finally:
+        engine.dispose()
+
+
 def _read_datasets(path: str) -> list:  # type: ignore[type-arg]
     """A Part 10 file, or DICOM JSON (PS3.18 F.2): one object or a list of them."""
     import json
@@ -370,6 +412,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_queue(cfg, args)
         if args.command == "rules":
             return cmd_rules_test(cfg, args)
+        if args.command == "retention":
+            return cmd_retention(cfg, args)
         if args.command == "keys":
             return cmd_keys(cfg, args.keys_command)
     except KeyboardInterrupt:

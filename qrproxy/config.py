@@ -221,6 +221,24 @@ class WorklistSettings(_Strict):
     remove_on_store: Literal["accession", "study", "off"] = "off"
 
 
+class RetentionLimits(_Strict):
+    """Limits for the local copies of the studies that came from one node (README "Retention")."""
+
+    max_bytes: Size | None = None
+    max_age: Duration | None = None
+
+
+class Retention(_Strict):
+    """Eviction of local copies (README "Retention"). Absent: nothing is ever evicted."""
+
+    max_bytes: Size | None = None     # total of the spool's objects
+    max_age: Duration | None = None   # since the study was last received or served
+    min_free: Size | None = None      # evict while the spool's filesystem has less free than this
+    every: Duration = 600.0           # how often a running proxy runs a pass
+    # Node name -> its own limits, for studies with a copy whose sender was that node's AE title.
+    nodes: dict[str, RetentionLimits] = Field(default_factory=dict)
+
+
 class Logging(_Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     file: Path | None = None
@@ -254,6 +272,7 @@ class Config(_Strict):
     store: StoreSettings = Field(default_factory=StoreSettings)
     forward: ForwardSettings = Field(default_factory=ForwardSettings)
     worklist: WorklistSettings = Field(default_factory=WorklistSettings)
+    retention: Retention | None = None
     log: Logging = Field(default_factory=Logging)
 
     # Not from the file: where it came from, for messages and relative paths.
@@ -505,6 +524,14 @@ def _cross_check(cfg: Config) -> Iterator[tuple[tuple, str]]:
             yield ("store", "extra_sop_classes", j), f"{uid!r} is not a UID"
     if cfg.forward.retry_min > cfg.forward.retry_max:
         yield ("forward", "retry_min"), "retry_min is longer than retry_max"
+
+    if cfg.retention is not None:
+        if cfg.retention.every < 1:
+            yield ("retention", "every"), "a retention pass more often than once a second is not sensible"
+        for name in cfg.retention.nodes:
+            if name not in names:
+                yield ("retention", "nodes", name), (
+                    f"unknown node {name!r} (known: {', '.join(sorted(names)) or 'none'})")
 
     if cfg.tls is not None and cfg.tls.port == cfg.port:
         yield ("tls", "port"), "the TLS port must differ from the plain DICOM port"

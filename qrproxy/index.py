@@ -233,6 +233,8 @@ class IndexWriter:
                 .order_by(SpoolObject.id.desc())
                 .limit(1),
                 "object": insert(SpoolObject).returning(SpoolObject.id),
+                "touch": update(SpoolObject).where(SpoolObject.id == bindparam("pk"))
+                .values(last_access_at=bindparam("touched")),
                 "instance": upsert,
                 "forward": insert(ForwardItem),
             }
@@ -257,9 +259,14 @@ class IndexWriter:
         conn = session.connection()
         st = self._statements(conn.dialect.name)
         previous = conn.execute(st["previous"], {"uid": hdr.sop_instance_uid}).first()
-        if previous is not None and previous.sha256 == committed.sha256:
-            return Received(previous.id, previous.id, [])
         now = utcnow()
+        if previous is not None and previous.sha256 == committed.sha256:
+            # The identical copy held counts as used now (retention's LRU). Stamping its row also
+            # settles a race with a retention pass evicting it: if the pass deleted it first, no row
+            # is stamped and this copy is stored as new; if we stamp first, the pass keeps the study.
+            if conn.execute(st["touch"], {"pk": previous.id, "touched": now}).rowcount:
+                return Received(previous.id, previous.id, [])
+            previous = None
         object_pk = conn.execute(
             st["object"],
             {

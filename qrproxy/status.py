@@ -34,6 +34,8 @@ class Status:
     worklist: dict[str, int] = field(default_factory=dict)
     mpps_queues: dict[str, dict[str, int]] = field(default_factory=dict)
     mpps_held: list[tuple[str, str, int]] = field(default_factory=list)
+    # retention.summary(): bytes, objects, studies held locally; evictable / pinned / owed (+ _bytes)
+    spool_usage: dict[str, int] = field(default_factory=dict)
 
 
 def collect(cfg: Config, echo_nodes: bool = True) -> Status:
@@ -68,6 +70,9 @@ def collect(cfg: Config, echo_nodes: bool = True) -> Status:
                                                  "status": run.status, "rows": run.rows, "error": run.error}
                     st.queues = queue.depths(s)
                     _collect_worklist(st, s)
+                    from .retention import summary
+
+                    st.spool_usage = summary(s)
                     st.oldest = queue.oldest_pending(s)
                     st.held_reasons = [
                         (node, reason or "", n)
@@ -123,6 +128,7 @@ def render(st: Status) -> str:
         out.append(f"database: revision {st.revision}; " + ", ".join(f"{k} {v}" for k, v in st.counts.items()))
     free = "unknown (spool folder missing)" if st.spool_free is None else f"{st.spool_free / 1e9:.1f} GB free"
     out.append(f"spool: {cfg.spool_dir} ({free})")
+    out += _render_spool_usage(st)
     out.append("")
     if st.nodes:
         rows = [["NODE", "AE TITLE", "ADDRESS", "ROLES", "REACHABLE", "DETAIL"]]
@@ -161,6 +167,33 @@ def render(st: Status) -> str:
                          (run["error"] or "")[:100]])
         out.append(table(rows))
     return "\n".join(out)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def _render_spool_usage(st: Status) -> list[str]:
+    u, ret = st.spool_usage, st.config.retention
+    if not u:
+        return []
+    out = [f"spool usage: {_mb(u['bytes'])} in {u['objects']} objects; {u['studies']} studies held locally: "
+           f"{u['evictable']} evictable ({_mb(u['evictable_bytes'])}), {u['pinned']} pinned "
+           f"({_mb(u['pinned_bytes'])}), {u['owed']} owed a forward or commitment ({_mb(u['owed_bytes'])})"]
+    if ret is None:
+        out.append("retention: not configured (nothing is evicted)")
+        return out
+
+    def limits(lim: Any) -> list[str]:
+        out = [f"max_bytes {_mb(lim.max_bytes)}"] if lim.max_bytes is not None else []
+        out += [f"max_age {_duration(lim.max_age)}"] if lim.max_age is not None else []
+        out += [f"min_free {_mb(lim.min_free)}"] if getattr(lim, "min_free", None) is not None else []
+        return out
+
+    parts = [", ".join(limits(ret)) or "no global limits"]
+    parts += [f"{name}: " + ", ".join(limits(lim)) for name, lim in ret.nodes.items()]
+    out.append(f"retention: every {_duration(ret.every)}; " + "; ".join(parts))
+    return out
 
 
 def _collect_worklist(st: Status, s: Any) -> None:
