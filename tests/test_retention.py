@@ -154,6 +154,12 @@ def test_evicts_least_recently_used_by_size_then_by_age(db_url: str, qrproxy: An
         assert touch_study(SimpleNamespace(sessions=make_sessionmaker(db.engine)), uc)
         files_a = [proc.dir / "spool" / "objects" / o.path for o in db.objects(ua)]
         assert files_a and all(f.is_file() for f in files_a)
+        # A converted copy of one of A's files, where the forwarder caches them (Spool.variant_path).
+        from qrproxy.spool import Spool
+
+        variant = Spool(proc.dir / "spool").variant_path(db.objects(ua)[0].path, "1.2.840.10008.1.2.4.80")
+        variant.parent.mkdir(parents=True, exist_ok=True)
+        variant.write_bytes(b"converted copy")
 
         # Room for two of the three studies: the least recently used one (A) goes, by size.
         with_retention(proc, {"max_bytes": db.study_bytes(ub) + db.study_bytes(uc) + 1})
@@ -162,6 +168,7 @@ def test_evicts_least_recently_used_by_size_then_by_age(db_url: str, qrproxy: An
         out = retention_run(proc)
         assert evicted(out) == {ua: "size"}, out
         assert not any(f.exists() for f in files_a), "evicted spool files are still on disk"
+        assert not variant.exists(), "the converted copy of an evicted file is still on disk"
         assert db.objects(ua) == [] and len(db.objects(ub)) == 3 and len(db.objects(uc)) == 3
         rows = db.instances(ua)
         assert len(rows) == 3 and all(r.object_pk is None for r in rows), rows
