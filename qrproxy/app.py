@@ -29,7 +29,8 @@ from .maintenance import Maintenance
 from .mpps_relay import MppsRelay
 from .refresh import Refresher
 from .pynetdicom_tuning import cheap_context_copies
-from .scp import echo, find, mpps, mwl, store
+from .retrieve import Retriever
+from .scp import echo, find, move, mpps, mwl, store
 from .scp.associations import AssociationLog, configure_ae_policy
 from .spool import Spool
 
@@ -73,6 +74,7 @@ class Proxy:
         self.maintenance = Maintenance(self)
         self.refresher = Refresher(self)
         self.mpps_relay = MppsRelay(self)
+        self.retriever = Retriever(self)
         self.ae: AE | None = None
         self._server: Any = None
         self._stopping = threading.Event()
@@ -95,9 +97,12 @@ class Proxy:
         configure_ae_policy(ae, self)
         handlers: list[tuple[Any, Any]] = list(self.assoc_log.handlers())
         for abstract, syntaxes in (echo.contexts() + find.contexts() + mwl.contexts() + mpps.contexts()
-                                  + store.contexts(self.config.store.extra_sop_classes)):
+                                  + move.contexts()):
             ae.add_supported_context(abstract, syntaxes)
-        for service in (echo, find, store):
+        # Storage contexts accept SCP/SCU role selection: a C-GET requester proposes to be the SCP.
+        for abstract, syntaxes in store.contexts(self.config.store.extra_sop_classes):
+            ae.add_supported_context(abstract, syntaxes, scu_role=True, scp_role=True)
+        for service in (echo, find, store, move):
             handlers += service.handlers(self)
         handlers = mwl.handlers(self, handlers) + mpps.handlers(self)
         self.ae = ae

@@ -78,6 +78,9 @@ class Node(_Strict):
     tls: bool = False
     timeout: Duration = 30.0
     max_pdu: int = Field(default=0, ge=0)
+    # How qrproxy retrieves through from this node: C-MOVE to qrproxy's own AE (the node must know
+    # it), or C-GET on qrproxy's association (no connection back through a firewall needed).
+    retrieve_method: Literal["move", "get"] = "move"
 
     @field_validator("roles")
     @classmethod
