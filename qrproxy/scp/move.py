@@ -54,6 +54,7 @@ from ..crypto import CryptoError
 from ..db.models import Instance, Patient, Series, SpoolObject, Study, utcnow
 from ..forwarder import EXPLICIT_LITTLE, Job, candidates
 from ..logs import kv
+from ..pynetdicom_tuning import keep_responses_from_reactor
 from ..retrieve import Retrieval
 from ..spool import dcmread
 from ..upstream import UpstreamError
@@ -430,6 +431,10 @@ class RetrieveSCP:
         holder: dict[str, Any] = {}
 
         def accepted(ev: Any) -> None:
+            # The destination never sends requests on this association; without this its reactor
+            # thread can take a C-STORE response off the queue first (pynetdicom #875, see
+            # pynetdicom_tuning) and the sub-operation then waits out the DIMSE timeout.
+            keep_responses_from_reactor(ev.assoc)
             holder["assoc"] = ev.assoc
 
         yield node.host, node.port, {
