@@ -29,6 +29,7 @@ from .maintenance import Maintenance
 from .mpps_relay import MppsRelay
 from .refresh import Refresher
 from .pynetdicom_tuning import cheap_context_copies
+from .prefetch import Prefetcher
 from .retrieve import Retriever
 from .scp import echo, find, move, mpps, mwl, store
 from .scp.associations import AssociationLog, configure_ae_policy
@@ -75,6 +76,7 @@ class Proxy:
         self.refresher = Refresher(self)
         self.mpps_relay = MppsRelay(self)
         self.retriever = Retriever(self)
+        self.prefetcher = Prefetcher(self)
         self.ae: AE | None = None
         self._server: Any = None
         self._stopping = threading.Event()
@@ -119,6 +121,7 @@ class Proxy:
             self.maintenance.start()
             self.refresher.start()
             self.mpps_relay.start()
+            self.prefetcher.start()
             threading.Thread(target=self._check_nodes, name="node-check", daemon=True).start()
 
     def _warn_not_yet_implemented(self) -> None:
@@ -165,6 +168,7 @@ class Proxy:
         self.maintenance.stop()
         self.refresher.stop()
         self.mpps_relay.stop()
+        self.prefetcher.stop()
         self.forwarder.stop(timeout=3.0)
         self.io_pool.shutdown(wait=True)
         self.engine.dispose()

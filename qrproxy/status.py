@@ -34,6 +34,8 @@ class Status:
     worklist: dict[str, int] = field(default_factory=dict)
     mpps_queues: dict[str, dict[str, int]] = field(default_factory=dict)
     mpps_held: list[tuple[str, str, int]] = field(default_factory=list)
+    # prefetch: (rule, state, rows, bytes, latest error of that state)
+    prefetch: list[tuple[str, str, int, int, str | None]] = field(default_factory=list)
 
 
 def collect(cfg: Config, echo_nodes: bool = True) -> Status:
@@ -68,6 +70,10 @@ def collect(cfg: Config, echo_nodes: bool = True) -> Status:
                                                  "status": run.status, "rows": run.rows, "error": run.error}
                     st.queues = queue.depths(s)
                     _collect_worklist(st, s)
+                    if cfg.prefetch:
+                        from .prefetch import summary
+
+                        st.prefetch = summary(s)
                     st.oldest = queue.oldest_pending(s)
                     st.held_reasons = [
                         (node, reason or "", n)
@@ -147,6 +153,10 @@ def render(st: Status) -> str:
     else:
         out.append("forward queue empty")
     out += _render_worklist(st)
+    if st.prefetch:
+        rows = [["PREFETCH RULE", "STATE", "STUDIES", "BYTES", "LAST ERROR"]]
+        rows += [[rule, state, str(n), str(size), (err or "")[:100]] for rule, state, n, size, err in st.prefetch]
+        out += ["", table(rows)]
     if cfg.refresh:
         out.append("")
         rows = [["REFRESH", "NODE", "KIND", "SCHEDULE", "LAST RUN", "RESULT", "ROWS", "ERROR"]]

@@ -345,3 +345,61 @@ def test_concurrent_moves_share_one_retrieval(db_url: str, orthanc_factory: Any,
     wait_until(lambda: len(spool_files(proc)) == len(study), 10, "spool holds the study once")
     text = proc.log_text()
     assert text.count("event=retrieve-start") == 1, text[-3000:]
+
+
+# ==============================================================================================
+# 4. Prefetch of priors for the worklist
+# ==============================================================================================
+
+
+def test_prefetch_priors_then_move_offline(db_url: str, orthanc_factory: Any, worklist_scp: Any, storescp: StoreSCP,
+                                           qrproxy: Any, tmp_path: Path) -> None:
+    import datetime as dt
+
+    from peers import dataset_bytes, make_worklist_item
+
+    def years_ago(n: float) -> str:
+        return (dt.date.today() - dt.timedelta(days=int(365 * n))).strftime("%Y%m%d")
+
+    cfg = proxy_config(db_url, {})
+    orthanc = orthanc_factory(modalities={"QRPROXY": ("QRPROXY", LOCALHOST, cfg["port"])})
+    prior_ct = dicomgen.make_study(2, 3, patient_id="PFX1", patient_name="PRIOR^PAT", StudyDate=years_ago(2))
+    prior_mr = dicomgen.make_study(1, 2, patient_id="PFX1", patient_name="PRIOR^PAT", StudyDate=years_ago(1),
+                                   Modality="MR")
+    too_old = dicomgen.make_study(1, 2, patient_id="PFX1", patient_name="PRIOR^PAT", StudyDate=years_ago(9))
+    other = dicomgen.make_study(1, 2, patient_id="OTHER9", patient_name="OTHER^PAT", StudyDate=years_ago(1))
+    for study in (prior_ct, prior_mr, too_old, other):
+        upload_to_orthanc(orthanc, study)
+    scheduled_uid = pydicom.uid.generate_uid()
+    worklist_scp.add_item(dataset_bytes(make_worklist_item(PatientID="PFX1", PatientName="PRIOR^PAT",
+                                                           StudyInstanceUID=scheduled_uid)), filename="pfx1")
+    cfg["nodes"] = {
+        "RIS": {"ae_title": worklist_scp.aet, "host": LOCALHOST, "port": worklist_scp.port, "roles": ["worklist"]},
+        "PACS": node(orthanc, roles=["query", "retrieve"]),
+        "DEST": node(storescp, roles=["modality"]),
+    }
+    cfg["refresh"] = [{"name": "mwl", "node": "RIS", "kind": "worklist", "every": "1h",
+                       "query": {"ScheduledProcedureStepStartDate": "today"}}]
+    cfg["prefetch"] = [{"name": "priors", "node": "PACS", "every": "2s", "modalities": ["CT"], "max_age": "1825d",
+                        "max_studies": 3}]
+    proc = qrproxy(cfg)
+    res = cli(proc, "refresh", "mwl", timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+    want = {str(d.SOPInstanceUID) for d in prior_ct}
+
+    def spool_sops() -> set[str]:
+        return {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in spool_files(proc)}
+
+    wait_until(lambda: want <= spool_sops(), 90, lambda: f"prefetched {len(spool_sops() & want)} of {len(want)}")
+    time.sleep(3)  # another scheduled run: must not fetch the MR, the 9-year-old study or another patient
+    assert spool_sops() == want, f"unexpected prefetched instances: {len(spool_sops() - want)}"
+    status = cli(proc, "status", "--no-echo").stdout
+    assert "priors" in status and "done" in status, status
+
+    orthanc.stop()
+    res = movescu(proc.port, storescp.aet, {"QueryRetrieveLevel": "STUDY",
+                                            "StudyInstanceUID": str(prior_ct[0].StudyInstanceUID)})
+    assert res.returncode == 0, res.stdout + res.stderr
+    storescp.wait_for_files(len(prior_ct))
+    assert set(received(storescp)) == want
