@@ -54,7 +54,7 @@ from ..crypto import CryptoError
 from ..db.models import Instance, Patient, Series, SpoolObject, Study, utcnow
 from ..forwarder import EXPLICIT_LITTLE, Job, candidates
 from ..logs import kv
-from ..pynetdicom_tuning import keep_responses_from_reactor
+from ..pynetdicom_tuning import FastStore, keep_responses_from_reactor
 from ..retrieve import Retrieval
 from ..spool import dcmread
 from ..upstream import UpstreamError
@@ -133,6 +133,25 @@ def _placeholder(item: Item) -> Dataset:
     ds.SOPInstanceUID = item.sop_uid
     ds.file_meta = FileMetaDataset()
     return ds
+
+
+def _stand_in(item: Item, sop_class: str, transfer_syntax: str) -> Dataset:
+    """What pynetdicom is given for an instance FastStore writes from its file: the UIDs that choose
+    the presentation context, nothing else (pynetdicom_tuning.FastStore)."""
+    ds = Dataset()
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = item.sop_uid
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = transfer_syntax
+    return ds
+
+
+def _fast_store(assoc: Any, proxy: Proxy) -> FastStore:
+    fast = getattr(assoc, "_qrproxy_fast_store", None)
+    if fast is None:
+        fast = FastStore(assoc, proxy.spool.open)
+        assoc._qrproxy_fast_store = fast
+    return fast
 
 
 def _accepted(assoc: Any, role: str) -> dict[str, set[str]]:
@@ -290,7 +309,7 @@ class RetrieveSCP:
     # --- sending ----------------------------------------------------------------------------------
 
     def _load(self, item: Item, accepted: dict[str, set[str]], target: str | None, node: str | None,
-              calling: str) -> Dataset:
+              calling: str, fast: FastStore | None = None) -> Dataset:
         """The data set to send for a local item, or its stand-in (logged) when it cannot be sent."""
         assert item.obj is not None
         pk, relpath, sop_class, ts = item.obj
@@ -298,6 +317,7 @@ class RetrieveSCP:
         usable = [t for t in _offers(target, ts) if t in accepted.get(sop_class, ())]
         why = None
         path: Any = None
+        held = ts  # the transfer syntax of the file that will be sent
         try:
             if not usable:
                 why = f"destination accepted SOP class {sop_class} in none of {', '.join(_offers(target, ts))}"
@@ -307,7 +327,7 @@ class RetrieveSCP:
                 job = Job(0, pk, relpath, sop_class, item.sop_uid, ts, None, 0)
                 converted, result = self.proxy.forwarder.variant(job, usable[0]).result()
                 if result.ok and result.transfer_syntax in accepted.get(sop_class, ()):
-                    path = converted
+                    path, held = converted, str(result.transfer_syntax)
                 elif ts in usable:
                     path = spool.path(relpath)
                 else:
@@ -315,7 +335,12 @@ class RetrieveSCP:
             if path is not None:
                 spool.verify(path)
                 ds = self.proxy.forwarder.mutated(path, node, calling, item.sop_uid)
-                return ds if ds is not None else dcmread(path)
+                if ds is not None:
+                    return ds
+                if fast is None:
+                    return dcmread(path)
+                fast.expect(item.sop_uid, path, held)
+                return _stand_in(item, sop_class, held)
         except (CryptoError, OSError, ValueError, AnonymizeError) as exc:
             why = f"local copy unusable: {type(exc).__name__}: {exc}"
         log.warning(kv(event="sub-operation-failed", sop=item.sop_uid, reason=why))
@@ -326,6 +351,7 @@ class RetrieveSCP:
         calling = (event.assoc.requestor.ae_title or "").strip()
         assoc = store_assoc()
         accepted = _accepted(assoc, role) if assoc is not None else {}
+        fast = _fast_store(assoc, self.proxy) if assoc is not None else None
         target = TARGETS.get(self.cfg.nodes[node].transfer_syntax) if node else None
         # Instances that landed since the plan was made (another move retrieved them) are local now.
         pending = {i.sop_uid: i for i in items if i.obj is None}
@@ -338,7 +364,7 @@ class RetrieveSCP:
         stats = {"local": 0, "retrieved": 0, "unavailable": 0}
 
         def load(item: Item) -> Dataset:
-            return self._load(item, accepted, target, node, calling)
+            return self._load(item, accepted, target, node, calling, fast)
 
         # Read ahead: the next few files are read (and decrypted) while the current one is sent.
         window: list[Future[Dataset]] = []
