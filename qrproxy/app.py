@@ -30,7 +30,9 @@ from .mpps_relay import MppsRelay
 from .refresh import Refresher
 from .retention import Retention
 from .pynetdicom_tuning import cheap_context_copies
-from .scp import echo, find, mpps, mwl, store
+from .prefetch import Prefetcher
+from .retrieve import Retriever
+from .scp import echo, find, move, mpps, mwl, store
 from .scp.associations import AssociationLog, configure_ae_policy
 from .spool import Spool
 
@@ -75,6 +77,8 @@ class Proxy:
         self.refresher = Refresher(self)
         self.mpps_relay = MppsRelay(self)
         self.retention = Retention(self) if config.retention is not None else None
+        self.retriever = Retriever(self)
+        self.prefetcher = Prefetcher(self)
         self.ae: AE | None = None
         self._server: Any = None
         self._stopping = threading.Event()
@@ -97,9 +101,12 @@ class Proxy:
         configure_ae_policy(ae, self)
         handlers: list[tuple[Any, Any]] = list(self.assoc_log.handlers())
         for abstract, syntaxes in (echo.contexts() + find.contexts() + mwl.contexts() + mpps.contexts()
-                                  + store.contexts(self.config.store.extra_sop_classes)):
+                                  + move.contexts()):
             ae.add_supported_context(abstract, syntaxes)
-        for service in (echo, find, store):
+        # Storage contexts accept SCP/SCU role selection: a C-GET requester proposes to be the SCP.
+        for abstract, syntaxes in store.contexts(self.config.store.extra_sop_classes):
+            ae.add_supported_context(abstract, syntaxes, scu_role=True, scp_role=True)
+        for service in (echo, find, store, move):
             handlers += service.handlers(self)
         handlers = mwl.handlers(self, handlers) + mpps.handlers(self)
         self.ae = ae
@@ -118,6 +125,7 @@ class Proxy:
             self.mpps_relay.start()
             if self.retention is not None:
                 self.retention.start()
+            self.prefetcher.start()
             threading.Thread(target=self._check_nodes, name="node-check", daemon=True).start()
 
     def _warn_not_yet_implemented(self) -> None:
@@ -166,6 +174,7 @@ class Proxy:
         self.mpps_relay.stop()
         if self.retention is not None:
             self.retention.stop()
+        self.prefetcher.stop()
         self.forwarder.stop(timeout=3.0)
         self.io_pool.shutdown(wait=True)
         self.engine.dispose()

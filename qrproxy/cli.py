@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     db_sub.add_parser("upgrade", help="upgrade the schema to the newest revision (serve does this too)")
     rf = sub.add_parser("refresh", help="run one refresh job (or all) now and print counts")
     rf.add_argument("name", nargs="?", help="job name (default: every job)")
+    pf = sub.add_parser("prefetch", help="run one prefetch rule (or all) now and print counts")
+    pf.add_argument("name", nargs="?", help="rule name (default: every rule)")
+    pf.add_argument("--now", action="store_true", help="run even outside the rule's hours")
     st = sub.add_parser("status", help="nodes and their reachability, queues, database, spool")
     st.add_argument("--no-echo", action="store_true", help="do not C-ECHO the nodes")
 
@@ -171,6 +174,36 @@ def cmd_refresh(cfg: Config, name: str | None) -> int:
         return EXIT_RUNTIME if failed else EXIT_OK
     finally:
         engine.dispose()
+
+
+def cmd_prefetch(cfg: Config, name: str | None, now: bool) -> int:
+    """Run prefetch rules now in this process. With `retrieve_method: move` the upstream sends the
+    instances to qrproxy's port, so the server must be running to receive them."""
+    from .app import Proxy
+
+    known = [r.name for r in cfg.prefetch]
+    if name is not None and name not in known:
+        print(f"qrproxy: error: unknown prefetch rule {name!r} (known: {', '.join(known) or 'none'})",
+              file=sys.stderr)
+        return EXIT_CONFIG
+    if not known:
+        print("no prefetch rules configured")
+        return EXIT_OK
+    proxy = Proxy(cfg)
+    try:
+        proxy.prepare()
+        failed = False
+        for rule in [r for r in known if name is None or r == name]:
+            r = proxy.prefetcher.run(rule, force=now)
+            if r.skipped:
+                print(f"{rule}: skipped: {r.skipped}")
+                continue
+            print(f"{rule}: patients {r.patients}, planned {r.planned}, fetched {r.fetched} ({r.bytes} bytes), "
+                  f"failed {r.failed}, held {r.held}")
+            failed = failed or bool(r.failed)
+        return EXIT_RUNTIME if failed else EXIT_OK
+    finally:
+        proxy.engine.dispose()
 
 
 def cmd_queue(cfg: Config, args: argparse.Namespace) -> int:
@@ -406,6 +439,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_db_upgrade(cfg)
         if args.command == "refresh":
             return cmd_refresh(cfg, args.name)
+        if args.command == "prefetch":
+            return cmd_prefetch(cfg, args.name, args.now)
         if args.command == "status":
             return cmd_status(cfg, echo_nodes=not args.no_echo)
         if args.command == "queue":

@@ -78,6 +78,9 @@ class Node(_Strict):
     tls: bool = False
     timeout: Duration = 30.0
     max_pdu: int = Field(default=0, ge=0)
+    # How qrproxy retrieves through from this node: C-MOVE to qrproxy's own AE (the node must know
+    # it), or C-GET on qrproxy's association (no connection back through a firewall needed).
+    retrieve_method: Literal["move", "get"] = "move"
 
     @field_validator("roles")
     @classmethod
@@ -239,6 +242,24 @@ class Retention(_Strict):
     nodes: dict[str, RetentionLimits] = Field(default_factory=dict)
 
 
+class PrefetchRule(_Strict):
+    """Priors of patients on the cached worklist, fetched ahead of time (README "Prefetch")."""
+
+    name: str
+    node: str  # asked with C-FIND for the patient's studies, and retrieved from (role retrieve)
+    every: Duration = 600.0
+    hours: str = "00:00-24:00"  # local time window in which it runs; "19:00-06:00" wraps midnight
+    days_ahead: int = Field(default=1, ge=0, le=30)  # worklist items scheduled today .. today+N
+    modalities: list[str] = Field(default_factory=list)  # priors with one of these in ModalitiesInStudy
+    body_parts: list[str] = Field(default_factory=list)  # priors with a series of one of these parts
+    max_age: Duration = 5 * 365 * 86400.0  # priors no older than this (StudyDate)
+    max_studies: int = Field(default=3, ge=1, le=100)  # per patient, newest first
+    max_bytes: Size = 2_000_000_000  # per patient; the next prior is not fetched once exceeded
+    bandwidth: Size = 0  # bytes per second on average across the rule's retrievals; 0: unlimited
+    pin: Duration = 2 * 86400.0  # prefetched studies are kept from retention until scheduled day + pin
+    max_attempts: int = Field(default=5, ge=1)
+
+
 class Logging(_Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     file: Path | None = None
@@ -273,6 +294,7 @@ class Config(_Strict):
     forward: ForwardSettings = Field(default_factory=ForwardSettings)
     worklist: WorklistSettings = Field(default_factory=WorklistSettings)
     retention: Retention | None = None
+    prefetch: list[PrefetchRule] = Field(default_factory=list)
     log: Logging = Field(default_factory=Logging)
 
     # Not from the file: where it came from, for messages and relative paths.
@@ -487,6 +509,20 @@ def _cross_check(cfg: Config) -> Iterator[tuple[tuple, str]]:
             if isinstance(value, str) and dictionary_VR(tag) == "DA" and value and value[0] in "+-t":
                 if not is_relative_date(value):
                     yield ("refresh", i, "query", key), f"bad relative date {value!r} (use today, -7d or -1d..+1d)"
+
+    rule_names: set[str] = set()
+    for i, rule in enumerate(cfg.prefetch):
+        if rule.name in rule_names:
+            yield ("prefetch", i, "name"), f"duplicate prefetch rule name {rule.name!r}"
+        rule_names.add(rule.name)
+        if rule.node not in names:
+            yield ("prefetch", i, "node"), f"unknown node {rule.node!r} (known: {', '.join(sorted(names)) or 'none'})"
+        elif "retrieve" not in cfg.nodes[rule.node].roles:
+            yield ("prefetch", i, "node"), f"node {rule.node!r} needs role 'retrieve' for prefetch"
+        if not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d-([01]\d|2[0-4]):[0-5]\d", rule.hours):
+            yield ("prefetch", i, "hours"), f"bad time window {rule.hours!r} (use HH:MM-HH:MM, e.g. 19:00-06:00)"
+        if rule.every < 1:
+            yield ("prefetch", i, "every"), "prefetch more often than once a second is not sensible"
 
     route_names: set[str] = set()
     for i, route in enumerate(cfg.routes):

@@ -352,19 +352,10 @@ class NodeWorker(threading.Thread):
                 self.fw.forget_variant(job, plan[2][0], path)
                 return ("transient", f"transient: converted copy unusable ({exc}); converting again", None)
             return ("permanent", f"permanent: {exc}", None)
-        dataset: Any = path
-        muts = []
-        if self.fw.has_store_mutations:
-            header = dcmread(path, stop_before_pixels=True)
-            muts = mutations_for(self.proxy.config, "store", self.node, header, job.calling_ae or "")
-        if muts:
-            dataset = dcmread(path)
-            try:
-                changes = apply_mutations(dataset, muts, pseudonyms=self.fw.pseudonyms)
-            except AnonymizeError as exc:  # never send what could not be anonymized
-                return ("permanent", f"permanent: anonymize failed: {exc}", None)
-            log.debug(kv(event="mutated", node=self.node, sop=job.sop_instance_uid,
-                         mutations=",".join(m.name for m in muts), changes=len(changes)))
+        try:
+            dataset: Any = self.fw.mutated(path, self.node, job.calling_ae, job.sop_instance_uid) or path
+        except AnonymizeError as exc:  # never send what could not be anonymized
+            return ("permanent", f"permanent: anonymize failed: {exc}", None)
         try:
             rsp = assoc.send_c_store(dataset)
         except CryptoError as exc:
@@ -490,6 +481,22 @@ class Forwarder:
                         if self._variants[k].done():
                             del self._variants[k]
             return fut
+
+    def mutated(self, path: Any, node: str | None, calling_ae: str | None, sop: str) -> Any:
+        """The data set of spool file `path` with the `on: store` mutations for `node` applied, or
+        None when none applies (send the file as it is). AnonymizeError when anonymization fails:
+        the caller must then send nothing."""
+        if not self.has_store_mutations:
+            return None
+        header = dcmread(path, stop_before_pixels=True)
+        muts = mutations_for(self.proxy.config, "store", node, header, calling_ae or "")
+        if not muts:
+            return None
+        dataset = dcmread(path)
+        changes = apply_mutations(dataset, muts, pseudonyms=self.pseudonyms)
+        log.debug(kv(event="mutated", node=node or "-", sop=sop, mutations=",".join(m.name for m in muts),
+                     changes=len(changes)))
+        return dataset
 
     def forget_variant(self, job: Job, ts: str, path: Any) -> None:
         with self._variants_lock:

@@ -49,11 +49,24 @@ Encrypted spool files (encryption.key_file)
     dimse_messages.encode_msg; there `open` is shadowed by one that returns the decrypted stream of a
     spool file, so forwarding still streams from disk chunk by chunk (a Dataset instead of a path
     would be encoded whole in memory). Both are process-wide and installed only when encryption is on.
+
+C-STORE sub-operations written straight to the socket (C-MOVE / C-GET)
+    pynetdicom's C-MOVE service only sends what the handler yields as a Dataset, which it encodes
+    whole and hands to the DUL thread as one P-DATA primitive per PDU (max PDU 16 KiB at DCMTK
+    storescp and Orthanc: 32 PDUs per 512 KiB CT image, each through the state machine). bench/move
+    measured 14 ms per CT instance, 0.22x Orthanc's img/s. `FastStore` keeps pynetdicom's sub-
+    operation machinery (counts, pending responses, Failed SOP Instance UID List, C-CANCEL) and only
+    replaces, on that one association, how a C-STORE request announced with `expect()` is written:
+    its command set encoded here, the data set read from the spool file after the file meta
+    information, both framed as P-DATA-TF PDUs of the peer's maximum length and written with
+    sendall from the sending thread. The DUL thread keeps reading (the C-STORE-RSP reaches
+    send_c_store as usual); nothing else sends on the association while a sub-operation is out.
 """
 
 from __future__ import annotations
 
 import builtins
+import io
 import os
 import queue
 import select
@@ -254,3 +267,110 @@ def decrypt_sent_files(open_plain: Callable[[str | os.PathLike[str]], BinaryIO])
 
     dimse_messages.open = _open  # type: ignore[attr-defined]
     dsutils.open = _open  # type: ignore[attr-defined]
+
+
+# --- C-STORE sub-operations straight to the socket ---------------------------------------------
+
+
+def _file_body_offset(head: bytes) -> int | None:
+    """Where the data set starts in a DICOM file (after preamble and file meta), or None when the
+    meta group does not start with its group length (the caller then uses pynetdicom's path)."""
+    if len(head) < 144 or head[128:132] != b"DICM" or head[132:136] != b"\x02\x00\x00\x00" or head[136:138] != b"UL":
+        return None
+    (length,) = struct.unpack("<L", head[140:144])
+    return 144 + length
+
+
+def store_command(sop_class: str, sop_instance: str, message_id: int, priority: int = 2,
+                  originator_aet: str | None = None, originator_id: int | None = None) -> bytes:
+    """The encoded command set of a C-STORE-RQ with a data set (PS3.7 9.3.1.1, implicit VR LE)."""
+
+    def ui(value: str) -> bytes:
+        b = value.encode("ascii")
+        return b + b"\0" if len(b) % 2 else b
+
+    body = (_implicit(0x00000002, ui(sop_class))
+            + _implicit(0x00000100, struct.pack("<H", 0x0001))
+            + _implicit(0x00000110, struct.pack("<H", message_id))
+            + _implicit(0x00000700, struct.pack("<H", priority))
+            + _implicit(0x00000800, struct.pack("<H", 0x0000))
+            + _implicit(0x00001000, ui(sop_instance)))
+    if originator_aet:
+        body += _implicit(0x00001030, originator_aet.encode("ascii")[:16].ljust(16, b" "))
+    if originator_id is not None:
+        body += _implicit(0x00001031, struct.pack("<H", originator_id))
+    return _implicit(0x00000000, struct.pack("<L", len(body))) + body
+
+
+def _pdu(context_id: int, flags: int, data: bytes) -> bytes:
+    return struct.pack(">BBLLBB", 0x04, 0, len(data) + 6, len(data) + 2, context_id, flags) + data
+
+
+class FastStore:
+    """Installed on one association (see the module docstring): `expect(sop_uid, path, ts)` before
+    yielding a stand-in Dataset for that instance; pynetdicom's send_c_store then reaches
+    `send_msg` here, which writes the file's own bytes when the context's transfer syntax is the
+    file's, and re-encodes the full data set otherwise."""
+
+    BATCH = 1 << 20  # bytes of PDUs per sendall
+
+    def __init__(self, assoc: Any, opener: Callable[[Any], BinaryIO]):
+        self.assoc = assoc
+        self.opener = opener
+        self.expected: dict[str, tuple[Any, str]] = {}
+        self._send_msg = assoc.dimse.send_msg
+        assoc.dimse.send_msg = self.send_msg
+
+    def expect(self, sop_uid: str, path: Any, transfer_syntax: str) -> None:
+        self.expected[sop_uid] = (path, transfer_syntax)
+
+    def send_msg(self, primitive: Any, context_id: int) -> None:
+        from pynetdicom.dimse_primitives import C_STORE
+
+        job = None
+        if isinstance(primitive, C_STORE) and primitive.AffectedSOPInstanceUID is not None:
+            job = self.expected.pop(str(primitive.AffectedSOPInstanceUID), None)
+        if job is None:
+            self._send_msg(primitive, context_id)
+            return
+        path, ts = job
+        cx = next(c for c in self.assoc.accepted_contexts if c.context_id == context_id)
+        cx_ts = cx.transfer_syntax[0]
+        with self.opener(path) as f:
+            head = f.read(1024)
+            offset = _file_body_offset(head)
+            if cx_ts != ts or offset is None:
+                # Another native syntax was negotiated (or an odd file): pynetdicom's own encoding.
+                from pydicom import dcmread
+                from pynetdicom.dsutils import encode
+
+                f.seek(0)
+                ds = dcmread(f)
+                primitive.DataSet = io.BytesIO(encode(ds, cx_ts.is_implicit_VR, cx_ts.is_little_endian,
+                                                      cx_ts.is_deflated))
+                self._send_msg(primitive, context_id)
+                return
+            command = store_command(str(primitive.AffectedSOPClassUID), str(primitive.AffectedSOPInstanceUID),
+                                    int(primitive.MessageID), int(primitive.Priority or 2),
+                                    primitive.MoveOriginatorApplicationEntityTitle or None,
+                                    primitive.MoveOriginatorMessageID)
+            self._write(f, offset, context_id, command)
+
+    def _write(self, f: BinaryIO, offset: int, context_id: int, command: bytes) -> None:
+        sock = self.assoc.dul.socket.socket
+        max_pdu = peer_max_pdu(self.assoc) or (1 << 20)
+        room = max(max_pdu - 6, 1)
+        out = [_pdu(context_id, 0x03, command)]
+        size = len(out[0])
+        f.seek(offset)
+        pending = f.read(room)
+        while pending:
+            nxt = f.read(room)
+            out.append(_pdu(context_id, 0x00 if nxt else 0x02, pending))
+            size += len(out[-1])
+            if size >= self.BATCH:
+                sock.sendall(b"".join(out))
+                out, size = [], 0
+            pending = nxt
+        if out:
+            sock.sendall(b"".join(out))

@@ -177,6 +177,40 @@ def _write_study(session: Session, node: str, hdr: Header, series: list[tuple[Da
     session.execute(delete(Series).where(Series.study_pk == study_pk, Series.id.not_in(kept_series), ~local))
 
 
+def _learn_study(fs: upstream.FindSession, sessions: sessionmaker[Session], node: str, hdr: Header) -> None:
+    """Series and instance lists of one study (hierarchical C-FINDs: SERIES, then IMAGE per series,
+    as a strict PACS requires), written in one transaction."""
+    assert hdr.study_instance_uid is not None
+    series_q = _level_identifier("SERIES", SERIES_KEYS, StudyInstanceUID=hdr.study_instance_uid)
+    series = []
+    for series_ds in fs.find(series_q):
+        series_uid = _s(series_ds, "SeriesInstanceUID")
+        if not series_uid:
+            continue
+        image_q = _level_identifier("IMAGE", IMAGE_KEYS, StudyInstanceUID=hdr.study_instance_uid,
+                                    SeriesInstanceUID=series_uid)
+        series.append((series_ds, fs.find(image_q)))
+    with sessions.begin() as s:
+        _write_study(s, node, hdr, series)
+
+
+def learn_studies(config: Config, sessions: sessionmaker[Session], node: str, study_uids: Iterable[str],
+                  timeout: float | None = None) -> int:
+    """Ask `node` for these studies down to their instances and write what it lists into the index
+    (C-MOVE/C-GET need the SOP Instance UIDs to count sub-operations before retrieving through).
+    Returns how many of the studies the node knows; UpstreamError when it cannot be asked."""
+    found = 0
+    with upstream.find_session(config, node, "study", timeout=timeout) as fs:
+        for uid in study_uids:
+            matches = [m for m in fs.find(_level_identifier("STUDY", STUDY_KEYS, StudyInstanceUID=uid))
+                       if _s(m, "StudyInstanceUID") == uid]
+            if not matches:
+                continue
+            found += 1
+            _learn_study(fs, sessions, node, _study_header(matches[0]))
+    return found
+
+
 def _remove_vanished(session: Session, job: RefreshJob, identifier: Dataset, seen: set[str]) -> int:
     """Delete the studies of `job.node` that the same query selects in the index but the node no
     longer listed, unless one of their instances has a local copy. 0 when the query cannot be
@@ -306,18 +340,7 @@ def _run_studies(config: Config, sessions: sessionmaker[Session], job: RefreshJo
         for h in headers:
             if h.study_instance_uid in unchanged_uids:
                 continue
-            assert h.study_instance_uid is not None
-            series_q = _level_identifier("SERIES", SERIES_KEYS, StudyInstanceUID=h.study_instance_uid)
-            series = []
-            for series_ds in fs.find(series_q):
-                series_uid = _s(series_ds, "SeriesInstanceUID")
-                if not series_uid:
-                    continue
-                image_q = _level_identifier("IMAGE", IMAGE_KEYS, StudyInstanceUID=h.study_instance_uid,
-                                            SeriesInstanceUID=series_uid)
-                series.append((series_ds, fs.find(image_q)))
-            with sessions.begin() as s:
-                _write_study(s, job.node, h, series)
+            _learn_study(fs, sessions, job.node, h)
             if h.study_instance_uid in known:
                 result.updated += 1
             else:

@@ -36,6 +36,8 @@ class Status:
     mpps_held: list[tuple[str, str, int]] = field(default_factory=list)
     # retention.summary(): bytes, objects, studies held locally; evictable / pinned / owed (+ _bytes)
     spool_usage: dict[str, int] = field(default_factory=dict)
+    # prefetch: (rule, state, rows, bytes, latest error of that state)
+    prefetch: list[tuple[str, str, int, int, str | None]] = field(default_factory=list)
 
 
 def collect(cfg: Config, echo_nodes: bool = True) -> Status:
@@ -73,6 +75,10 @@ def collect(cfg: Config, echo_nodes: bool = True) -> Status:
                     from .retention import summary
 
                     st.spool_usage = summary(s)
+                    if cfg.prefetch:
+                        from .prefetch import summary as prefetch_summary
+
+                        st.prefetch = prefetch_summary(s)
                     st.oldest = queue.oldest_pending(s)
                     st.held_reasons = [
                         (node, reason or "", n)
@@ -153,6 +159,10 @@ def render(st: Status) -> str:
     else:
         out.append("forward queue empty")
     out += _render_worklist(st)
+    if st.prefetch:
+        rows = [["PREFETCH RULE", "STATE", "STUDIES", "BYTES", "LAST ERROR"]]
+        rows += [[rule, state, str(n), str(size), (err or "")[:100]] for rule, state, n, size, err in st.prefetch]
+        out += ["", table(rows)]
     if cfg.refresh:
         out.append("")
         rows = [["REFRESH", "NODE", "KIND", "SCHEDULE", "LAST RUN", "RESULT", "ROWS", "ERROR"]]

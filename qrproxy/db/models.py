@@ -334,3 +334,32 @@ class UidMap(Base):
     original: Mapped[str] = mapped_column(String(255))
     replacement: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class PrefetchItem(Base):
+    """One prior study a prefetch rule decided to fetch for a patient on the worklist, and how that
+    went: pending (to fetch, at next_attempt_at), done (local, pinned), failed (retried with
+    backoff), held (gave up after max_attempts, or filtered out: `last_error` says why)."""
+
+    __tablename__ = "prefetch_items"
+    __table_args__ = (
+        UniqueConstraint("rule", "study_instance_uid", name="uq_prefetch_items_rule_study"),
+        Index("ix_prefetch_items_claim", "state", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    rule: Mapped[str] = mapped_column(String(100))
+    node: Mapped[str] = mapped_column(String(64))
+    patient_id: Mapped[str] = mapped_column(String(64))
+    study_instance_uid: Mapped[str] = mapped_column(UID)
+    study_date: Mapped[str | None] = mapped_column(String(8))
+    # The worklist day the prior is wanted for: the study is pinned until this day + the rule's pin.
+    needed_on: Mapped[str | None] = mapped_column(String(8))
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    instances: Mapped[int] = mapped_column(Integer, default=0)
+    bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)

@@ -128,6 +128,20 @@ class StoreSCP:
         ign = self.cfg.store.ignore_sop_classes
         return sop_class in ign.get(calling, ()) or sop_class in ign.get("*", ())
 
+    def _retrieved_from(self, assoc: Any, calling: str) -> str | None:
+        """The `retrieve` node this instance is a cache fill from, or None for new data to route.
+
+        A C-STORE sub-operation of qrproxy's own C-GET arrives on an association qrproxy requested;
+        one of an upstream C-MOVE to qrproxy comes from the calling AE of a `retrieve` node. Neither
+        is forwarded anywhere: the PACS already has it."""
+        if assoc.is_requestor:
+            found = self.cfg.node_for_ae(assoc.acceptor.ae_title or "")
+            return found[0] if found else (assoc.acceptor.ae_title or "").strip() or "upstream"
+        found = self.cfg.node_for_ae(calling)
+        if found is not None and "retrieve" in found[1].roles:
+            return found[0]
+        return None
+
     def _parse(self, f: BinaryIO, req: Any) -> tuple[Dataset, str] | Dataset:
         """The dataset without its bulk values (deferred: `f` must stay open while it is used), or a
         failure status saying what is wrong. `f` is the plaintext (spool.open)."""
@@ -206,6 +220,10 @@ class StoreSCP:
             return fail(_status(OUT_OF_RESOURCES, f"spool file unreadable after writing: {exc}"), logging.ERROR)
 
         peer = f"{assoc.requestor.address}:{assoc.requestor.port}"
+        source = self._retrieved_from(assoc, calling)
+        destinations = [] if source else decision.destinations
+        # The copy's sender (retention's per-node limits): on qrproxy's own C-GET, the node asked.
+        sender = (assoc.acceptor.ae_title or "").strip() if source and assoc.is_requestor else calling
         final: Path | None = None
         try:
             size, digest = spool.hash(path)
@@ -218,8 +236,8 @@ class StoreSCP:
 
             def record() -> Any:
                 with self.proxy.sessions.begin() as session:
-                    return self.index.record_received(session, hdr, committed, ts, calling, called, peer,
-                                                      decision.destinations)
+                    return self.index.record_received(session, hdr, committed, ts, sender, called, peer,
+                                                      destinations, origin="retrieved" if source else "received")
 
             try:
                 rec = record()
@@ -245,6 +263,9 @@ class StoreSCP:
             action = "superseded-previous" if rec.superseded else "stored"
             if rec.enqueued:
                 self.proxy.notify_forward(rec.enqueued)
+        if source:
+            action += f" (retrieved from {source})"
+            self.proxy.retriever.arrived()
         log.info(kv(event="c-store", calling=calling, called=called, sop=sop_instance, status="0x0000",
                     action=action, to=",".join(rec.enqueued) or "-", route=decision.route or "-",
                     bytes=committed.size, ms=int((time.monotonic() - t0) * 1000)))
