@@ -21,6 +21,7 @@ from pynetdicom import AE
 from pynetdicom.transport import ThreadedAssociationServer
 
 from . import upstream
+from .commitment import Commitment
 from .config import Config
 from .db.session import make_engine, make_sessionmaker, upgrade
 from .forwarder import Forwarder
@@ -29,7 +30,7 @@ from .maintenance import Maintenance
 from .mpps_relay import MppsRelay
 from .refresh import Refresher
 from .pynetdicom_tuning import cheap_context_copies
-from .scp import echo, find, mpps, mwl, store
+from .scp import commitment, echo, find, mpps, mwl, store
 from .scp.associations import AssociationLog, configure_ae_policy
 from .spool import Spool
 
@@ -73,6 +74,7 @@ class Proxy:
         self.maintenance = Maintenance(self)
         self.refresher = Refresher(self)
         self.mpps_relay = MppsRelay(self)
+        self.commitment = Commitment(self)
         self.ae: AE | None = None
         self._server: Any = None
         self._stopping = threading.Event()
@@ -97,11 +99,15 @@ class Proxy:
         for abstract, syntaxes in (echo.contexts() + find.contexts() + mwl.contexts() + mpps.contexts()
                                   + store.contexts(self.config.store.extra_sop_classes)):
             ae.add_supported_context(abstract, syntaxes)
+        for abstract, syntaxes in commitment.contexts():
+            # modalities request commitment (default roles); nodes may report with the SCP role
+            ae.add_supported_context(abstract, syntaxes, scu_role=True, scp_role=True)
         for service in (echo, find, store):
             handlers += service.handlers(self)
-        handlers = mwl.handlers(self, handlers) + mpps.handlers(self)
+        handlers = mwl.handlers(self, handlers) + mpps.handlers(self) + commitment.handlers(self)
         self.ae = ae
         self.forwarder.start()
+        self.commitment.start()
         server_class = ReusePortServer if self.config.workers > 1 else Server
         self._server = ae.make_server((self.config.host, self.config.port), evt_handlers=handlers,
                                       server_class=server_class)
@@ -160,6 +166,7 @@ class Proxy:
         self.maintenance.stop()
         self.refresher.stop()
         self.mpps_relay.stop()
+        self.commitment.stop()
         self.forwarder.stop(timeout=3.0)
         self.io_pool.shutdown(wait=True)
         self.engine.dispose()
