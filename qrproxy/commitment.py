@@ -32,7 +32,6 @@ import logging
 import os
 import socket
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 

@@ -24,7 +24,7 @@ from pynetdicom.dimse_primitives import N_EVENT_REPORT
 from pynetdicom.dsutils import decode
 from sqlalchemy import select, update
 
-from .commitment import PROCESSING_FAILURE, SCPM, SYNTAXES, WELL_KNOWN_INSTANCE, aware
+from .commitment import PROCESSING_FAILURE, SCPM, SYNTAXES, WELL_KNOWN_INSTANCE
 from .db.models import CommitmentItem, CommitmentRequest, utcnow
 from .forwarder import backoff
 from .logs import kv
@@ -236,4 +236,4 @@ class CommitmentSCU:
                 CommitmentRequest.transaction_uid.in_(asked), CommitmentRequest.state == "requested")).scalars())
 
 
-__all__ = ["CommitmentSCU", "REPORT_WAIT", "aware"]
+__all__ = ["CommitmentSCU", "REPORT_WAIT"]

@@ -34,6 +34,10 @@ class Status:
     worklist: dict[str, int] = field(default_factory=dict)
     mpps_queues: dict[str, dict[str, int]] = field(default_factory=dict)
     mpps_held: list[tuple[str, str, int]] = field(default_factory=list)
+    # storage commitment: modality transactions by state, the open ones, requests to nodes
+    commitment: dict[str, int] = field(default_factory=dict)
+    commitment_open: list[dict[str, Any]] = field(default_factory=list)
+    commitment_out: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 def collect(cfg: Config, echo_nodes: bool = True) -> Status:
@@ -68,6 +72,9 @@ def collect(cfg: Config, echo_nodes: bool = True) -> Status:
                                                  "status": run.status, "rows": run.rows, "error": run.error}
                     st.queues = queue.depths(s)
                     _collect_worklist(st, s)
+                    from .commitment import pending_summary
+
+                    st.commitment, st.commitment_open, st.commitment_out = pending_summary(s)
                     st.oldest = queue.oldest_pending(s)
                     st.held_reasons = [
                         (node, reason or "", n)
@@ -147,6 +154,7 @@ def render(st: Status) -> str:
     else:
         out.append("forward queue empty")
     out += _render_worklist(st)
+    out += _render_commitment(st)
     if cfg.refresh:
         out.append("")
         rows = [["REFRESH", "NODE", "KIND", "SCHEDULE", "LAST RUN", "RESULT", "ROWS", "ERROR"]]
@@ -188,6 +196,24 @@ def _render_worklist(st: Status) -> list[str]:
             rows.append([node, str(q.get("pending", 0)), str(q.get("held", 0)), str(q.get("sent", 0))])
         out += ["", table(rows)]
         out += [f"mpps held for {node}: {n} x {reason}" for node, reason, n in st.mpps_held]
+    return out
+
+
+def _render_commitment(st: Status) -> list[str]:
+    if not st.commitment and not st.commitment_out:
+        return []
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(st.commitment.items())) or "none"
+    out = ["", f"storage commitment: {counts}"]
+    if st.commitment_open:
+        rows = [["COMMITMENT", "REQUESTER", "POLICY", "STATE", "ITEMS", "RECEIVED", "ATTEMPTS", "LAST ERROR"]]
+        for r in st.commitment_open:
+            items = " ".join(f"{k}:{v}" for k, v in sorted(r["items"].items()))
+            rows.append([r["transaction"], r["requester"], r["policy"], r["state"], items, _utc(r["received_at"]),
+                         str(r["attempts"]), r["error"][:80]])
+        out.append(table(rows))
+    for node in sorted(st.commitment_out):
+        q = st.commitment_out[node]
+        out.append(f"commitment requests to {node}: " + ", ".join(f"{k} {v}" for k, v in sorted(q.items())))
     return out
 
 
