@@ -41,7 +41,7 @@ class CommitModality:
         self._lock = threading.Lock()
         self._server: Any = None
 
-    def _record(self, via: str, event: Any) -> int:
+    def _record(self, via: str, event: Any) -> tuple[int, None]:
         info = event.event_information
         with self._lock:
             self.reports.append({
@@ -51,7 +51,7 @@ class CommitModality:
                 "failed": {str(r.ReferencedSOPInstanceUID): int(r.FailureReason)
                            for r in info.get("FailedSOPSequence", [])},
             })
-        return 0x0000
+        return 0x0000, None
 
     def start_scp(self) -> None:
         ae = AE(ae_title=self.aet)
