@@ -81,6 +81,11 @@ def spool_object(session: Any, sop_instance_uid: str) -> SpoolObject | None:
         .order_by(SpoolObject.id.desc()).limit(1)).scalar()
 
 
+def items_of(session: Any, request_pk: int) -> list[CommitmentItem]:
+    return list(session.execute(select(CommitmentItem).where(CommitmentItem.request_pk == request_pk)
+                                .order_by(CommitmentItem.id)).scalars())
+
+
 def decide_local(proxy: Proxy, session: Any, sop_class: str, sop_instance: str, supported: set[str],
                  policy: str) -> Decision:
     """What the spool says about one referenced instance; `pending` under upstream policy when the
@@ -244,7 +249,7 @@ class Commitment:
                 req = s.get(CommitmentRequest, rid)
                 if req is None or req.state != "pending":
                     continue
-                items = list(s.execute(select(CommitmentItem).where(CommitmentItem.request_pk == rid)).scalars())
+                items = items_of(s, rid)
                 late = aware(req.deadline_at) is not None and now >= aware(req.deadline_at)  # type: ignore[operator]
                 for item in items:
                     if item.state != "pending":
@@ -366,8 +371,7 @@ class Commitment:
     def _report(self, rid: int, same: bool) -> None:
         with self.proxy.sessions.begin() as s:
             req = s.get(CommitmentRequest, rid)
-            items = list(s.execute(select(CommitmentItem).where(CommitmentItem.request_pk == rid)
-                                   .order_by(CommitmentItem.id)).scalars())
+            items = items_of(s, rid)
             s.expunge_all()
         event_type, info = event_information(req, items)  # type: ignore[arg-type]
         path = "-"
@@ -462,4 +466,4 @@ def pending_summary(session: Any, limit: int = 10) -> tuple[dict[str, int], list
     return counts, open_rows, out
 
 
-__all__ = ["Commitment", "decide_local", "event_information", "pending_summary"]
+__all__ = ["Commitment", "decide_local", "event_information", "items_of", "pending_summary"]

@@ -24,7 +24,7 @@ from pynetdicom.dimse_primitives import N_EVENT_REPORT
 from pynetdicom.dsutils import decode
 from sqlalchemy import select, update
 
-from .commitment import PROCESSING_FAILURE, SCPM, SYNTAXES, WELL_KNOWN_INSTANCE
+from .commitment import PROCESSING_FAILURE, SCPM, SYNTAXES, WELL_KNOWN_INSTANCE, items_of
 from .db.models import CommitmentItem, CommitmentRequest, utcnow
 from .forwarder import backoff
 from .logs import kv
@@ -162,7 +162,7 @@ class CommitmentSCU:
                     req = s.get(CommitmentRequest, rid)
                     if req is None or req.state != "new":
                         continue
-                    items = list(s.execute(select(CommitmentItem).where(CommitmentItem.request_pk == rid)).scalars())
+                    items = items_of(s, rid)
                     uid = req.transaction_uid
                 ds = Dataset()
                 ds.TransactionUID = uid

@@ -32,6 +32,7 @@ from ..commitment import SCPM, SYNTAXES, decide_local
 from ..db.models import CommitmentItem, CommitmentRequest, utcnow
 from ..logs import kv
 from .associations import called_ae_title
+from .responses import Refused
 from .responses import status as _status
 
 if TYPE_CHECKING:
@@ -42,12 +43,6 @@ log = logging.getLogger("qrproxy.commitment")
 NO_SUCH_ACTION = 0x0123
 INVALID_ARGUMENT = 0x0115
 PROCESSING_FAILURE = 0x0110
-
-
-class Refused(Exception):
-    def __init__(self, status: int, comment: str):
-        super().__init__(comment)
-        self.status = status
 
 
 class CommitmentSCP:
@@ -100,7 +95,7 @@ class CommitmentSCP:
         except Exception as exc:
             if isinstance(exc, Refused):
                 log.warning(kv(**line, status=f"0x{exc.status:04X}", reason=str(exc)))
-                return _status(exc.status, str(exc)), None
+                return _status(exc.status, exc.comment), None
             log.exception("storage commitment request not recorded")
             comment = f"not recorded: {type(exc).__name__}"
             log.error(kv(**line, status=f"0x{PROCESSING_FAILURE:04X}", reason=comment))
