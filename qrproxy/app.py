@@ -21,6 +21,7 @@ from pynetdicom import AE
 from pynetdicom.transport import ThreadedAssociationServer
 
 from . import upstream
+from .commitment import Commitment
 from .config import Config
 from .db.session import make_engine, make_sessionmaker, upgrade
 from .forwarder import Forwarder
@@ -32,7 +33,7 @@ from .retention import Retention
 from .pynetdicom_tuning import cheap_context_copies
 from .prefetch import Prefetcher
 from .retrieve import Retriever
-from .scp import echo, find, move, mpps, mwl, store
+from .scp import commitment, echo, find, move, mpps, mwl, store
 from .scp.associations import AssociationLog, configure_ae_policy
 from .spool import Spool
 
@@ -79,6 +80,7 @@ class Proxy:
         self.retention = Retention(self) if config.retention is not None else None
         self.retriever = Retriever(self)
         self.prefetcher = Prefetcher(self)
+        self.commitment = Commitment(self)
         self.ae: AE | None = None
         self._server: Any = None
         self._stopping = threading.Event()
@@ -106,11 +108,15 @@ class Proxy:
         # Storage contexts accept SCP/SCU role selection: a C-GET requester proposes to be the SCP.
         for abstract, syntaxes in store.contexts(self.config.store.extra_sop_classes):
             ae.add_supported_context(abstract, syntaxes, scu_role=True, scp_role=True)
+        for abstract, syntaxes in commitment.contexts():
+            # modalities request commitment (default roles); nodes may report with the SCP role
+            ae.add_supported_context(abstract, syntaxes, scu_role=True, scp_role=True)
         for service in (echo, find, store, move):
             handlers += service.handlers(self)
-        handlers = mwl.handlers(self, handlers) + mpps.handlers(self)
+        handlers = mwl.handlers(self, handlers) + mpps.handlers(self) + commitment.handlers(self)
         self.ae = ae
         self.forwarder.start()
+        self.commitment.start()
         server_class = ReusePortServer if self.config.workers > 1 else Server
         self._server = ae.make_server((self.config.host, self.config.port), evt_handlers=handlers,
                                       server_class=server_class)
@@ -175,6 +181,7 @@ class Proxy:
         if self.retention is not None:
             self.retention.stop()
         self.prefetcher.stop()
+        self.commitment.stop()
         self.forwarder.stop(timeout=3.0)
         self.io_pool.shutdown(wait=True)
         self.engine.dispose()

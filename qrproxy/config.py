@@ -68,6 +68,18 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
+def _policy_shorthand(value: Any) -> Any:
+    """`commitment: upstream` is short for `commitment: {policy: upstream}`."""
+    return {"policy": value} if isinstance(value, str) else value
+
+
+class NodeCommitment(_Strict):
+    """Per requesting node (a modality): overrides of the global `commitment` settings."""
+
+    policy: Literal["local", "upstream"] | None = None
+    deadline: Duration | None = None
+
+
 class Node(_Strict):
     ae_title: AETitle
     host: str
@@ -81,6 +93,7 @@ class Node(_Strict):
     # How qrproxy retrieves through from this node: C-MOVE to qrproxy's own AE (the node must know
     # it), or C-GET on qrproxy's association (no connection back through a firewall needed).
     retrieve_method: Literal["move", "get"] = "move"
+    commitment: Annotated[NodeCommitment | None, BeforeValidator(_policy_shorthand)] = None
 
     @field_validator("roles")
     @classmethod
@@ -215,6 +228,21 @@ class ForwardSettings(_Strict):
     poll: Duration = 5.0
 
 
+class CommitmentSettings(_Strict):
+    """Storage commitment (README "Storage commitment")."""
+
+    # local: committed once durably in the spool; upstream: once every `commitment` node it was
+    # forwarded to has confirmed it through its own storage commitment.
+    policy: Literal["local", "upstream"] = "local"
+    deadline: Duration = 3600.0          # then the undecided instances are reported failed (0x0110)
+    report_retry_min: Duration = 10.0    # report association retries while the requester is unreachable
+    report_retry_max: Duration = 600.0
+    report_expire: Duration = 7 * 86400.0  # a report not delivered by then is given up (logged, in status)
+    upstream_batch: int = Field(default=500, ge=1, le=10000)  # instances per N-ACTION to a node
+    upstream_resend: int = Field(default=2, ge=0, le=100)  # re-forwards of an instance a node reports failed
+    upstream_wait: Duration = 600.0      # no report from the node by then: ask again
+
+
 class WorklistSettings(_Strict):
     """Worklist items in the cache (README "Modality worklist")."""
 
@@ -295,6 +323,8 @@ class Config(_Strict):
     worklist: WorklistSettings = Field(default_factory=WorklistSettings)
     retention: Retention | None = None
     prefetch: list[PrefetchRule] = Field(default_factory=list)
+    commitment: Annotated[CommitmentSettings, BeforeValidator(_policy_shorthand)] = Field(
+        default_factory=CommitmentSettings)
     log: Logging = Field(default_factory=Logging)
 
     # Not from the file: where it came from, for messages and relative paths.
@@ -313,6 +343,13 @@ class Config(_Strict):
 
     def nodes_with_role(self, role: str) -> dict[str, Node]:
         return {name: n for name, n in self.nodes.items() if role in n.roles}
+
+    def commitment_policy(self, node: str | None) -> tuple[str, float]:
+        """(policy, deadline in seconds) for commitment requests from node `node` (None: unknown AE)."""
+        own = self.nodes[node].commitment if node in self.nodes else None
+        policy = (own.policy if own is not None else None) or self.commitment.policy
+        deadline = own.deadline if own is not None and own.deadline is not None else self.commitment.deadline
+        return policy, deadline
 
     def node_for_ae(self, ae_title: str) -> tuple[str, Node] | None:
         ae_title = ae_title.strip()
@@ -568,6 +605,14 @@ def _cross_check(cfg: Config) -> Iterator[tuple[tuple, str]]:
             if name not in names:
                 yield ("retention", "nodes", name), (
                     f"unknown node {name!r} (known: {', '.join(sorted(names)) or 'none'})")
+    if cfg.commitment.report_retry_min > cfg.commitment.report_retry_max:
+        yield ("commitment", "report_retry_min"), "report_retry_min is longer than report_retry_max"
+    if not cfg.nodes_with_role("commitment"):
+        if cfg.commitment.policy == "upstream":
+            yield ("commitment", "policy"), "policy upstream needs a node with role 'commitment'"
+        for name, node in cfg.nodes.items():
+            if node.commitment is not None and node.commitment.policy == "upstream":
+                yield ("nodes", name, "commitment", "policy"), "policy upstream needs a node with role 'commitment'"
 
     if cfg.tls is not None and cfg.tls.port == cfg.port:
         yield ("tls", "port"), "the TLS port must differ from the plain DICOM port"

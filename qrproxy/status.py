@@ -38,6 +38,10 @@ class Status:
     spool_usage: dict[str, int] = field(default_factory=dict)
     # prefetch: (rule, state, rows, bytes, latest error of that state)
     prefetch: list[tuple[str, str, int, int, str | None]] = field(default_factory=list)
+    # storage commitment: modality transactions by state, the open ones, requests to nodes
+    commitment: dict[str, int] = field(default_factory=dict)
+    commitment_open: list[dict[str, Any]] = field(default_factory=list)
+    commitment_out: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 def collect(cfg: Config, echo_nodes: bool = True) -> Status:
@@ -79,6 +83,9 @@ def collect(cfg: Config, echo_nodes: bool = True) -> Status:
                         from .prefetch import summary as prefetch_summary
 
                         st.prefetch = prefetch_summary(s)
+                    from .commitment import pending_summary
+
+                    st.commitment, st.commitment_open, st.commitment_out = pending_summary(s)
                     st.oldest = queue.oldest_pending(s)
                     st.held_reasons = [
                         (node, reason or "", n)
@@ -163,6 +170,7 @@ def render(st: Status) -> str:
         rows = [["PREFETCH RULE", "STATE", "STUDIES", "BYTES", "LAST ERROR"]]
         rows += [[rule, state, str(n), str(size), (err or "")[:100]] for rule, state, n, size, err in st.prefetch]
         out += ["", table(rows)]
+    out += _render_commitment(st)
     if cfg.refresh:
         out.append("")
         rows = [["REFRESH", "NODE", "KIND", "SCHEDULE", "LAST RUN", "RESULT", "ROWS", "ERROR"]]
@@ -231,6 +239,24 @@ def _render_worklist(st: Status) -> list[str]:
             rows.append([node, str(q.get("pending", 0)), str(q.get("held", 0)), str(q.get("sent", 0))])
         out += ["", table(rows)]
         out += [f"mpps held for {node}: {n} x {reason}" for node, reason, n in st.mpps_held]
+    return out
+
+
+def _render_commitment(st: Status) -> list[str]:
+    if not st.commitment and not st.commitment_out:
+        return []
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(st.commitment.items())) or "none"
+    out = ["", f"storage commitment: {counts}"]
+    if st.commitment_open:
+        rows = [["COMMITMENT", "REQUESTER", "POLICY", "STATE", "ITEMS", "RECEIVED", "ATTEMPTS", "LAST ERROR"]]
+        for r in st.commitment_open:
+            items = " ".join(f"{k}:{v}" for k, v in sorted(r["items"].items()))
+            rows.append([r["transaction"], r["requester"], r["policy"], r["state"], items, _utc(r["received_at"]),
+                         str(r["attempts"]), r["error"][:80]])
+        out.append(table(rows))
+    for node in sorted(st.commitment_out):
+        q = st.commitment_out[node]
+        out.append(f"commitment requests to {node}: " + ", ".join(f"{k} {v}" for k, v in sorted(q.items())))
     return out
 
 

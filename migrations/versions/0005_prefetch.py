@@ -1,7 +1,7 @@
 """prefetch: prior studies fetched ahead of time for patients on the worklist
 
 Revision ID: 0005
-Revises: 0003 (re-pointed at merge when another revision lands in between)
+Revises: 0004
 Create Date: 2026-11-23
 """
 
@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = '0005'
-down_revision: str | None = '0003'
+down_revision: str | None = '0004'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

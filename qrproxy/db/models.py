@@ -268,7 +268,13 @@ class MppsMessage(Base):
 
 
 class CommitmentRequest(Base):
-    """An N-ACTION storage commitment transaction; the report is owed until `reported_at` is set."""
+    """A storage commitment transaction (qrproxy/commitment.py has the states).
+
+    direction "in" (a modality asked qrproxy): pending -> ready (every item decided, the report is
+    owed) -> reporting (claimed by one sender, `lease_*`) -> reported | expired. The report is owed
+    until `reported_at` is set.
+    direction "out" (qrproxy asked node `node`): new (committed, N-ACTION not yet answered) ->
+    requested -> done (the node's report recorded, `reported_at`) | expired (no report in time)."""
 
     __tablename__ = "commitment_requests"
 
@@ -279,11 +285,15 @@ class CommitmentRequest(Base):
     node: Mapped[str | None] = mapped_column(String(64))
     requester_ae: Mapped[str] = mapped_column(AE)
     state: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    # "local" | "upstream" for direction "in": what committed means for this transaction.
+    policy: Mapped[str | None] = mapped_column(String(16))
     received_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     deadline_at: Mapped[dt.datetime | None]
     report_attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[dt.datetime | None]
     reported_at: Mapped[dt.datetime | None]
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    lease_until: Mapped[dt.datetime | None]
     last_error: Mapped[str | None] = mapped_column(Text)
 
     items: Mapped[list[CommitmentItem]] = relationship(back_populates="request", cascade="all, delete-orphan")
@@ -296,8 +306,10 @@ class CommitmentItem(Base):
     request_pk: Mapped[int] = mapped_column(ForeignKey("commitment_requests.id", ondelete="CASCADE"), index=True)
     sop_class_uid: Mapped[str] = mapped_column(UID)
     sop_instance_uid: Mapped[str] = mapped_column(UID, index=True)
+    # pending | committed | failed (failure_reason: PS3.4 J.3.2.1.2 code) | expired (out: no report)
     state: Mapped[str] = mapped_column(String(16), default="pending")
     failure_reason: Mapped[int | None] = mapped_column(Integer)
+    reason: Mapped[str | None] = mapped_column(Text)
 
     request: Mapped[CommitmentRequest] = relationship(back_populates="items")
 

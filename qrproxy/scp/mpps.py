@@ -29,6 +29,7 @@ from ..db.models import MppsMessage, MppsStep
 from ..index import _s
 from ..logs import kv
 from ..worklist_index import mark_done
+from .responses import Refused
 from .responses import status as _status
 from .associations import called_ae_title
 
@@ -44,13 +45,6 @@ INVALID_VALUE = 0x0106
 PROCESSING_FAILURE = 0x0110
 DUPLICATE = 0x0111
 NO_SUCH_INSTANCE = 0x0112
-
-
-class Refused(Exception):
-    def __init__(self, status: int, comment: str):
-        super().__init__(comment)
-        self.status = status
-        self.comment = comment[:64]
 
 
 def merge(step: Dataset, modifications: Dataset) -> Dataset:

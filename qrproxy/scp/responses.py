@@ -11,3 +11,12 @@ def status(code: int, comment: str) -> Dataset:
     ds.Status = code
     ds.ErrorComment = comment[:64]
     return ds
+
+
+class Refused(Exception):
+    """A request an SCP turns down with `status` and an Error Comment (`comment`, cut to 64)."""
+
+    def __init__(self, status: int, comment: str):
+        super().__init__(comment)
+        self.status = status
+        self.comment = comment[:64]

@@ -1,0 +1,141 @@
+"""Storage Commitment Push Model SCP (1.2.840.10008.1.20.1): N-ACTION from modalities, and
+N-EVENT-REPORT from `commitment` nodes answering qrproxy's own requests (commitment_scu.py).
+
+N-ACTION (Request Storage Commitment, action type 1): the transaction and one row per referenced
+instance are committed before the response (under `local` policy each instance is decided there
+and then, qrproxy/commitment.py), so a restart after the response still owes the report. Answered
+at once; the report follows from commitment.py, on this association while the requester keeps it
+open (once the response is out: EVT_DIMSE_SENT), else on a new one.
+
+Refusals: action type other than 1 0x0123 (no such action); no Transaction UID or an empty
+Referenced SOP Sequence 0x0115 (invalid argument value); a calling AE that is no configured node
+0x0110 (there would be no address for the report); the database unusable 0x0110. A repeated
+N-ACTION with a known Transaction UID is answered Success and changes nothing (its report is
+owed, or was delivered, once).
+
+Contexts accept both roles (scu_role and scp_role True): a modality asking for commitment proposes
+the default roles, a node sending its report on a new association may propose the SCP role.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import evt
+from sqlalchemy import select
+
+from ..commitment import SCPM, SYNTAXES, decide_local
+from ..db.models import CommitmentItem, CommitmentRequest, utcnow
+from ..logs import kv
+from .associations import called_ae_title
+from .responses import Refused
+from .responses import status as _status
+
+if TYPE_CHECKING:
+    from ..app import Proxy
+
+log = logging.getLogger("qrproxy.commitment")
+
+NO_SUCH_ACTION = 0x0123
+INVALID_ARGUMENT = 0x0115
+PROCESSING_FAILURE = 0x0110
+
+
+class CommitmentSCP:
+    def __init__(self, proxy: Proxy):
+        self.proxy = proxy
+
+    @property
+    def engine(self) -> Any:
+        return self.proxy.commitment
+
+    def on_action(self, event: Any) -> tuple[int | Dataset, Dataset | None]:
+        t0 = time.monotonic()
+        cfg = self.proxy.config
+        calling = (event.assoc.requestor.ae_title or "").strip()
+        line: dict[str, Any] = {"event": "commitment-request", "calling": calling,
+                                "called": called_ae_title(event.assoc)}
+        try:
+            if event.request.ActionTypeID != 1:
+                raise Refused(NO_SUCH_ACTION, f"action type {event.request.ActionTypeID}: only 1 is defined")
+            ds = event.action_information
+            uid = str(ds.get("TransactionUID", "") or "").strip()
+            refs = list(ds.get("ReferencedSOPSequence", None) or [])
+            line["transaction"] = uid
+            pairs = [(str(r.get("ReferencedSOPClassUID", "") or ""), str(r.get("ReferencedSOPInstanceUID", "") or ""))
+                     for r in refs]
+            if not uid or not pairs or any(not c or not i for c, i in pairs):
+                raise Refused(INVALID_ARGUMENT, "Transaction UID and Referenced SOP Sequence items are required")
+            found = cfg.node_for_ae(calling)
+            if found is None:
+                raise Refused(PROCESSING_FAILURE, f"calling AE {calling} is not a configured node")
+            node = found[0]
+            policy, deadline = cfg.commitment_policy(node)
+            duplicate = False
+            with self.proxy.sessions.begin() as s:
+                if s.execute(select(CommitmentRequest.id).where(CommitmentRequest.transaction_uid == uid)).first():
+                    duplicate = True
+                else:
+                    now = utcnow()
+                    req = CommitmentRequest(transaction_uid=uid, direction="in", node=node, requester_ae=calling[:16],
+                                            policy=policy, received_at=now, next_attempt_at=now,
+                                            deadline_at=now + dt.timedelta(seconds=deadline))
+                    items = []
+                    for sop_class, sop_instance in pairs:
+                        d = decide_local(self.proxy, s, sop_class, sop_instance, self.engine.supported, policy)
+                        items.append(CommitmentItem(sop_class_uid=sop_class[:64], sop_instance_uid=sop_instance[:64],
+                                                    state=d.state, failure_reason=d.failure_reason, reason=d.reason))
+                    req.items = items
+                    req.state = "pending" if any(i.state == "pending" for i in items) else "ready"
+                    s.add(req)
+        except Exception as exc:
+            if isinstance(exc, Refused):
+                log.warning(kv(**line, status=f"0x{exc.status:04X}", reason=str(exc)))
+                return _status(exc.status, exc.comment), None
+            log.exception("storage commitment request not recorded")
+            comment = f"not recorded: {type(exc).__name__}"
+            log.error(kv(**line, status=f"0x{PROCESSING_FAILURE:04X}", reason=comment))
+            return _status(PROCESSING_FAILURE, comment), None
+        if not duplicate:
+            self.engine.register(uid, event.assoc)
+        failed = sum(1 for i in items if i.state == "failed") if not duplicate else 0
+        log.info(kv(**line, status="0x0000", node=node, policy=policy, instances=len(pairs), failed=failed,
+                    duplicate=str(duplicate).lower(), ms=int((time.monotonic() - t0) * 1000)))
+        return 0x0000, None
+
+    def on_sent(self, event: Any) -> None:
+        """EVT_DIMSE_SENT: once the N-ACTION response is out, the report may use the association."""
+        if type(event.message).__name__ == "N_ACTION_RSP":
+            self.engine.response_sent(event.assoc)
+
+    def on_gone(self, event: Any) -> None:
+        self.engine.forget(event.assoc)
+
+    def on_event_report(self, event: Any) -> tuple[int | Dataset, Dataset | None]:
+        """A node's report on qrproxy's own commitment request, on a new association."""
+        calling = (event.assoc.requestor.ae_title or "").strip()
+        try:
+            info = event.event_information
+            status, comment = self.engine.scu.record_report(calling, int(event.request.EventTypeID or 0), info,
+                                                            "new-association")
+        except Exception as exc:
+            log.exception("storage commitment report not recorded")
+            return _status(PROCESSING_FAILURE, f"not recorded: {type(exc).__name__}"), None
+        if status != 0x0000:
+            return _status(status, comment), None
+        return 0x0000, None
+
+
+def contexts() -> list[tuple[str, list[str]]]:
+    return [(SCPM, SYNTAXES)]
+
+
+def handlers(proxy: Proxy) -> list[tuple[Any, Any]]:
+    scp = CommitmentSCP(proxy)
+    return [(evt.EVT_N_ACTION, scp.on_action), (evt.EVT_N_EVENT_REPORT, scp.on_event_report),
+            (evt.EVT_DIMSE_SENT, scp.on_sent), (evt.EVT_RELEASED, scp.on_gone), (evt.EVT_ABORTED, scp.on_gone),
+            (evt.EVT_CONN_CLOSE, scp.on_gone)]
