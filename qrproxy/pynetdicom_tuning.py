@@ -56,11 +56,17 @@ C-STORE sub-operations written straight to the socket (C-MOVE / C-GET)
     storescp and Orthanc: 32 PDUs per 512 KiB CT image, each through the state machine). bench/move
     measured 14 ms per CT instance, 0.22x Orthanc's img/s. `FastStore` keeps pynetdicom's sub-
     operation machinery (counts, pending responses, Failed SOP Instance UID List, C-CANCEL) and only
-    replaces, on that one association, how a C-STORE request announced with `expect()` is written:
+    replaces, on that one association, send_c_store for the instances announced with `expect()`:
     its command set encoded here, the data set read from the spool file after the file meta
     information, both framed as P-DATA-TF PDUs of the peer's maximum length and written with
-    sendall from the sending thread. The DUL thread keeps reading (the C-STORE-RSP reaches
-    send_c_store as usual); nothing else sends on the association while a sub-operation is out.
+    sendall from the sending thread, then the response taken from the DIMSE queue as pynetdicom
+    does, without pynetdicom's pause of the association reactor (on the destination association
+    keep_responses_from_reactor already keeps it off the queue; on a C-GET association it is the
+    thread running the handler). The DUL thread keeps reading; nothing else sends on the
+    association while a sub-operation is out. The pending C-MOVE / C-GET responses after each
+    sub-operation are queued as one P-DATA like C-FIND's (`fast_retrieve_pending`): pynetdicom's
+    encoding of each response command set, group length included, cost about 1 ms.
+    Together: local C-MOVE 70 -> 179 img/s (bench/move, 100 CT instances; Orthanc 435).
 """
 
 from __future__ import annotations
@@ -293,10 +299,11 @@ def store_command(sop_class: str, sop_instance: str, message_id: int, priority: 
             + _implicit(0x00000100, struct.pack("<H", 0x0001))
             + _implicit(0x00000110, struct.pack("<H", message_id))
             + _implicit(0x00000700, struct.pack("<H", priority))
-            + _implicit(0x00000800, struct.pack("<H", 0x0000))
+            + _implicit(0x00000800, struct.pack("<H", 0x0001))
             + _implicit(0x00001000, ui(sop_instance)))
     if originator_aet:
-        body += _implicit(0x00001030, originator_aet.encode("ascii")[:16].ljust(16, b" "))
+        ae = originator_aet.strip().encode("ascii")[:16]
+        body += _implicit(0x00001030, ae + b" " if len(ae) % 2 else ae)
     if originator_id is not None:
         body += _implicit(0x00001031, struct.pack("<H", originator_id))
     return _implicit(0x00000000, struct.pack("<L", len(body))) + body
@@ -308,9 +315,11 @@ def _pdu(context_id: int, flags: int, data: bytes) -> bytes:
 
 class FastStore:
     """Installed on one association (see the module docstring): `expect(sop_uid, path, ts)` before
-    yielding a stand-in Dataset for that instance; pynetdicom's send_c_store then reaches
-    `send_msg` here, which writes the file's own bytes when the context's transfer syntax is the
-    file's, and re-encodes the full data set otherwise."""
+    yielding a stand-in Dataset for that instance; pynetdicom's sub-operation loop then calls
+    `send_c_store` here, which writes the file's own bytes on the context for exactly that transfer
+    syntax and waits for the response as pynetdicom does. Without such a context (another native
+    syntax was negotiated), or for anything not announced, pynetdicom's own send_c_store runs, with
+    the full data set read from the file."""
 
     BATCH = 1 << 20  # bytes of PDUs per sendall
 
@@ -318,43 +327,46 @@ class FastStore:
         self.assoc = assoc
         self.opener = opener
         self.expected: dict[str, tuple[Any, str]] = {}
-        self._send_msg = assoc.dimse.send_msg
-        assoc.dimse.send_msg = self.send_msg
+        self._send_c_store = assoc.send_c_store
+        assoc.send_c_store = self.send_c_store
 
     def expect(self, sop_uid: str, path: Any, transfer_syntax: str) -> None:
         self.expected[sop_uid] = (path, transfer_syntax)
 
-    def send_msg(self, primitive: Any, context_id: int) -> None:
-        from pynetdicom.dimse_primitives import C_STORE
+    def _context(self, sop_class: str, ts: str) -> Any:
+        for cx in self.assoc.accepted_contexts:
+            if cx.abstract_syntax == sop_class and cx.transfer_syntax[0] == ts and cx.as_scu:
+                return cx
+        return None
+
+    def send_c_store(self, dataset: Any, msg_id: int = 1, priority: int = 2, originator_aet: str | None = None,
+                     originator_id: int | None = None) -> Any:
+        from pydicom import dcmread
+        from pydicom.dataset import Dataset
 
         job = None
-        if isinstance(primitive, C_STORE) and primitive.AffectedSOPInstanceUID is not None:
-            job = self.expected.pop(str(primitive.AffectedSOPInstanceUID), None)
+        if isinstance(dataset, Dataset) and "SOPInstanceUID" in dataset:
+            job = self.expected.pop(str(dataset.SOPInstanceUID), None)
         if job is None:
-            self._send_msg(primitive, context_id)
-            return
+            return self._send_c_store(dataset, msg_id, priority, originator_aet, originator_id)
         path, ts = job
-        cx = next(c for c in self.assoc.accepted_contexts if c.context_id == context_id)
-        cx_ts = cx.transfer_syntax[0]
+        sop_class = str(dataset.SOPClassUID)
+        cx = self._context(sop_class, ts)
         with self.opener(path) as f:
-            head = f.read(1024)
-            offset = _file_body_offset(head)
-            if cx_ts != ts or offset is None:
-                # Another native syntax was negotiated (or an odd file): pynetdicom's own encoding.
-                from pydicom import dcmread
-                from pynetdicom.dsutils import encode
-
+            offset = _file_body_offset(f.read(1024))
+            if cx is None or offset is None:
                 f.seek(0)
-                ds = dcmread(f)
-                primitive.DataSet = io.BytesIO(encode(ds, cx_ts.is_implicit_VR, cx_ts.is_little_endian,
-                                                      cx_ts.is_deflated))
-                self._send_msg(primitive, context_id)
-                return
-            command = store_command(str(primitive.AffectedSOPClassUID), str(primitive.AffectedSOPInstanceUID),
-                                    int(primitive.MessageID), int(primitive.Priority or 2),
-                                    primitive.MoveOriginatorApplicationEntityTitle or None,
-                                    primitive.MoveOriginatorMessageID)
-            self._write(f, offset, context_id, command)
+                return self._send_c_store(dcmread(f), msg_id, priority, originator_aet, originator_id)
+            if not self.assoc.is_established:
+                raise RuntimeError("the association with the peer SCP is not established")
+            command = store_command(sop_class, str(dataset.SOPInstanceUID), msg_id, priority,
+                                    originator_aet, originator_id)
+            self._write(f, offset, int(cx.context_id), command)
+        _, rsp = self.assoc.dimse.get_msg(block=True)
+        if rsp is None:
+            self.assoc._handle_no_response()
+            return Dataset()
+        return self.assoc._check_received_status(rsp)
 
     def _write(self, f: BinaryIO, offset: int, context_id: int, command: bytes) -> None:
         sock = self.assoc.dul.socket.socket
@@ -374,3 +386,47 @@ class FastStore:
             pending = nxt
         if out:
             sock.sendall(b"".join(out))
+
+
+def retrieve_pending_command(sop_class_uid: str, message_id: int, command_field: int, status: int,
+                             remaining: int, completed: int, failed: int, warning: int) -> bytes:
+    """The encoded command set of a C-MOVE-RSP / C-GET-RSP without a data set (PS3.7 9.3.4.2,
+    9.3.3.2), as pynetdicom's own encoder would write it."""
+    uid = sop_class_uid.encode("ascii")
+    if len(uid) % 2:
+        uid += b"\0"
+    us = lambda v: struct.pack("<H", v)  # noqa: E731
+    body = (_implicit(0x00000002, uid) + _implicit(0x00000100, us(command_field))
+            + _implicit(0x00000120, us(message_id)) + _implicit(0x00000800, us(0x0101))
+            + _implicit(0x00000900, us(status)) + _implicit(0x00001020, us(remaining))
+            + _implicit(0x00001021, us(completed)) + _implicit(0x00001022, us(failed))
+            + _implicit(0x00001023, us(warning)))
+    return _implicit(0x00000000, struct.pack("<L", len(body))) + body
+
+
+def fast_retrieve_pending(assoc: Any) -> None:
+    """On the association a C-MOVE / C-GET request came in on: its pending responses (no data set,
+    all four counts) are queued as one P-DATA primitive; everything else goes through pynetdicom."""
+    from pynetdicom.dimse_primitives import C_GET, C_MOVE
+
+    dimse = assoc.dimse
+    if getattr(dimse, "_qrproxy_fast_pending", False):
+        return
+    original = dimse.send_msg
+
+    def send_msg(primitive: Any, context_id: int) -> None:
+        if (isinstance(primitive, (C_MOVE, C_GET)) and primitive.Status in (0xFF00, 0xFF01)
+                and primitive.Identifier is None and primitive.NumberOfRemainingSuboperations is not None):
+            command = retrieve_pending_command(
+                str(primitive.AffectedSOPClassUID), int(primitive.MessageIDBeingRespondedTo),
+                0x8021 if isinstance(primitive, C_MOVE) else 0x8010, int(primitive.Status),
+                int(primitive.NumberOfRemainingSuboperations), int(primitive.NumberOfCompletedSuboperations or 0),
+                int(primitive.NumberOfFailedSuboperations or 0), int(primitive.NumberOfWarningSuboperations or 0))
+            p = P_DATA()
+            p.presentation_data_value_list = [[context_id, b"\x03" + command]]
+            assoc.dul.send_pdu(p)
+            return
+        original(primitive, context_id)
+
+    dimse.send_msg = send_msg
+    dimse._qrproxy_fast_pending = True

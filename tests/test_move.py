@@ -139,6 +139,19 @@ class SlowStoreSCP:
             self._server.shutdown()
 
 
+def refresh_now(proc: Any, job: str) -> None:
+    """`qrproxy refresh JOB`, asked again while the server's own first run of the job is in
+    progress (the command then says "skipped: running in another process" and exits 1)."""
+    last: list[str] = []
+
+    def done() -> bool:
+        res = cli(proc, "refresh", job, timeout=120)
+        last[:] = [res.stdout + res.stderr]
+        return res.returncode == 0
+
+    wait_until(done, 90, lambda: f"qrproxy refresh {job}: {last[0] if last else ''}", interval=1.0)
+
+
 def store_study(proc: Any, tmp_path: Path, n_series: int = 2, per_series: int = 3, **kw: Any) -> list[Dataset]:
     study = dicomgen.make_study(n_series, per_series, **kw)
     files = dicomgen.write_all(study, tmp_path / f"in-{study[0].StudyInstanceUID[-8:]}")
@@ -309,9 +322,7 @@ def test_upstream_down_cached_moves_uncached_fails(db_url: str, orthanc_factory:
     upload_to_orthanc(orthanc, remote)
     proc = qrproxy(cfg)
     local = store_study(proc, tmp_path, 1, 3, patient_id="LOCAL1")
-    # The refresh job lists the remote study down to its instances.
-    res = cli(proc, "refresh", "studies", timeout=120)
-    assert res.returncode == 0, res.stdout + res.stderr
+    refresh_now(proc, "studies")  # lists the remote study down to its instances
     orthanc.stop()
 
     final = move_responses(proc.port, storescp.aet, {"QueryRetrieveLevel": "STUDY",
@@ -383,8 +394,7 @@ def test_prefetch_priors_then_move_offline(db_url: str, orthanc_factory: Any, wo
     cfg["prefetch"] = [{"name": "priors", "node": "PACS", "every": "2s", "modalities": ["CT"], "max_age": "1825d",
                         "max_studies": 3}]
     proc = qrproxy(cfg)
-    res = cli(proc, "refresh", "mwl", timeout=60)
-    assert res.returncode == 0, res.stdout + res.stderr
+    refresh_now(proc, "mwl")
 
     want = {str(d.SOPInstanceUID) for d in prior_ct}
 

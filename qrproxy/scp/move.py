@@ -54,7 +54,7 @@ from ..crypto import CryptoError
 from ..db.models import Instance, Patient, Series, SpoolObject, Study, utcnow
 from ..forwarder import EXPLICIT_LITTLE, Job, candidates
 from ..logs import kv
-from ..pynetdicom_tuning import FastStore, keep_responses_from_reactor
+from ..pynetdicom_tuning import FastStore, fast_retrieve_pending, keep_responses_from_reactor
 from ..retention import touch_study
 from ..retrieve import Retrieval
 from ..spool import dcmread
@@ -355,6 +355,7 @@ class RetrieveSCP:
     def _suboperations(self, event: Any, items: list[Item], store_assoc: Callable[[], Any], role: str,
                        node: str | None, what: str, t0: float) -> Iterator[tuple[int, Dataset | None]]:
         calling = (event.assoc.requestor.ae_title or "").strip()
+        fast_retrieve_pending(event.assoc)
         assoc = store_assoc()
         accepted = _accepted(assoc, role) if assoc is not None else {}
         fast = _fast_store(assoc, self.proxy) if assoc is not None else None
