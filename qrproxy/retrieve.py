@@ -26,8 +26,6 @@ from typing import TYPE_CHECKING, Any
 from pydicom.dataset import Dataset
 from pynetdicom import evt
 from pynetdicom.sop_class import (
-    PatientRootQueryRetrieveInformationModelGet,
-    PatientRootQueryRetrieveInformationModelMove,
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
 )
@@ -50,10 +48,10 @@ GET_STORE_SYNTAXES = [
     "1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.80",
     "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.91",
 ]
-MOVE_MODELS = {"study": StudyRootQueryRetrieveInformationModelMove,
-               "patient": PatientRootQueryRetrieveInformationModelMove}
-GET_MODELS = {"study": StudyRootQueryRetrieveInformationModelGet,
-              "patient": PatientRootQueryRetrieveInformationModelGet}
+# qrproxy asks upstream in the Study Root model (every PACS supports it; the identifiers it sends
+# carry StudyInstanceUID at every level).
+MOVE_MODEL = StudyRootQueryRetrieveInformationModelMove
+GET_MODEL = StudyRootQueryRetrieveInformationModelGet
 
 
 @dataclass
@@ -183,7 +181,7 @@ class Retriever:
 
     def _move(self, r: Retrieval) -> None:
         cfg = self.proxy.config
-        model = MOVE_MODELS["study"]
+        model = MOVE_MODEL
         with associate(cfg, r.node, [(model, QR_SYNTAXES)]) as assoc:
             if not any(cx.abstract_syntax == model for cx in assoc.accepted_contexts):
                 raise UpstreamError(f"{r.node}: C-MOVE (Study Root) not accepted")
@@ -193,7 +191,7 @@ class Retriever:
         from .scp.store import StoreSCP
 
         cfg = self.proxy.config
-        model = GET_MODELS["study"]
+        model = GET_MODEL
         classes = list(r.sop_classes)[:100] or ["1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4",
                                                  "1.2.840.10008.5.1.4.1.1.7"]
         roles = []

@@ -450,8 +450,7 @@ class RetrieveSCP:
 
     def handle_move(self, event: Any) -> Iterator[Any]:
         t0 = time.monotonic()
-        dest = (event.move_destination or "").strip() if isinstance(event.move_destination, str) else \
-            (event.move_destination or b"").decode("ascii", "replace").strip()
+        dest = (event.move_destination or "").strip()  # pynetdicom gives it as str
         found = self.cfg.node_for_ae(dest)
         if found is None:
             log.warning(kv(event="c-move", calling=event.assoc.requestor.ae_title, destination=dest,
