@@ -9,10 +9,15 @@ import argparse
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
 from collections.abc import Sequence
 
 from . import __version__
 from .config import Config, ConfigError, load_config
+
+if TYPE_CHECKING:
+    from .config import RefreshJob
+    from .refresh import RefreshResult
 
 EXIT_OK, EXIT_RUNTIME, EXIT_CONFIG = 0, 1, 2
 
@@ -144,7 +149,6 @@ def cmd_refresh(cfg: Config, name: str | None) -> int:
     from types import SimpleNamespace
 
     from .db.session import make_engine, make_sessionmaker, upgrade
-    from .refresh import run_job
 
     known = [job.name for job in cfg.refresh]
     if name is not None and name not in known:
@@ -161,7 +165,7 @@ def cmd_refresh(cfg: Config, name: str | None) -> int:
         proxy = SimpleNamespace(config=cfg, sessions=make_sessionmaker(engine))
         failed = False
         for job in jobs:
-            r = run_job(proxy, job)
+            r = _run_when_free(proxy, job)
             if r.skipped:
                 print(f"{job.name}: skipped: {r.error}")
                 failed = True  # asked to run now, and it did not
@@ -174,6 +178,26 @@ def cmd_refresh(cfg: Config, name: str | None) -> int:
         return EXIT_RUNTIME if failed else EXIT_OK
     finally:
         engine.dispose()
+
+
+def _run_when_free(proxy: object, job: "RefreshJob") -> "RefreshResult":
+    """Asked to run a job now while the server (or another command) is running it: wait for that
+    run to end, then run ours, so the counts printed come from a run that started after the ask."""
+    import time
+
+    from .refresh import run_job
+
+    deadline = time.monotonic() + job.timeout + 30
+    said = False
+    while True:
+        r = run_job(proxy, job, log_skip=False)
+        if not (r.skipped and r.error == "running in another process") or time.monotonic() > deadline:
+            return r
+        if not said:
+            print(f"{job.name}: a run is in progress in another process; waiting for it to end",
+                  file=sys.stderr)
+            said = True
+        time.sleep(0.5)
 
 
 def cmd_prefetch(cfg: Config, name: str | None, now: bool) -> int:

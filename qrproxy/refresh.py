@@ -276,7 +276,7 @@ def _begin_run(sessions: sessionmaker[Session], job: RefreshJob) -> int | None:
 
 
 def run_job(proxy: Any, job: RefreshJob, cancel: threading.Event | None = None,
-            today: dt.date | None = None) -> RefreshResult:
+            today: dt.date | None = None, log_skip: bool = True) -> RefreshResult:
     """Run `job` now, in the calling thread; `proxy` provides `.config` and `.sessions`."""
     lock = _job_lock(job.name)
     if not lock.acquire(blocking=False):
@@ -285,7 +285,8 @@ def run_job(proxy: Any, job: RefreshJob, cancel: threading.Event | None = None,
     try:
         run_id = _begin_run(proxy.sessions, job)
         if run_id is None:
-            log.warning(kv(event="refresh-skipped", job=job.name, reason="running in another process"))
+            if log_skip:
+                log.warning(kv(event="refresh-skipped", job=job.name, reason="running in another process"))
             return RefreshResult(job.name, skipped=True, error="running in another process")
         t0 = time.monotonic()
         result = RefreshResult(job.name)
