@@ -268,15 +268,29 @@ def cmd_queue(cfg: Config, args: argparse.Namespace) -> int:
                 n = len(queue.list_rows(s, f, limit=10**9))
             print(f"would purge up to {n} rows; add --yes to delete them")
             return EXIT_OK
-        with sessions.begin() as s:
-            if action == "retry":
-                n = queue.retry(s, f)
-            elif action == "hold":
-                n = queue.hold(s, f, args.reason)
-            elif action == "release":
-                n = queue.release(s, f)
-            else:
-                n = queue.purge(s, f)
+        from dataclasses import replace
+
+        from .progress import Progress
+
+        # In batches of row ids, each its own transaction, so a purge of a million rows shows progress
+        # and never holds one huge lock; each batch re-applies the filter (a row that changed state
+        # meanwhile is left alone, as a single statement would have).
+        with sessions() as s:
+            ids = queue.matching_ids(s, f)
+        n = 0
+        with Progress(f"queue {action}", len(ids), "rows") as bar:
+            for start in range(0, len(ids), 1000):
+                batch = replace(f, ids=ids[start:start + 1000])
+                with sessions.begin() as s:
+                    if action == "retry":
+                        n += queue.retry(s, batch)
+                    elif action == "hold":
+                        n += queue.hold(s, batch, args.reason)
+                    elif action == "release":
+                        n += queue.release(s, batch)
+                    else:
+                        n += queue.purge(s, batch)
+                bar.update(min(start + 1000, len(ids)))
         verb = {"retry": "set to retry now", "hold": "held", "release": "released", "purge": "purged"}[action]
         print(f"{n} rows {verb}")
         return EXIT_OK
@@ -299,7 +313,14 @@ def cmd_retention(cfg: Config, args: argparse.Namespace) -> int:
     try:
         upgrade(engine)
         proxy = SimpleNamespace(config=cfg, sessions=make_sessionmaker(engine), spool=Spool(cfg.spool_dir))
-        r = run_pass(proxy, dry_run=args.dry_run)
+        from .progress import Progress
+
+        with Progress("retention" + (" (dry run)" if args.dry_run else ""), None, "studies") as bar:
+            def on_study(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(done)
+
+            r = run_pass(proxy, dry_run=args.dry_run, progress=on_study)
         if args.dry_run:
             for p in r.planned:
                 print(f"would evict {p.holding.study_uid} {p.holding.objects} objects {p.holding.bytes} bytes "
@@ -424,11 +445,10 @@ def cmd_keys(cfg: Config, action: str) -> int:
                 print(f"{e.id:<8} created {e.created or '-':<20} {'current' if e.id == current else ''}".rstrip())
             return EXIT_OK
         keyring = keys.load(path)
+        from .progress import Progress
 
-        def progress(st: keys.ReencryptStats) -> None:
-            print(f"... {st.examined} files examined, {st.rewritten} rewritten", file=sys.stderr)
-
-        st = keys.reencrypt(cfg.spool_dir, keyring, progress)
+        with Progress("re-encrypting", keys.count_spool_files(cfg.spool_dir), "files") as bar:
+            st = keys.reencrypt(cfg.spool_dir, keyring, lambda s: bar.update(s.examined))
         print(f"{st.examined} spool files examined: {st.rewritten} re-encrypted with key {keyring.current_id} "
               f"({st.encrypted_plain} of them were plain), {st.current} already current, "
               f"{len(st.failed)} failed" + (f", {st.leftovers_removed} leftovers of an interrupted run removed"

@@ -336,6 +336,16 @@ def reencrypt(spool_root: Path, keys: Keyring, progress: Callable[[ReencryptStat
                 except (CryptoError, OSError) as exc:
                     stats.failed.append((str(p.relative_to(spool_root)), str(exc)))
                     log.error(kv(event="reencrypt-failed", file=p.relative_to(spool_root), reason=str(exc)))
-                if progress is not None and stats.examined % 500 == 0:
-                    progress(stats)
+                finally:
+                    if progress is not None:  # every file; the caller throttles (qrproxy/progress.py)
+                        progress(stats)
     return stats
+
+
+def count_spool_files(spool_root: Path) -> int:
+    """How many files `reencrypt` will examine: the total for its progress line."""
+    n = 0
+    for folder in (Path(spool_root) / "objects", Path(spool_root) / "variants"):
+        for _dirpath, _dirs, files in os.walk(folder):
+            n += sum(1 for name in files if name.endswith(".dcm"))
+    return n

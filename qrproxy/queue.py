@@ -86,6 +86,11 @@ def oldest_pending(session: Session) -> dict[str, dt.datetime]:
     return {node: ts for node, ts in rows}
 
 
+def matching_ids(session: Session, f: Filter) -> list[int]:
+    """Row ids the filter selects, in id order: bulk actions run over them in batches (with progress)."""
+    return list(session.execute(select(ForwardItem.id).where(*f.where()).order_by(ForwardItem.id)).scalars())
+
+
 def retry(session: Session, f: Filter) -> int:
     """Pending or held rows: try again now (held rows keep their attempt count)."""
     states = [ForwardState.pending, ForwardState.held]

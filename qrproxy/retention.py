@@ -25,7 +25,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -333,8 +333,10 @@ def evict_study(proxy: Any, p: Planned, now: dt.datetime) -> Evicted | str:
     return Evicted(h.study_uid, size, len(objects), p.reason, p.node)
 
 
-def run_pass(proxy: Any, dry_run: bool = False, now: dt.datetime | None = None) -> PassResult:
-    """One retention pass: plan from what is held now, then evict (unless `dry_run`)."""
+def run_pass(proxy: Any, dry_run: bool = False, now: dt.datetime | None = None,
+             progress: Callable[[int, int], None] | None = None) -> PassResult:
+    """One retention pass: plan from what is held now, then evict (unless `dry_run`). `progress`
+    is called with (studies done, studies planned) after each eviction (`qrproxy retention run`)."""
     now = now or utcnow()
     result = PassResult()
     if proxy.config.retention is None:
@@ -348,15 +350,21 @@ def run_pass(proxy: Any, dry_run: bool = False, now: dt.datetime | None = None) 
         free = None
     pl = plan(proxy.config, held, total, free, now)
     result.planned, result.short = pl.evict, pl.short
+    if progress is not None:
+        progress(0 if not dry_run else len(pl.evict), len(pl.evict))
     if dry_run:
         return result
-    for p in pl.evict:
+    for i, p in enumerate(pl.evict):
+        if progress is not None and i:
+            progress(i, len(pl.evict))
         outcome = evict_study(proxy, p, now)
         if isinstance(outcome, Evicted):
             result.evicted.append(outcome)
         else:
             result.skipped.append((p.holding.study_uid, outcome))
             log.info(kv(event="evict-skipped", study=p.holding.study_uid, reason=p.reason, why=outcome))
+    if progress is not None and pl.evict:
+        progress(len(pl.evict), len(pl.evict))
     for text in pl.short:
         log.warning(kv(event="retention-short", detail=text))
     return result
