@@ -118,7 +118,7 @@ def cmd_serve(cfg: Config) -> int:
     from .app import serve
     from .logs import setup_logging
 
-    setup_logging(cfg.log.level, cfg.log.file, cfg.log.dicom_debug)
+    setup_logging(cfg.log.level, cfg.log.file, cfg.log.dicom_debug, cfg.log.max_size, cfg.log.backups)
     try:
         serve(cfg)
     except OSError as exc:

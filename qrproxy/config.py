@@ -292,6 +292,9 @@ class Logging(_Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     file: Path | None = None
     dicom_debug: bool = False
+    # Rotate `file` when it would exceed this (qrproxy/logs.py); 0: never, leave it to logrotate.
+    max_size: Size = 0
+    backups: int = Field(default=5, ge=1, le=1000)  # rotated files kept: file.1 .. file.N
 
 
 class Config(_Strict):
