@@ -185,6 +185,7 @@ import ctypes, os, sys
 libc = ctypes.CDLL(None, use_errno=True)
 if libc.prctl(65, 1, 0, 0, 0) != 0:  # PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN: inherited by children
     sys.exit(f"PR_SET_MDWE: errno {ctypes.get_errno()}")
+open(os.path.join(os.path.dirname(os.path.abspath(sys.argv[0])), "mdwe-applied"), "a").close()
 os.execv(sys.argv[1], sys.argv[1:])
 """
 
@@ -218,7 +219,9 @@ def test_memory_deny_write_execute_does_not_break_qrproxy(qrproxy: Any, storescp
         return [sys.executable, str(wrapper), *inner()]
 
     proc.argv = argv  # type: ignore[method-assign]
+    (tmp_path / "mdwe-applied").unlink(missing_ok=True)
     proc.start()
+    assert (tmp_path / "mdwe-applied").exists(), "qrproxy was not started through the MDWE wrapper"
     ds = [dicomgen.make_ct(study_uid=pydicom.uid.generate_uid(), instance_number=i + 1, rows=128, cols=128)
           for i in range(3)]
     files = dicomgen.write_all(ds, tmp_path / "in")
