@@ -222,7 +222,8 @@ def _stop_on_signals() -> threading.Event:
 def _worker_main(config: Config, index: int) -> None:
     from .logs import setup_logging
 
-    setup_logging(config.log.level, config.log.file, config.log.dicom_debug)
+    setup_logging(config.log.level, config.log.file, config.log.dicom_debug, config.log.max_size,
+                  config.log.backups)
     Proxy(config, worker=index).serve_forever(prepare=False)
 
 
