@@ -281,7 +281,7 @@ th{font-size:.8em;text-transform:uppercase;color:#57606a}
 .badge.ok{background:#1a7f37;color:#fff}.badge.bad{background:#b3261e;color:#fff}
 ul.log{list-style:none;margin:0;padding:0;font:12px/1.4 ui-monospace,monospace}
 ul.log li{padding:4px 0;border-bottom:1px solid #eee;overflow-wrap:anywhere}
-dl{display:grid;grid-template-columns:max-content 1fr;gap:4px 12px;margin:0}dt{color:#57606a}dd{margin:0}
+dl{display:grid;grid-template-columns:max-content minmax(0,1fr);gap:4px 12px;margin:0}dt{color:#57606a}dd{margin:0;overflow-wrap:anywhere;min-width:0}
 .num{font-variant-numeric:tabular-nums}
 @media (max-width:640px){
  body{padding:8px}
