@@ -25,8 +25,10 @@ from .commitment import Commitment
 from .config import Config
 from .db.session import make_engine, make_sessionmaker, upgrade
 from .forwarder import Forwarder
+from .http import HttpEndpoint
 from .logs import kv
 from .maintenance import Maintenance
+from .metrics import Metrics
 from .mpps_relay import MppsRelay
 from .refresh import Refresher
 from .retention import Retention
@@ -84,6 +86,9 @@ class Proxy:
         self.ae: AE | None = None
         self._server: Any = None
         self._stopping = threading.Event()
+        # /metrics counters, only fed when the http endpoint exists (it is worker 0's: README "Monitoring")
+        self.metrics = Metrics() if config.http is not None and worker == 0 else None
+        self.http: HttpEndpoint | None = None
         self.assoc_log = AssociationLog(self)
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -97,6 +102,8 @@ class Proxy:
     def start(self, prepare: bool = True) -> None:
         if prepare:
             self.prepare()
+        if self.metrics is not None:
+            self.http = HttpEndpoint(self)  # binds now: a taken port fails before anything else starts
         store.configure_receive(self.spool)
         cheap_context_copies()
         ae = AE(ae_title=self.config.ae_title)
@@ -125,6 +132,8 @@ class Proxy:
                     worker=self.worker, database=self.engine.url.render_as_string(hide_password=True),
                     spool=self.config.spool_dir))
         if self.worker == 0:
+            if self.http is not None:
+                self.http.start()
             self._warn_not_yet_implemented()
             self.maintenance.start()
             self.refresher.start()
@@ -139,8 +148,6 @@ class Proxy:
         rather than let a site believe, say, that its spool is encrypted."""
         cfg = self.config
         gaps = []
-        if cfg.http is not None:
-            gaps.append("http: no HTTP endpoint yet")
         if cfg.tls is not None:
             gaps.append("tls: no DICOM TLS port yet")
         if any(m.on != "store" for m in cfg.mutations):
@@ -154,7 +161,9 @@ class Proxy:
     def _check_nodes(self) -> None:
         """An echo to every node at start: the log then says at once which peers are unreachable."""
         try:
-            upstream.echo_all(self.config)
+            results = upstream.echo_all(self.config)
+            if self.http is not None:
+                self.http.reachability.record(results)
         except Exception:  # never fatal: a node check is information, not a precondition
             log.exception("node check failed")
 
@@ -184,6 +193,8 @@ class Proxy:
         self.commitment.stop()
         self.forwarder.stop(timeout=3.0)
         self.io_pool.shutdown(wait=True)
+        if self.http is not None:
+            self.http.stop()
         self.engine.dispose()
         log.info(kv(event="stopped"))
 

@@ -30,6 +30,8 @@ class Status:
     spool_free: int | None = None
     # job name -> last run: started/finished (datetime), status, rows, error; absent: never ran
     refresh_runs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # job name -> when its latest successful run finished (cache freshness); absent: never succeeded
+    refresh_last_ok: dict[str, Any] = field(default_factory=dict)
     # worklist: items answered (not done) and done; MPPS relay: node -> state -> messages
     worklist: dict[str, int] = field(default_factory=dict)
     mpps_queues: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -42,16 +44,22 @@ class Status:
     commitment: dict[str, int] = field(default_factory=dict)
     commitment_open: list[dict[str, Any]] = field(default_factory=list)
     commitment_out: dict[str, dict[str, int]] = field(default_factory=dict)
+    # the latest WARNING/ERROR lines: from the server's memory (status page) or log.file (`qrproxy status`)
+    recent_errors: list[str] = field(default_factory=list)
 
 
-def collect(cfg: Config, echo_nodes: bool = True) -> Status:
+def collect(cfg: Config, echo_nodes: bool = True, engine: Any = None, log_errors: bool = True) -> Status:
+    """Everything `status` shows. `engine`: the running proxy's (status page, /metrics), else one of
+    its own, disposed at the end. `log_errors`: read the latest WARNING/ERROR lines from `log.file`."""
     from alembic.runtime.migration import MigrationContext
 
     from .db import models
     from .db.session import make_engine
 
     st = Status(cfg)
-    engine = make_engine(cfg.database)
+    own_engine = engine is None
+    if engine is None:
+        engine = make_engine(cfg.database)
     try:
         with engine.connect() as conn:
             st.revision = MigrationContext.configure(conn).get_current_revision()
@@ -74,6 +82,11 @@ def collect(cfg: Config, echo_nodes: bool = True) -> Status:
                     for name, run in last_runs(s, [job.name for job in cfg.refresh]).items():
                         st.refresh_runs[name] = {"started_at": run.started_at, "finished_at": run.finished_at,
                                                  "status": run.status, "rows": run.rows, "error": run.error}
+                    run_t = models.RefreshRun
+                    st.refresh_last_ok = dict(s.execute(
+                        select(run_t.job_name, func.max(run_t.finished_at))
+                        .where(run_t.status == "ok", run_t.job_name.in_([job.name for job in cfg.refresh]))
+                        .group_by(run_t.job_name)).all())
                     st.queues = queue.depths(s)
                     _collect_worklist(st, s)
                     from .retention import summary
@@ -99,7 +112,10 @@ def collect(cfg: Config, echo_nodes: bool = True) -> Status:
     except Exception as exc:
         st.database_error = f"{type(exc).__name__}: {exc}".splitlines()[0]
     finally:
-        engine.dispose()
+        if own_engine:
+            engine.dispose()
+    if log_errors and cfg.log.file is not None:
+        st.recent_errors = log_file_errors(cfg.log.file)
     try:
         st.spool_free = shutil.disk_usage(cfg.spool_dir).free
     except OSError:
@@ -173,18 +189,37 @@ def render(st: Status) -> str:
     out += _render_commitment(st)
     if cfg.refresh:
         out.append("")
-        rows = [["REFRESH", "NODE", "KIND", "SCHEDULE", "LAST RUN", "RESULT", "ROWS", "ERROR"]]
+        rows = [["REFRESH", "NODE", "KIND", "SCHEDULE", "LAST RUN", "RESULT", "ROWS", "LAST OK", "ERROR"]]
         for job in cfg.refresh:
             run = st.refresh_runs.get(job.name)
             schedule = f"every {_duration(job.every)}" if job.every is not None else f"cron {job.cron}"
             if run is None:
-                rows.append([job.name, job.node, job.kind, schedule, "never", "-", "-", ""])
+                rows.append([job.name, job.node, job.kind, schedule, "never", "-", "-", "-", ""])
                 continue
             when = run["finished_at"] or run["started_at"]
             rows.append([job.name, job.node, job.kind, schedule, _utc(when), run["status"], str(run["rows"]),
-                         (run["error"] or "")[:100]])
+                         _utc(st.refresh_last_ok.get(job.name)), (run["error"] or "")[:100]])
         out.append(table(rows))
+    if st.recent_errors:
+        out += ["", f"recent errors ({len(st.recent_errors)}, newest last):"]
+        out += [f"  {line[:200]}" for line in st.recent_errors]
+    elif cfg.log.file is not None:
+        out += ["", f"recent errors: none in {cfg.log.file}"]
     return "\n".join(out)
+
+
+def log_file_errors(path: Any, limit: int = 20, tail_bytes: int = 256 * 1024) -> list[str]:
+    """The last `limit` WARNING/ERROR lines of the log file (only its tail is read: logs grow for years)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(max(0, size - tail_bytes))
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return []
+    lines = [ln for ln in text.splitlines() if " WARNING " in ln or " ERROR " in ln or " CRITICAL " in ln]
+    return lines[-limit:]
 
 
 def _mb(n: int) -> str:

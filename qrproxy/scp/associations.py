@@ -70,6 +70,7 @@ class AssociationLog:
         self.proxy = proxy
         self._lock = threading.Lock()
         self._states: dict[int, _AssocState] = {}
+        self.metrics = getattr(proxy, "metrics", None)  # qrproxy.metrics.Metrics when http: is on
 
     def _state(self, assoc: Any) -> _AssocState:
         with self._lock:
@@ -81,6 +82,8 @@ class AssociationLog:
 
     def on_established(self, event: Any) -> None:
         self._state(event.assoc).result = "established"
+        if self.metrics is not None:
+            self.metrics.association("accepted", event.assoc)
 
     def on_rejected(self, event: Any) -> None:
         st = self._state(event.assoc)
@@ -89,20 +92,28 @@ class AssociationLog:
             st.result = "rejected:calling-ae-not-recognized"
         else:
             st.result = "rejected:local-limit-exceeded"
+        if self.metrics is not None:
+            self.metrics.association("rejected")
 
     def on_released(self, event: Any) -> None:
         self._state(event.assoc).result = "released"
 
     def on_aborted(self, event: Any) -> None:
         self._state(event.assoc).result = "aborted"
+        if self.metrics is not None:
+            self.metrics.association("aborted")
 
     def on_dimse(self, event: Any) -> None:
         name = type(event.message).__name__
         if name in _DIMSE_NAMES:
             self._state(event.assoc).services[_DIMSE_NAMES[name]] += 1
+            if self.metrics is not None:
+                self.metrics.request(event)
 
     def on_close(self, event: Any) -> None:
         assoc = event.assoc
+        if self.metrics is not None:
+            self.metrics.closed(assoc)
         with self._lock:
             st = self._states.pop(id(assoc), None)
         if st is None:
@@ -137,7 +148,8 @@ class AssociationLog:
             (evt.EVT_ABORTED, self.on_aborted),
             (evt.EVT_DIMSE_RECV, self.on_dimse),
             (evt.EVT_CONN_CLOSE, self.on_close),
-        ]
+        ] + ([] if self.metrics is None else [(evt.EVT_DIMSE_SENT, self.metrics.response),
+                                              (evt.EVT_DATA_RECV, self.metrics.data_received)])
 
 
 def configure_ae_policy(ae: Any, proxy: Proxy) -> None:
