@@ -7,8 +7,7 @@ association log and everything bound to EVT_REJECTED see it like any other rejec
 
 Checks, in order (README "Security and limits"):
 
-1. per-peer cap: more than `max_associations_per_peer` associations (or connections not yet past
-   their A-ASSOCIATE-RQ) from one IP address -> A-ASSOCIATE-RJ rejected-transient / service-provider
+1. per-peer cap: more than `max_associations_per_peer` associations from one IP address -> A-ASSOCIATE-RJ rejected-transient / service-provider
    (presentation) / local-limit-exceeded (0x02, 0x03, 0x02), what pynetdicom answers for the global
    `max_associations`. Other peers are unaffected.
 2. AE title bound to address: a calling AE title that is a node's `ae_title` but arrives from an
@@ -112,6 +111,7 @@ class AccessPolicy:
         log.warning(kv(event="association-rejected", reason=reason, calling=calling,
                        peer=f"{assoc.requestor.address}:{assoc.requestor.port}", **fields))
         _REJECT_REASONS[assoc] = reason
+        assoc.requestor.ae_title = calling  # as pynetdicom's negotiation would, for the association log
         assoc.acse.send_reject(*rsd)
         evt.trigger(assoc, evt.EVT_REJECTED, {})
         assoc.kill()
@@ -124,7 +124,11 @@ class AccessPolicy:
         calling = (assoc.requestor.primitive.calling_ae_title or "").strip()
         ip = _peer_ip(assoc)
 
-        from_peer = sum(1 for a in assoc.ae.active_associations if a.is_acceptor and _peer_ip(a) == ip)
+        # Connections still waiting for their A-ASSOCIATE-RQ (port checks, scanners) are not counted:
+        # acse_timeout and max_associations bound those.
+        from_peer = sum(1 for a in assoc.ae.active_associations
+                        if a.is_acceptor and a.requestor.primitive is not None and not a.is_rejected
+                        and not a.is_aborted and _peer_ip(a) == ip)
         if from_peer > cfg.max_associations_per_peer:
             self._reject(assoc, LOCAL_LIMIT_EXCEEDED, "per-peer-limit",
                          limit=cfg.max_associations_per_peer, active=from_peer - 1)
