@@ -34,7 +34,7 @@ from .pynetdicom_tuning import cheap_context_copies
 from .prefetch import Prefetcher
 from .retrieve import Retriever
 from .scp import commitment, echo, find, move, mpps, mwl, store
-from .pdu_guard import GuardedRequestHandler, Limits
+from .pdu_guard import GuardedRequestHandler, Limits, quiet_peer_errors
 from .pdu_guard import on_established as guard_on_established
 from .scp.access import AccessPolicy
 from .scp.associations import AssociationLog, configure_ae_policy
@@ -107,6 +107,7 @@ class Proxy:
             self.prepare()
         store.configure_receive(self.spool)
         cheap_context_copies()
+        quiet_peer_errors()
         ae = AE(ae_title=self.config.ae_title)
         configure_ae_policy(ae, self)
         handlers: list[tuple[Any, Any]] = list(self.assoc_log.handlers())

@@ -67,6 +67,37 @@ class LimitExceeded(Exception):
         self.fields = fields
 
 
+# PS3.7 E.1: the command fields pynetdicom can decode; any other value stops its DUL thread with an
+# uncaught exception (found by tests/test_fuzz.py), so such a command set is answered A-ABORT here.
+COMMAND_FIELDS = frozenset({0x0001, 0x8001, 0x0010, 0x8010, 0x0020, 0x8020, 0x0021, 0x8021, 0x0030, 0x8030,
+                            0x0100, 0x8100, 0x0110, 0x8110, 0x0120, 0x8120, 0x0130, 0x8130, 0x0140, 0x8140,
+                            0x0150, 0x8150, 0x0FFF})
+
+
+def command_problem(data: bytes) -> str | None:
+    """Why a complete command set (implicit VR little endian) cannot be decoded, or None."""
+    i, values = 0, {}
+    while i < len(data):
+        if len(data) - i < 8:
+            return "truncated element header"
+        group, elem, length = struct.unpack_from("<HHL", data, i)
+        i += 8
+        if group != 0x0000:
+            return f"element ({group:04X},{elem:04X}) outside the command group"
+        if length > len(data) - i:
+            return f"element (0000,{elem:04X}) runs past the end"
+        values[elem] = data[i:i + length]
+        i += length
+    field = values.get(0x0100)
+    if field is None or len(field) != 2 or struct.unpack("<H", field)[0] not in COMMAND_FIELDS:
+        return "no known Command Field"
+    if len(values.get(0x0800, b"")) != 2:
+        return "no Command Data Set Type"
+    if field == b"\x01\x00" and not (values.get(0x0002) and values.get(0x1000)):
+        return "C-STORE-RQ without Affected SOP Class and Instance UIDs"
+    return None
+
+
 class _Framing:
     """Where the byte stream is: inside a PDU header, a PDV header, or PDV data."""
 
@@ -80,6 +111,7 @@ class _Framing:
         self.pdv_left = 0  # data bytes of the current PDV item still to come
         self.pdv_context = 0
         self.pdv_control = 0
+        self.command = bytearray()  # the command set being received (at most COMMAND_LIMIT)
         self.message = {0: 0, 1: 0}  # bytes so far of the data set (0) and command set (1) fragments
         self.mid_pdu = False
 
@@ -131,12 +163,23 @@ class _Framing:
                     self._count(self.pdv_left)
                     if self.pdv_left == 0:
                         self.pdv_header.clear()
+                        self._command_done()
                 continue
             take = min(self.pdv_left, end - i)
+            if self.pdv_control & 0x01:
+                self.command += data[i:i + take]
             i += take
             self.pdv_left -= take
             if self.pdv_left == 0:
                 self.pdv_header.clear()
+                self._command_done()
+
+    def _command_done(self) -> None:
+        if self.pdv_control & 0x03 == 0x03:
+            problem = command_problem(bytes(self.command))
+            self.command.clear()
+            if problem:
+                raise LimitExceeded("bad-command-set", ABORT_BAD_PDU, detail=problem)
 
     def _count(self, size: int) -> None:
         is_command = self.pdv_control & 0x01
@@ -226,3 +269,29 @@ def on_established(event: Any, storage_uids: set[str]) -> None:
         sock.storage_contexts = {
             int(cx.context_id) for cx in assoc.accepted_contexts if str(cx.abstract_syntax) in storage_uids
         }
+
+
+class _OneLineExceptions(logging.Filter):
+    """pynetdicom logs a full traceback (LOGGER.exception) for every PDU it cannot decode and every
+    connection a peer resets; it then answers A-ABORT as PS3.8 prescribes, so nothing is wrong in
+    qrproxy. The traceback becomes one line ("...: ValueError: ..."), so the log of a port scan or
+    a broken modality stays readable and a real qrproxy traceback still stands out."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            record.msg = f"{record.getMessage()} ({type(exc).__name__}: {str(exc)[:200]})"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def quiet_peer_errors() -> None:
+    """Install the filter on every pynetdicom logger (a logger's filters see only its own records)."""
+    flt = _OneLineExceptions()
+    for name in list(logging.root.manager.loggerDict):
+        if name == "pynetdicom" or name.startswith("pynetdicom."):
+            logger = logging.getLogger(name)
+            if not any(isinstance(f, _OneLineExceptions) for f in logger.filters):
+                logger.addFilter(flt)
