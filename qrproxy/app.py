@@ -17,7 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
 from . import upstream
@@ -36,6 +36,9 @@ from .pynetdicom_tuning import cheap_context_copies
 from .prefetch import Prefetcher
 from .retrieve import Retriever
 from .scp import commitment, echo, find, move, mpps, mwl, store
+from .pdu_guard import GuardedRequestHandler, Limits, quiet_peer_errors
+from .pdu_guard import on_established as guard_on_established
+from .scp.access import AccessPolicy
 from .scp.associations import AssociationLog, configure_ae_policy
 from .spool import Spool
 
@@ -51,6 +54,11 @@ class Server(ThreadedAssociationServer):
     it is not in the AE's own server list."""
 
     reuse_port = False
+    limits: Any = None  # pdu_guard.Limits, set by Proxy.start before serving
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("request_handler", GuardedRequestHandler)
+        super().__init__(*args, **kwargs)
 
     def server_bind(self) -> None:
         if self.reuse_port:
@@ -106,6 +114,7 @@ class Proxy:
             self.http = HttpEndpoint(self)  # binds now: a taken port fails before anything else starts
         store.configure_receive(self.spool)
         cheap_context_copies()
+        quiet_peer_errors()
         ae = AE(ae_title=self.config.ae_title)
         configure_ae_policy(ae, self)
         handlers: list[tuple[Any, Any]] = list(self.assoc_log.handlers())
@@ -121,12 +130,18 @@ class Proxy:
         for service in (echo, find, store, move):
             handlers += service.handlers(self)
         handlers = mwl.handlers(self, handlers) + mpps.handlers(self) + commitment.handlers(self)
+        handlers += AccessPolicy(self.config).handlers()
+        storage_uids = {uid for uid, _ in store.contexts(self.config.store.extra_sop_classes)}
+        handlers.append((evt.EVT_ESTABLISHED, guard_on_established, [storage_uids]))
         self.ae = ae
         self.forwarder.start()
         self.commitment.start()
         server_class = ReusePortServer if self.config.workers > 1 else Server
         self._server = ae.make_server((self.config.host, self.config.port), evt_handlers=handlers,
                                       server_class=server_class)
+        self._server.limits = Limits(max_pdu=self.config.max_pdu,
+                                     max_dataset_size=self.config.store.max_dataset_size,
+                                     idle_timeout=self.config.idle_timeout or None)
         threading.Thread(target=self._server.serve_forever, name="dicom-server", daemon=True).start()
         log.info(kv(event="listening", ae=self.config.ae_title, host=self.config.host, port=self.config.port,
                     worker=self.worker, database=self.engine.url.render_as_string(hide_password=True),

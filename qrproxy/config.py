@@ -94,6 +94,9 @@ class Node(_Strict):
     # it), or C-GET on qrproxy's association (no connection back through a firewall needed).
     retrieve_method: Literal["move", "get"] = "move"
     commitment: Annotated[NodeCommitment | None, BeforeValidator(_policy_shorthand)] = None
+    # Further source addresses (IPs or host names) this node's AE title may call from, besides
+    # `host` (README "Security and limits": bind_ae_to_host).
+    addresses: list[str] = Field(default_factory=list)
 
     @field_validator("roles")
     @classmethod
@@ -215,6 +218,28 @@ class StoreSettings(_Strict):
     # Calling AE title (or "*") -> SOP Class UIDs answered Success but not stored, as the Clara adapter does.
     ignore_sop_classes: dict[str, list[str]] = Field(default_factory=dict)
     extra_sop_classes: list[str] = Field(default_factory=list)
+    # A C-STORE data set larger than this is cut off with A-ABORT as it arrives (README "Security
+    # and limits"); 0: no limit.
+    max_dataset_size: Size = 4_000_000_000
+
+
+class ServiceAccess(_Strict):
+    """Who may use one service (README "Security and limits")."""
+
+    allowed_calling_ae_titles: list[AETitle] = Field(default_factory=list)
+
+
+class Services(_Strict):
+    """Per-service calling-AE whitelists; an absent service is open to every accepted calling AE.
+    `move` covers C-MOVE and C-GET."""
+
+    echo: ServiceAccess | None = None
+    store: ServiceAccess | None = None
+    find: ServiceAccess | None = None
+    move: ServiceAccess | None = None
+    worklist: ServiceAccess | None = None
+    mpps: ServiceAccess | None = None
+    commitment: ServiceAccess | None = None
 
 
 class ForwardSettings(_Strict):
@@ -313,6 +338,12 @@ class Config(_Strict):
     idle_timeout: Duration = 300.0
     allowed_calling_ae_titles: list[AETitle] = Field(default_factory=list)
     unknown_calling_ae: Literal["accept", "reject"] | None = None
+    # A node's AE title calling from an address other than its host/addresses: rejected (true) or
+    # only logged (false). Unset: true when unknown calling AEs are rejected.
+    bind_ae_to_host: bool | None = None
+    # Associations (and connections awaiting their A-ASSOCIATE-RQ) at once from one IP address.
+    max_associations_per_peer: int = Field(default=20, ge=1, le=10000)
+    services: Services = Field(default_factory=Services)
     nodes: dict[str, Node] = Field(default_factory=dict)
     query: QuerySettings = Field(default_factory=QuerySettings)
     refresh: list[RefreshJob] = Field(default_factory=list)
@@ -339,6 +370,10 @@ class Config(_Strict):
         if self.unknown_calling_ae is None:
             return bool(self.allowed_calling_ae_titles)
         return self.unknown_calling_ae == "reject"
+
+    @property
+    def binds_ae_to_host(self) -> bool:
+        return self.rejects_unknown_ae if self.bind_ae_to_host is None else self.bind_ae_to_host
 
     @property
     def known_calling_ae_titles(self) -> set[str]:

@@ -2,7 +2,9 @@
 
 The calling-AE whitelist is enforced by pynetdicom itself (`AE.require_calling_aet`), which answers
 A-ASSOCIATE-RJ rejected-permanent / service-user / calling-AE-title-not-recognized (0x01, 0x01, 0x03),
-exactly what PS3.8 9.3.4 prescribes. This module only decides the list and logs the outcome.
+exactly what PS3.8 9.3.4 prescribes. This module only decides the list and logs the outcome; the
+checks pynetdicom has no setting for (per-peer cap, AE title bound to address, per-service
+whitelists) are scp/access.py, the size and time limits on what a peer sends pdu_guard.py.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from pynetdicom import evt
 
 from ..logs import kv
+from .access import reject_reason
 
 if TYPE_CHECKING:
     from ..app import Proxy
@@ -88,7 +91,9 @@ class AssociationLog:
     def on_rejected(self, event: Any) -> None:
         st = self._state(event.assoc)
         calling = event.assoc.requestor.ae_title
-        if self.proxy.config.rejects_unknown_ae and calling not in self.proxy.config.known_calling_ae_titles:
+        if reject_reason(event.assoc):
+            st.result = f"rejected:{reject_reason(event.assoc)}"
+        elif self.proxy.config.rejects_unknown_ae and calling not in self.proxy.config.known_calling_ae_titles:
             st.result = "rejected:calling-ae-not-recognized"
         else:
             st.result = "rejected:local-limit-exceeded"

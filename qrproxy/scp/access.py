@@ -1,0 +1,175 @@
+"""Who may associate, from where, and for which service; decided when the A-ASSOCIATE-RQ arrives.
+
+pynetdicom lets an EVT_REQUESTED handler answer the request itself (association.py: "User used
+EVT_REQUESTED to send an A-ABORT or A-ASSOCIATE-RJ"); `AccessPolicy.on_requested` does so in the
+same three steps pynetdicom's own rejection takes (acse.send_reject, EVT_REJECTED, kill), so the
+association log and everything bound to EVT_REJECTED see it like any other rejection.
+
+Checks, in order (README "Security and limits"):
+
+1. per-peer cap: more than `max_associations_per_peer` associations from one IP address -> A-ASSOCIATE-RJ rejected-transient / service-provider
+   (presentation) / local-limit-exceeded (0x02, 0x03, 0x02), what pynetdicom answers for the global
+   `max_associations`. Other peers are unaffected.
+2. AE title bound to address: a calling AE title that is a node's `ae_title` but arrives from an
+   address that is neither the node's `host` nor one of its `addresses` -> rejected-permanent /
+   service-user / calling-AE-title-not-recognized (0x01, 0x01, 0x03) when `bind_ae_to_host` holds,
+   else accepted with a warning. Host names are resolved once, at start.
+3. per-service whitelists (`services:`): the presentation contexts of a service the calling AE may
+   not use are taken out of this association's supported contexts before negotiation, so they are
+   answered "abstract syntax not supported" (0x03) in the A-ASSOCIATE-AC: what DCMTK's storescp and
+   dcmqrscp answer for SOP classes a peer's profile lacks, and what every SCU already handles ("no
+   presentation context for ..."), instead of a DIMSE status that C-STORE and C-FIND do not define.
+   A calling AE allowed no service at all is rejected like an unknown one (0x01, 0x01, 0x03).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from pynetdicom import evt
+
+from ..logs import kv
+
+if TYPE_CHECKING:
+    from ..app import Proxy
+    from ..config import Config
+
+log = logging.getLogger("qrproxy.assoc")
+
+SERVICES = ("echo", "store", "find", "move", "worklist", "mpps", "commitment")
+VERIFICATION = "1.2.840.10008.1.1"
+
+# PS3.8 9.3.4: (result, source, diagnostic) of the A-ASSOCIATE-RJ.
+CALLING_AE_NOT_RECOGNIZED = (0x01, 0x01, 0x03)
+LOCAL_LIMIT_EXCEEDED = (0x02, 0x03, 0x02)
+
+_REJECT_REASONS: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+
+
+def reject_reason(assoc: Any) -> str | None:
+    """Why AccessPolicy rejected this association, or None when it did not (the association log)."""
+    try:
+        return _REJECT_REASONS.get(assoc)
+    except TypeError:
+        return None
+
+
+def resolve(host: str) -> set[str]:
+    """Every address `host` stands for; the literal itself when it does not resolve (logged)."""
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except OSError as exc:
+        log.warning(kv(event="node-address-unresolved", host=host, error=exc))
+        return {host}
+    return {str(info[4][0]) for info in infos}
+
+
+def service_map() -> dict[str, str]:
+    """Abstract syntax UID -> service name, from the SCP modules' own context lists."""
+    from . import commitment, echo, find, move, mpps, mwl
+
+    out: dict[str, str] = {}
+    for name, module in (("echo", echo), ("find", find), ("worklist", mwl), ("mpps", mpps),
+                         ("move", move), ("commitment", commitment)):
+        for uid, _ in module.contexts():
+            out[str(uid)] = name
+    out[VERIFICATION] = "echo"
+    return out  # everything else the SCP supports is a storage SOP class: "store"
+
+
+def _peer_ip(assoc: Any) -> str:
+    address = str(assoc.requestor.address or "")
+    return address[7:] if address.startswith("::ffff:") else address
+
+
+class AccessPolicy:
+    """The association-level checks above; built at start, so host names are resolved once."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.addresses: dict[str, set[str]] = {}  # node AE title -> addresses it may call from
+        for node in config.nodes.values():
+            allowed: set[str] = set()
+            for host in [node.host, *node.addresses]:
+                allowed |= resolve(host)
+            self.addresses[node.ae_title] = allowed
+        self.services = service_map()
+        self.allowed: dict[str, set[str] | None] = {}
+        for name in SERVICES:
+            access = getattr(config.services, name)
+            self.allowed[name] = None if access is None else set(access.allowed_calling_ae_titles)
+
+    def may_use(self, calling: str, service: str) -> bool:
+        allowed = self.allowed[service]
+        return allowed is None or calling in allowed
+
+    def _reject(self, assoc: Any, rsd: tuple[int, int, int], reason: str, **fields: Any) -> None:
+        calling = (assoc.requestor.primitive.calling_ae_title or "").strip()
+        log.warning(kv(event="association-rejected", reason=reason, calling=calling,
+                       peer=f"{assoc.requestor.address}:{assoc.requestor.port}", **fields))
+        _REJECT_REASONS[assoc] = reason
+        assoc.requestor.ae_title = calling  # as pynetdicom's negotiation would, for the association log
+        assoc.acse.send_reject(*rsd)
+        evt.trigger(assoc, evt.EVT_REJECTED, {})
+        assoc.kill()
+
+    def on_requested(self, event: Any) -> None:
+        assoc = event.assoc
+        if not assoc.is_acceptor:
+            return
+        cfg = self.config
+        calling = (assoc.requestor.primitive.calling_ae_title or "").strip()
+        ip = _peer_ip(assoc)
+
+        # Connections still waiting for their A-ASSOCIATE-RQ (port checks, scanners) are not counted:
+        # acse_timeout and max_associations bound those.
+        from_peer = sum(1 for a in assoc.ae.active_associations
+                        if a.is_acceptor and a.requestor.primitive is not None and not a.is_rejected
+                        and not a.is_aborted and _peer_ip(a) == ip)
+        if from_peer > cfg.max_associations_per_peer:
+            self._reject(assoc, LOCAL_LIMIT_EXCEEDED, "per-peer-limit",
+                         limit=cfg.max_associations_per_peer, active=from_peer - 1)
+            return
+
+        expected = self.addresses.get(calling)
+        if expected is not None and ip not in expected:
+            shown = ",".join(sorted(expected))
+            if cfg.binds_ae_to_host:
+                self._reject(assoc, CALLING_AE_NOT_RECOGNIZED, "calling-ae-address-mismatch", expected=shown)
+                return
+            log.warning(kv(event="calling-ae-address-mismatch", calling=calling,
+                           peer=f"{assoc.requestor.address}:{assoc.requestor.port}", expected=shown,
+                           action="accepted", detail="bind_ae_to_host is false"))
+
+        if all(v is None for v in self.allowed.values()):
+            return
+        denied = {s for s in SERVICES if not self.may_use(calling, s)}
+        if denied == set(SERVICES):
+            self._reject(assoc, CALLING_AE_NOT_RECOGNIZED, "no-service-allowed")
+            return
+        if denied:
+            self._restrict_contexts(assoc, calling, denied)
+
+    def _restrict_contexts(self, assoc: Any, calling: str, denied: set[str]) -> None:
+        """Drop the supported contexts of denied services from this association only (pynetdicom
+        gives each association its own copy, writable until negotiation starts)."""
+        # A C-GET requester proposes the storage contexts with itself as SCP (role selection): on
+        # that association qrproxy sends C-STOREs, so they belong to `move`, not to `store`.
+        get_storage = {str(uid) for uid, item in assoc.requestor.role_selection.items() if item.scp_role}
+        keep = []
+        for cx in assoc.acceptor.supported_contexts:
+            uid = str(cx.abstract_syntax)
+            service = self.services.get(uid, "store")
+            if service == "store" and "store" in denied and uid in get_storage and "move" not in denied:
+                keep.append(cx)
+            elif service not in denied:
+                keep.append(cx)
+        assoc.acceptor.supported_contexts = keep
+        log.info(kv(event="services-restricted", calling=calling,
+                    peer=f"{assoc.requestor.address}:{assoc.requestor.port}", denied=",".join(sorted(denied))))
+
+    def handlers(self) -> list[tuple[Any, Any]]:
+        return [(evt.EVT_REQUESTED, self.on_requested)]
