@@ -146,7 +146,8 @@ class Proxy:
                                               ssl_context=tls.server_context(self.config.tls))
             threading.Thread(target=self._tls_server.serve_forever, name="dicom-tls-server", daemon=True).start()
             log.info(kv(event="listening", ae=self.config.ae_title, host=self.config.host,
-                        port=self.config.tls.port, tls=True, client_certs=self.config.tls.ca_file is not None,
+                        port=self.config.tls.port, tls="true",
+                        client_certs="required" if self.config.tls.ca_file is not None else "not-asked",
                         worker=self.worker))
         if self.worker == 0:
             self._warn_not_yet_implemented()

@@ -185,11 +185,12 @@ def handshake_failures(proc: QrproxyProcess) -> list[str]:
     return [ln for ln in proc.log_text().splitlines() if "event=tls-handshake-failed" in ln]
 
 
-def python_tls_echo(port: int, ctx: ssl.SSLContext) -> bool:
-    """C-ECHO through pynetdicom with a caller-built SSL context; True when answered Success."""
+def python_tls_echo(port: int, ctx: ssl.SSLContext, timeout: float = 10) -> bool:
+    """C-ECHO through pynetdicom with a caller-built SSL context; True when answered Success.
+    `timeout` also bounds the TLS handshake (pynetdicom handshakes inside connect)."""
     ae = AE(ae_title="PYSCU")
     ae.add_requested_context(Verification)
-    ae.acse_timeout = ae.network_timeout = ae.connection_timeout = 10
+    ae.acse_timeout = ae.network_timeout = ae.connection_timeout = timeout
     assoc = ae.associate(LOCALHOST, port, ae_title="QRPROXY", tls_args=(ctx, LOCALHOST))
     try:
         if not assoc.is_established:
@@ -328,6 +329,10 @@ def test_silent_peer_does_not_block_the_tls_port(pki: Pki, tmp_path: Path,
     proc = qrproxy(proxy_config(sqlite_url(tmp_path), pki, {}))
     wait_tls_listening(proc)
     with socket.create_connection((LOCALHOST, tls_port(proc)), timeout=10):
+        time.sleep(0.5)  # the silent connection is accepted first
+        # qrproxy gives a silent peer acse_timeout (30 s) to handshake; 5 s here would run out
+        # if that wait were in the accepting thread
+        assert python_tls_echo(tls_port(proc), client_ctx(pki, pki.client_crt, pki.client_key), timeout=5)
         r = echoscu(tls_port(proc), *dcmtk_tls(pki))
         assert r.returncode == 0, r.stdout + r.stderr
 
