@@ -197,6 +197,6 @@ def echo_all(config: Config) -> list[EchoResult]:
         level = logging.INFO if r.ok else logging.WARNING
         node = config.nodes[name]
         log.log(level, kv(event="node-check", node=name, ae=node.ae_title, addr=f"{node.host}:{node.port}",
-                          result=r.detail, ms=r.ms))
+                          result=r.detail, ms=r.ms, **({"tls": "true"} if node.tls else {})))
         results.append(r)
     return results

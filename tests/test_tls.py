@@ -364,6 +364,33 @@ def test_forward_to_orthanc_over_tls(db_url: str, pki: Pki, tmp_path: Path,
     assert r.returncode != 0
 
 
+def test_upstream_with_an_untrusted_certificate_gets_nothing(pki: Pki, tmp_path: Path,
+                                                            qrproxy: Callable[..., QrproxyProcess],
+                                                            orthanc_factory: Callable[..., OrthancServer]) -> None:
+    """qrproxy verifies a tls node: Orthanc presenting a certificate from a CA not in tls.ca_file
+    (and without 127.0.0.1 in it) receives no instance; the instance stays queued and the failure
+    is logged without a traceback."""
+    overrides = {**orthanc_tls(pki), "DicomTlsCertificate": str(pki.other_crt),
+                 "DicomTlsPrivateKey": str(pki.other_key)}
+    orthanc = orthanc_factory(modalities={"QRPROXY": ("QRPROXY", LOCALHOST, 1)}, config_overrides=overrides)
+    nodes = {"PACS": {"ae_title": orthanc.aet, "host": LOCALHOST, "port": orthanc.dicom_port,
+                      "roles": ["store"], "tls": True}}
+    proc = qrproxy(proxy_config(sqlite_url(tmp_path), pki, nodes))
+    files = dicomgen.write_all([dicomgen.make_ct()], tmp_path / "in")
+    r = storescu(proc.port, files)
+    assert r.returncode == 0, r.stdout + r.stderr  # accepted into the spool
+    lines = wait_until(lambda: [ln for ln in proc.log_text().splitlines()
+                                if "event=tls-handshake-failed" in ln and "direction=outbound" in ln], 30,
+                       "an outbound tls-handshake-failed line")
+    assert "certificate verify failed" in lines[0], lines
+    check = wait_until(lambda: [ln for ln in proc.log_text().splitlines() if "event=node-check" in ln], 30,
+                       "the node-check line")
+    assert "result=ok" not in check[0] and "tls=true" in check[0], check
+    wait_until(lambda: "event=node-down node=PACS" in proc.log_text(), 30, "the forwarder's node-down line")
+    assert orthanc.instances() == []
+    assert "Traceback" not in proc.log_text()
+
+
 def test_orthanc_as_tls_scu_to_qrproxy(pki: Pki, tmp_path: Path, qrproxy: Callable[..., QrproxyProcess],
                                        orthanc_factory: Callable[..., OrthancServer],
                                        storescp: StoreSCP) -> None:
