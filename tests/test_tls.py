@@ -471,3 +471,13 @@ def test_check_accepts_good_tls_and_wants_a_tls_section_for_tls_nodes(pki: Pki, 
     r = _check(tmp_path, cfg)
     assert r.returncode == 2, r.stdout + r.stderr
     assert "nodes.PACS.tls" in r.stderr, r.stderr
+
+
+def test_tls_port_with_several_workers(pki: Pki, tmp_path: Path, qrproxy: Callable[..., QrproxyProcess]) -> None:
+    """workers: 2 — every worker listens on the TLS port too (SO_REUSEPORT, as on the plain port)."""
+    proc = qrproxy(proxy_config(sqlite_url(tmp_path), pki, {}, workers=2))
+    wait_until(lambda: proc.log_text().count("tls=true") >= 2, 60, "two TLS listening lines")
+    for _ in range(4):
+        r = echoscu(tls_port(proc), *dcmtk_tls(pki))
+        assert r.returncode == 0, r.stdout + r.stderr
+    assert "Address already in use" not in proc.log_text()
