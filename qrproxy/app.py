@@ -151,6 +151,8 @@ class Proxy:
                         worker=self.worker))
         if self.worker == 0:
             self._warn_not_yet_implemented()
+            if self.config.tls is not None:
+                tls.log_certificate_expiry(self.config.tls)
             self.maintenance.start()
             self.refresher.start()
             self.mpps_relay.start()

@@ -247,3 +247,20 @@ def node_client_context(tls: Any) -> ssl.SSLContext:
     if ctx is None:
         ctx = _clients.setdefault(key, client_context(tls))
     return ctx
+
+
+EXPIRY_WARNING_DAYS = 30
+
+
+def log_certificate_expiry(tls: Any) -> None:
+    """At start: say when qrproxy's certificate expires, as a warning within EXPIRY_WARNING_DAYS, so
+    that a site running unattended renews it before every TLS peer starts failing."""
+    try:
+        cert = _certs("cert_file", tls.cert_file)[0]
+    except TlsError:
+        return  # load_config has already refused it
+    end = cert.not_valid_after_utc
+    days = (end - dt.datetime.now(dt.timezone.utc)).days
+    level = logging.WARNING if days < EXPIRY_WARNING_DAYS else logging.INFO
+    log.log(level, kv(event="tls-certificate", subject=cert.subject.rfc4514_string(),
+                      expires=f"{end:%Y-%m-%d}", days_left=days))

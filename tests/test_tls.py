@@ -28,10 +28,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 from pynetdicom import AE
-from pynetdicom.sop_class import Verification
+from pydicom.dataset import Dataset
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification
 
 import dicomgen
-from peers import LOCALHOST, OrthancServer, QrproxyProcess, StoreSCP, dcmtk, free_port, run_cli
+from peers import LOCALHOST, OrthancHTTPError, OrthancServer, QrproxyProcess, StoreSCP, dcmtk, free_port, run_cli
 
 ECHOSCU = dcmtk("echoscu")
 STORESCU = dcmtk("storescu")
@@ -203,6 +204,29 @@ def python_tls_echo(port: int, ctx: ssl.SSLContext, timeout: float = 10) -> bool
         ae.shutdown()
 
 
+def python_tls_find(port: int, ctx: ssl.SSLContext, study_uid: str) -> list[Any]:
+    """Study-level C-FIND over TLS for one Study Instance UID; the matches."""
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    ae.acse_timeout = ae.network_timeout = ae.connection_timeout = ae.dimse_timeout = 30
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = study_uid
+    query.NumberOfStudyRelatedInstances = ""
+    assoc = ae.associate(LOCALHOST, port, ae_title="QRPROXY", tls_args=(ctx, LOCALHOST))
+    try:
+        assert assoc.is_established, "C-FIND association over TLS failed"
+        out = []
+        for status, match in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
+            assert status is not None and status.Status in (0x0000, 0xFF00, 0xFF01), status
+            if match is not None:
+                out.append(match)
+        assoc.release()
+        return out
+    finally:
+        ae.shutdown()
+
+
 def client_ctx(pki: Pki, crt: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.load_verify_locations(str(pki.ca))
@@ -245,6 +269,10 @@ def test_dcmtk_echo_and_store_over_tls_are_forwarded(db_url: str, pki: Pki, tmp_
     assert r.stdout.count("Received Store Response (Success)") + r.stderr.count("Received Store Response (Success)") == 3
     got = storescp.wait_for_files(3, timeout=60)
     assert sorted(p.name.split(".", 1)[1] for p in got) == sorted(dicomgen.uids(datasets))
+    # indexed: a C-FIND over the TLS port finds the study in qrproxy's cache
+    matches = python_tls_find(tls_port(proc), client_ctx(pki, pki.client_crt, pki.client_key),
+                              datasets[0].StudyInstanceUID)
+    assert [m.NumberOfStudyRelatedInstances for m in matches] == [3]
     assert not handshake_failures(proc)
 
 
@@ -364,14 +392,18 @@ def test_forward_to_orthanc_over_tls(db_url: str, pki: Pki, tmp_path: Path,
     assert r.returncode != 0
 
 
-def test_upstream_with_an_untrusted_certificate_gets_nothing(pki: Pki, tmp_path: Path,
+@pytest.mark.parametrize("case", ["other-ca", "wrong-name"])
+def test_upstream_with_an_untrusted_certificate_gets_nothing(case: str, pki: Pki, tmp_path: Path,
                                                             qrproxy: Callable[..., QrproxyProcess],
                                                             orthanc_factory: Callable[..., OrthancServer]) -> None:
-    """qrproxy verifies a tls node: Orthanc presenting a certificate from a CA not in tls.ca_file
-    (and without 127.0.0.1 in it) receives no instance; the instance stays queued and the failure
-    is logged without a traceback."""
-    overrides = {**orthanc_tls(pki), "DicomTlsCertificate": str(pki.other_crt),
-                 "DicomTlsPrivateKey": str(pki.other_key)}
+    """qrproxy verifies a tls node: Orthanc presenting a certificate from a CA not in tls.ca_file,
+    or one from the right CA that does not name 127.0.0.1, receives no instance; the failure is
+    logged without a traceback."""
+    crt, key, why = {
+        "other-ca": (pki.other_crt, pki.other_key, "unable to get local issuer certificate"),
+        "wrong-name": (pki.client_crt, pki.client_key, "mismatch"),
+    }[case]
+    overrides = {**orthanc_tls(pki), "DicomTlsCertificate": str(crt), "DicomTlsPrivateKey": str(key)}
     orthanc = orthanc_factory(modalities={"QRPROXY": ("QRPROXY", LOCALHOST, 1)}, config_overrides=overrides)
     nodes = {"PACS": {"ae_title": orthanc.aet, "host": LOCALHOST, "port": orthanc.dicom_port,
                       "roles": ["store"], "tls": True}}
@@ -382,7 +414,7 @@ def test_upstream_with_an_untrusted_certificate_gets_nothing(pki: Pki, tmp_path:
     lines = wait_until(lambda: [ln for ln in proc.log_text().splitlines()
                                 if "event=tls-handshake-failed" in ln and "direction=outbound" in ln], 30,
                        "an outbound tls-handshake-failed line")
-    assert "certificate verify failed" in lines[0], lines
+    assert "certificate verify failed" in lines[0] and why in lines[0], lines
     check = wait_until(lambda: [ln for ln in proc.log_text().splitlines() if "event=node-check" in ln], 30,
                        "the node-check line")
     assert "result=ok" not in check[0] and "tls=true" in check[0], check
@@ -409,7 +441,7 @@ def test_orthanc_as_tls_scu_to_qrproxy(pki: Pki, tmp_path: Path, qrproxy: Callab
     assert got[0].name.split(".", 1)[1] == ds.SOPInstanceUID
     # the same modality without TLS cannot use the TLS port
     orthanc.add_modality("QRPLAIN", "QRPROXY", LOCALHOST, tls_port(proc))
-    with pytest.raises(Exception):
+    with pytest.raises(OrthancHTTPError):
         orthanc.echo_modality("QRPLAIN")
 
 
