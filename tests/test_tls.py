@@ -66,7 +66,7 @@ def _name(cn: str) -> x509.Name:
 
 
 def _cert(subject_key: Any, cn: str, issuer_key: Any, issuer: x509.Name | None, *, ca: bool = False,
-          san: bool = False, days: tuple[int, int] = (-1, 30)) -> x509.Certificate:
+          san: bool = False, days: tuple[int, int] = (-1, 365)) -> x509.Certificate:
     now = dt.datetime.now(dt.timezone.utc)
     b = (x509.CertificateBuilder()
          .subject_name(_name(cn))
@@ -306,6 +306,7 @@ def test_without_ca_file_clients_need_no_certificate(pki: Pki, tmp_path: Path,
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1:DeprecationWarning")
 def test_old_protocol_versions_and_weak_ciphers_are_refused(pki: Pki, tmp_path: Path,
                                                             qrproxy: Callable[..., QrproxyProcess]) -> None:
     """A client capped at TLS 1.1, or offering only CBC suites on TLS 1.2, is refused; TLS 1.2 with
