@@ -20,7 +20,7 @@ from typing import Any
 from pynetdicom import AE, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
-from . import upstream
+from . import tls, upstream
 from .commitment import Commitment
 from .config import Config
 from .db.session import make_engine, make_sessionmaker, upgrade
@@ -69,6 +69,21 @@ class Server(ThreadedAssociationServer):
         socketserver.BaseServer.shutdown(self)
         self.server_close()
 
+    # The TLS port (`ssl_context` set): pynetdicom would handshake inside accept(), in the one thread
+    # that accepts for everyone, and drop failures silently. Here accept() only wraps, and the
+    # handshake runs (bounded, logged) in the association's own thread.
+    def get_request(self) -> tuple[Any, Any]:
+        client, address = self.socket.accept()
+        if self.ssl_context:
+            client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
+        return client, address
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        if self.ssl_context and not tls.server_handshake(request, client_address, self.ae.acse_timeout):
+            self.shutdown_request(request)
+            return
+        super().process_request_thread(request, client_address)
+
 
 class ReusePortServer(Server):
     reuse_port = True
@@ -93,6 +108,7 @@ class Proxy:
         self.commitment = Commitment(self)
         self.ae: AE | None = None
         self._server: Any = None
+        self._tls_server: Any = None
         self._stopping = threading.Event()
         # /metrics counters, only fed when the http endpoint exists (it is worker 0's: README "Monitoring")
         self.metrics = Metrics() if config.http is not None and worker == 0 else None
@@ -146,10 +162,22 @@ class Proxy:
         log.info(kv(event="listening", ae=self.config.ae_title, host=self.config.host, port=self.config.port,
                     worker=self.worker, database=self.engine.url.render_as_string(hide_password=True),
                     spool=self.config.spool_dir))
+        if self.config.tls is not None:  # same AE, contexts and handlers; TLS on its own port
+            self._tls_server = ae.make_server((self.config.host, self.config.tls.port), evt_handlers=handlers,
+                                              server_class=server_class,
+                                              ssl_context=tls.server_context(self.config.tls))
+            self._tls_server.limits = self._server.limits  # the same PDU/data set/idle limits
+            threading.Thread(target=self._tls_server.serve_forever, name="dicom-tls-server", daemon=True).start()
+            log.info(kv(event="listening", ae=self.config.ae_title, host=self.config.host,
+                        port=self.config.tls.port, tls="true",
+                        client_certs="required" if self.config.tls.ca_file is not None else "not-asked",
+                        worker=self.worker))
         if self.worker == 0:
             if self.http is not None:
                 self.http.start()
             self._warn_not_yet_implemented()
+            if self.config.tls is not None:
+                tls.log_certificate_expiry(self.config.tls)
             self.maintenance.start()
             self.refresher.start()
             self.mpps_relay.start()
@@ -163,8 +191,6 @@ class Proxy:
         rather than let a site believe, say, that its spool is encrypted."""
         cfg = self.config
         gaps = []
-        if cfg.tls is not None:
-            gaps.append("tls: no DICOM TLS port yet")
         if any(m.on != "store" for m in cfg.mutations):
             gaps.append("mutations on worklist/query are not applied yet")
         for gap in gaps:
@@ -194,6 +220,8 @@ class Proxy:
         # then abort what is left: nothing unacknowledged is kept, nothing acknowledged is lost.
         if self._server is not None:
             self._server.shutdown()
+        if self._tls_server is not None:
+            self._tls_server.shutdown()
         if self.ae is not None:
             deadline = time.monotonic() + GRACE_SECONDS
             while self.ae.active_associations and time.monotonic() < deadline:

@@ -654,6 +654,11 @@ def _cross_check(cfg: Config) -> Iterator[tuple[tuple, str]]:
 
     if cfg.tls is not None and cfg.tls.port == cfg.port:
         yield ("tls", "port"), "the TLS port must differ from the plain DICOM port"
+    if cfg.tls is None:
+        for name, node in cfg.nodes.items():
+            if node.tls:
+                yield ("nodes", name, "tls"), ("tls: true needs a top-level tls: section (cert_file, key_file and "
+                                               "ca_file to verify the node against)")
     if cfg.http is not None and cfg.http.port == cfg.port:
         yield ("http", "port"), "the HTTP port must differ from the DICOM port"
 
@@ -706,8 +711,9 @@ def _check_database_url(db: Any) -> str | None:
 def load_config(path: str | os.PathLike[str], *, check_key_file: bool = False) -> Config:
     """Read, validate and resolve a config file. Raises ConfigError listing every problem found.
 
-    `check_key_file`: also require `encryption.key_file` to be a usable key file (serve and check do;
-    `keys new` must not, it is there to create it)."""
+    `check_key_file`: also require `encryption.key_file` to be a usable key file, and the `tls`
+    certificate, key and CA files to load into TLS contexts (serve and check do; `keys new` must
+    not, it is there to create the key file)."""
     path = Path(path)
     fname = str(path)
     try:
@@ -735,6 +741,11 @@ def load_config(path: str | os.PathLike[str], *, check_key_file: bool = False) -
         problem = key_file_problem(cfg.encryption.key_file)
         if problem:
             problems.append(_fmt(fname, ("encryption", "key_file"), located.lines, problem))
+    if check_key_file and cfg.tls is not None:
+        from .tls import problems as tls_problems
+
+        for key, problem in tls_problems(cfg.tls):
+            problems.append(_fmt(fname, ("tls", key), located.lines, problem))
     if problems:
         raise ConfigError(problems)
     return cfg.model_copy(update={"source": path.resolve()})

@@ -1,7 +1,7 @@
 """The SCU side: associations from qrproxy to configured nodes.
 
 Every outbound association goes through `associate()` so that timeouts, PDU size, calling AE title
-(impersonation) and, later, TLS are decided in one place.
+(impersonation) and TLS (nodes with `tls: true`, see qrproxy/tls.py) are decided in one place.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from .config import Config, Node
 from .logs import kv
 from .pynetdicom_tuning import bound_send_queue, keep_responses_from_reactor
 from .scp.associations import set_nodelay
+from .tls import TlsError, node_client_context
 
 log = logging.getLogger("qrproxy.upstream")
 
@@ -66,6 +67,13 @@ def associate(
     for abstract, syntaxes in contexts:
         ae.add_requested_context(abstract, list(syntaxes))
     handlers = list(kwargs.pop("evt_handlers", [])) + [(evt.EVT_CONN_OPEN, set_nodelay)]
+    if node.tls:
+        if config.tls is None:
+            raise UpstreamError(f"{name}: tls: true but no tls: section in the config")
+        try:
+            kwargs["tls_args"] = (node_client_context(config.tls), node.host)
+        except TlsError as exc:
+            raise UpstreamError(f"{name}: tls.{exc.key}: {exc}") from None
     assoc = ae.associate(node.host, node.port, ae_title=node.ae_title, evt_handlers=handlers, **kwargs)
     if not assoc.is_established:
         if assoc.is_rejected:
@@ -189,6 +197,6 @@ def echo_all(config: Config) -> list[EchoResult]:
         level = logging.INFO if r.ok else logging.WARNING
         node = config.nodes[name]
         log.log(level, kv(event="node-check", node=name, ae=node.ae_title, addr=f"{node.host}:{node.port}",
-                          result=r.detail, ms=r.ms))
+                          result=r.detail, ms=r.ms, **({"tls": "true"} if node.tls else {})))
         results.append(r)
     return results
