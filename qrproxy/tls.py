@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import re
+import socket
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
@@ -211,6 +212,22 @@ def server_handshake(sock: Any, peer: Any, timeout: float | None = None) -> bool
         return False
     log.debug(kv(event="tls-handshake", peer=addr, version=sock.version(), cipher=(sock.cipher() or ("",))[0]))
     return True
+
+
+def handshake_problem(ctx: ssl.SSLContext, host: str, port: int, timeout: float) -> str | None:
+    """Why a TLS handshake with host:port fails, or None when it succeeds (or TCP itself fails).
+
+    pynetdicom reports a failed outgoing handshake only as an aborted association; after such a
+    failure one bare handshake (no DICOM) with the same context gives the error that names the
+    problem ("certificate verify failed: unable to get local issuer certificate")."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw:
+            with ctx.wrap_socket(raw, server_hostname=host):
+                return None
+    except (ssl.SSLError, ssl.CertificateError) as exc:
+        return ssl_reason(exc)
+    except OSError:
+        return None
 
 
 class _TlsTracebackFilter(logging.Filter):

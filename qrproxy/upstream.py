@@ -26,7 +26,7 @@ from .config import Config, Node
 from .logs import kv
 from .pynetdicom_tuning import bound_send_queue, keep_responses_from_reactor
 from .scp.associations import set_nodelay
-from .tls import TlsError, node_client_context
+from .tls import TlsError, handshake_problem, node_client_context
 
 log = logging.getLogger("qrproxy.upstream")
 
@@ -82,6 +82,10 @@ def associate(
             why = "association aborted"
         else:
             why = "no connection"
+        if node.tls and not assoc.is_rejected:
+            problem = handshake_problem(kwargs["tls_args"][0], node.host, node.port, ae.connection_timeout or 10.0)
+            if problem:
+                why = f"TLS handshake failed: {problem}"
         raise UpstreamError(f"{name} ({node.ae_title}@{node.host}:{node.port}): {why}")
     bound_send_queue(assoc)
     keep_responses_from_reactor(assoc)

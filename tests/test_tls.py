@@ -419,6 +419,7 @@ def test_upstream_with_an_untrusted_certificate_gets_nothing(case: str, pki: Pki
     check = wait_until(lambda: [ln for ln in proc.log_text().splitlines() if "event=node-check" in ln], 30,
                        "the node-check line")
     assert "result=ok" not in check[0] and "tls=true" in check[0], check
+    assert "TLS handshake failed: certificate verify failed" in check[0] and why in check[0], check
     wait_until(lambda: "event=node-down node=PACS" in proc.log_text(), 30, "the forwarder's node-down line")
     assert orthanc.instances() == []
     assert "Traceback" not in proc.log_text()
