@@ -349,6 +349,9 @@ def test_plain_dicom_to_tls_port_fails_and_plain_port_still_works(pki: Pki, tmp_
     # and TLS to the plain port is no DICOM either
     r = echoscu(proc.port, *dcmtk_tls(pki))
     assert r.returncode != 0, r.stdout + r.stderr
+    r = echoscu(proc.port)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Traceback" not in proc.log_text(), proc.log_text()[-3000:]
 
 
 def test_silent_peer_does_not_block_the_tls_port(pki: Pki, tmp_path: Path,
