@@ -89,6 +89,20 @@ def wait_until(check: Callable[[], Any], timeout: float, what: str | Callable[[]
         time.sleep(interval)
 
 
+def settles(check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.5) -> Any:
+    """Run an asserting ``check`` until it passes; re-raise its last failure after ``timeout`` s.
+    For snapshots of the queue that a forwarder attempt can catch mid-claim (rows inflight for a
+    moment while the down node refuses the connection)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return check()
+        except AssertionError:
+            if time.monotonic() >= deadline:
+                raise
+        time.sleep(interval)
+
+
 def stays(check: Callable[[], bool], seconds: float, interval: float = 0.2) -> bool:
     """True when ``check`` holds throughout ``seconds`` (for "nothing else arrives" assertions)."""
     deadline = time.monotonic() + seconds
@@ -520,8 +534,8 @@ def test_upstream_down_then_up(db_url: str, orthanc_factory: Any, qrproxy: Any, 
         assert states == Counter(held=10), f"rows of the held study: {states}"
         return True
 
-    soft.run("queue list while PACS is down", queued)
-    soft.run("status while PACS is down", status_shows_depth)
+    soft.run("queue list while PACS is down", lambda: settles(queued))
+    soft.run("status while PACS is down", lambda: settles(status_shows_depth))
     held_ok = soft.run("queue hold --study", hold_side_study) is True
 
     orthanc.start()
