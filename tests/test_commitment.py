@@ -183,10 +183,13 @@ def test_report_on_the_open_association(db_url: str, qrproxy: Any, modality: Any
     proxy = qrproxy(commit_config(db_url, {"CT1": modality_node(m)}))
     stored = cts(2)
     m.store(proxy.port, stored)
-    status, uid = m.request(proxy.port, refs(stored), keep_open=30)
+    status, uid = m.request(proxy.port, refs(stored), keep_open=90)
     assert status == 0x0000
-    report = m.wait_report(uid, timeout=5)
+    report = m.wait_report(uid, timeout=30)
     assert report["via"] == "same" and report["event_type"] == 1 and report["ok"] == uids(stored)
+    # the proxy logs the report after the modality has answered it: wait for the line
+    wait_until(lambda: f"event=commitment-reported transaction={uid}" in proxy.log_text(), 30,
+               "the commitment-reported line")
     assert "via=same-association" in proxy.log_text()
 
 
@@ -223,8 +226,14 @@ def test_unreachable_modality_and_restart_deliver_once(db_url: str, qrproxy: Any
     report = m.wait_report(uid)
     assert report["event_type"] == 1 and report["ok"] == uids(stored)
     assert stays(lambda: len(m.reports) == 1, 3.0), m.reports
-    out = proxy.cli("status", timeout=60).stdout
-    assert "reported 1" in out, out
+    # the proxy records "reported" after the modality answered the report: ask status until it shows
+    last: list[str] = [""]
+
+    def reported() -> bool:
+        last[0] = proxy.cli("status", timeout=60).stdout
+        return "reported 1" in last[0]
+
+    wait_until(reported, 60, lambda: f"status shows the report: {last[0]}", interval=1.0)
 
 
 def test_kill9_after_action_reports_once(db_url: str, qrproxy: Any, modality: Any) -> None:
@@ -277,6 +286,9 @@ def test_upstream_policy_waits_for_orthanc(db_url: str, qrproxy: Any, modality: 
     report = m.wait_report(uid, timeout=90)
     assert report["event_type"] == 1 and report["ok"] == uids(stored)
     assert set(wait_orthanc_has(orthanc, uids(stored))) == uids(stored)
+    # the commitment-reported line is written after the modality answered the report
+    wait_until(lambda: f"event=commitment-reported transaction={uid}" in proxy.log_text(), 30,
+               "the commitment-reported line")
     assert log_order(proxy, "event=commitment-upstream-report", f"event=commitment-reported transaction={uid}")
 
     # an instance Orthanc lacks when asked is reported failed (upstream_resend: 0)

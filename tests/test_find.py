@@ -696,7 +696,7 @@ def test_forbidden_queries_get_failure_status(db_url: str, qrproxy: Any) -> None
     finally:
         assoc.release()
     assert not problems, "\n".join(problems)
-    wait_until(lambda: "event=c-find" in proxy.log_text() and "status=0xA900" in proxy.log_text(), 10,
+    wait_until(lambda: "event=c-find" in proxy.log_text() and "status=0xA900" in proxy.log_text(), 30,
                "a c-find refusal in the log")
     assert re.search(r"event=c-find .*status=0xA900 .*reason=", proxy.log_text())
 
@@ -756,4 +756,4 @@ def test_cancel_stops_pending_responses(db_url: str, qrproxy: Any, tmp_path: Pat
     assert codes[-1] == 0xFE00, [hex(c) for c in codes[-3:]]
     assert codes.count(0xFF00) < 5000
     assert after.count(0xFF00) == 1 and after[-1] == 0x0000
-    wait_until(lambda: "status=0xFE00" in proxy.log_text(), 10, "the cancelled c-find in the log")
+    wait_until(lambda: "status=0xFE00" in proxy.log_text(), 30, "the cancelled c-find in the log")

@@ -179,7 +179,7 @@ def test_mpps_relayed_and_completed_item_leaves_worklist(db_url: str, worklist_s
     uid = generate_uid()
     sent = in_progress("W2")
     assert scu.create(sent, uid)[0] == 0x0000
-    wait_until(lambda: ("create", uid) in up.ops(), 20, lambda: f"N-CREATE relayed; upstream got {up.ops()}")
+    wait_until(lambda: ("create", uid) in up.ops(), 60, lambda: f"N-CREATE relayed; upstream got {up.ops()}")
     got = up.received[0][2]
     for keyword in ("PatientID", "PerformedProcedureStepID", "PerformedProcedureStepStatus", "Modality"):
         assert str(got.get(keyword)) == str(sent.get(keyword)), keyword
@@ -187,7 +187,7 @@ def test_mpps_relayed_and_completed_item_leaves_worklist(db_url: str, worklist_s
     assert accessions(proxy, tmp_path / "q") == upstream_items  # IN PROGRESS: still listed
 
     assert scu.set(final("COMPLETED"), uid) == 0x0000
-    wait_until(lambda: ("set", uid) in up.ops(), 20, lambda: f"N-SET relayed; upstream got {up.ops()}")
+    wait_until(lambda: ("set", uid) in up.ops(), 60, lambda: f"N-SET relayed; upstream got {up.ops()}")
     assert up.ops() == [("create", uid), ("set", uid)]
     assert up.received[1][2].PerformedProcedureStepStatus == "COMPLETED"
     # the upstream worklist still lists it; qrproxy does not
@@ -203,7 +203,7 @@ def test_mpps_relayed_and_completed_item_leaves_worklist(db_url: str, worklist_s
     assert new_uid and new_uid != uid
     assert scu.set(final("DISCONTINUED"), new_uid) == 0x0000
     assert accessions(proxy, tmp_path / "q") == upstream_items - {"A002", "A004"}
-    wait_until(lambda: ("set", new_uid) in up.ops(), 20, "second step relayed")
+    wait_until(lambda: ("set", new_uid) in up.ops(), 60, "second step relayed")
     assert up.ops() == [("create", uid), ("set", uid), ("create", new_uid), ("set", new_uid)]
 
 
@@ -221,7 +221,7 @@ def test_mpps_statuses(db_url: str, worklist_scp: WorklistSCP, mpps_upstream: An
     assert scu.set(final("FINISHED"), uid) == 0x0106  # not a status
     assert scu.set(final("COMPLETED"), uid) == 0x0000
     assert scu.set(final("DISCONTINUED"), uid) == 0x0110  # no updates after COMPLETED
-    wait_until(lambda: len(up.ops()) == 2, 20, lambda: f"two messages relayed, got {up.ops()}")
+    wait_until(lambda: len(up.ops()) == 2, 60, lambda: f"two messages relayed, got {up.ops()}")
     assert up.ops() == [("create", uid), ("set", uid)]
     log = proxy.log_text()
     assert "event=n-create" in log and "status=0x0111" in log and "status=0x0112" in log
@@ -237,7 +237,7 @@ def test_mpps_survives_outage_and_restart(db_url: str, worklist_scp: WorklistSCP
     for uid, label in zip(uids, ("W1", "W2")):
         assert scu.create(in_progress(label), uid)[0] == 0x0000
     assert scu.set(final("COMPLETED"), uids[0]) == 0x0000
-    wait_until(lambda: "event=node-down" in proxy.log_text() and "service=mpps" in proxy.log_text(), 20,
+    wait_until(lambda: "event=node-down" in proxy.log_text() and "service=mpps" in proxy.log_text(), 60,
                "the relay noticing the node is down")
     status = proxy.cli("status", timeout=60).stdout
     assert "MPPS RELAY" in status and "MPPSUP" in status, status
@@ -245,7 +245,7 @@ def test_mpps_survives_outage_and_restart(db_url: str, worklist_scp: WorklistSCP
     proxy.start()
     assert scu.set(final("DISCONTINUED"), uids[1]) == 0x0000
     up.start()
-    wait_until(lambda: len(up.ops()) == 4, 60, lambda: f"4 messages after the outage, got {up.ops()}")
+    wait_until(lambda: len(up.ops()) == 4, 120, lambda: f"4 messages after the outage, got {up.ops()}")
     ops = up.ops()
     # per step, the N-CREATE comes before its N-SET; overall the order of acknowledgement
     assert ops == [("create", uids[0]), ("create", uids[1]), ("set", uids[0]), ("set", uids[1])], ops
@@ -261,7 +261,7 @@ def test_mpps_permanent_refusal_is_held(db_url: str, worklist_scp: WorklistSCP, 
     assert scu.create(in_progress("W1"), refused)[0] == 0x0000  # qrproxy accepted it; the upstream will not
     assert scu.set(final("COMPLETED"), refused) == 0x0000
     assert scu.create(in_progress("W2"), ok)[0] == 0x0000
-    wait_until(lambda: ("create", ok) in up.ops(), 20, lambda: f"the next step relayed, got {up.ops()}")
+    wait_until(lambda: ("create", ok) in up.ops(), 60, lambda: f"the next step relayed, got {up.ops()}")
     assert up.attempts[("create", refused)] == 1 and ("set", refused) not in up.attempts
     status = proxy.cli("status", timeout=60).stdout
     assert "mpps held for MPPSUP" in status and "0x0106" in status, status
