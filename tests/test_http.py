@@ -212,42 +212,48 @@ def test_metrics_count_real_traffic(qrproxy, db_url: str, tmp_path: Path) -> Non
     def delta(after: dict[Any, float], name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
 
-    deadline = time.monotonic() + 30
-    while True:
-        after = scrape(port)
+    body = sum(len(dicomgen.body_bytes(f)) for f in files)
+
+    def check(after: dict[Any, float]) -> None:
         queued = sum(value(after, "qrproxy_queue_items", node="DOWNPACS", state=s)
                      for s in ("pending", "inflight", "held"))
-        settled = (delta(after, "qrproxy_associations_total", result="accepted") == 5
-                   and value(after, "qrproxy_associations_active") == 0 and queued == 3)
-        if settled or time.monotonic() > deadline:
-            break
-        time.sleep(0.3)
+        assert delta(after, "qrproxy_associations_total", result="accepted") == 5
+        assert delta(after, "qrproxy_associations_total", result="rejected") == 1
+        assert value(after, "qrproxy_associations_active") == 0
+        assert delta(after, "qrproxy_dimse_responses_total", service="C-ECHO", status="success") == 2
+        assert delta(after, "qrproxy_dimse_responses_total", service="C-STORE", status="success") == 3
+        assert delta(after, "qrproxy_dimse_responses_total", service="C-FIND", status="success") == 1
+        assert delta(after, "qrproxy_dimse_responses_total", service="C-MOVE", status="failure") == 1
+        assert delta(after, "qrproxy_dimse_responses_total", service="C-STORE", status="failure") == 0
+        assert delta(after, "qrproxy_dimse_duration_seconds_count", service="C-STORE") == 3
+        assert delta(after, "qrproxy_dimse_duration_seconds_count", service="C-ECHO") == 2
+        assert delta(after, "qrproxy_dimse_duration_seconds_sum", service="C-STORE") > 0
+        received = delta(after, "qrproxy_received_bytes_total")
+        assert body * 0.95 <= received <= body * 2 + 50_000, (received, body)
+        # the node that is down: its three instances wait in its queue, none sent
+        assert queued == 3
+        assert value(after, "qrproxy_queue_items", node="DOWNPACS", state="sent") == 0
+        assert value(after, "qrproxy_queue_oldest_pending_age_seconds", node="DOWNPACS") >= 0
+        assert ("qrproxy_queue_oldest_pending_age_seconds", frozenset({("node", "DOWNPACS")})) in after
+        assert value(after, "qrproxy_spool_objects") == 3
+        assert value(after, "qrproxy_spool_bytes") >= body * 0.95
+        assert value(after, "qrproxy_database_up") == 1
+        # the start-up C-ECHO found the node down
+        assert value(after, "qrproxy_node_reachable", node="DOWNPACS") == 0
+        assert ("qrproxy_node_reachable", frozenset({("node", "DOWNPACS")})) in after
 
-    assert delta(after, "qrproxy_associations_total", result="accepted") == 5
-    assert delta(after, "qrproxy_associations_total", result="rejected") == 1
-    assert value(after, "qrproxy_associations_active") == 0
-    assert delta(after, "qrproxy_dimse_responses_total", service="C-ECHO", status="success") == 2
-    assert delta(after, "qrproxy_dimse_responses_total", service="C-STORE", status="success") == 3
-    assert delta(after, "qrproxy_dimse_responses_total", service="C-FIND", status="success") == 1
-    assert delta(after, "qrproxy_dimse_responses_total", service="C-MOVE", status="failure") == 1
-    assert delta(after, "qrproxy_dimse_responses_total", service="C-STORE", status="failure") == 0
-    assert delta(after, "qrproxy_dimse_duration_seconds_count", service="C-STORE") == 3
-    assert delta(after, "qrproxy_dimse_duration_seconds_count", service="C-ECHO") == 2
-    assert delta(after, "qrproxy_dimse_duration_seconds_sum", service="C-STORE") > 0
-    body = sum(len(dicomgen.body_bytes(f)) for f in files)
-    received = delta(after, "qrproxy_received_bytes_total")
-    assert body * 0.95 <= received <= body * 2 + 50_000, (received, body)
-    # the node that is down: its three instances wait in its queue, none sent
-    assert queued == 3
-    assert value(after, "qrproxy_queue_items", node="DOWNPACS", state="sent") == 0
-    assert value(after, "qrproxy_queue_oldest_pending_age_seconds", node="DOWNPACS") >= 0
-    assert ("qrproxy_queue_oldest_pending_age_seconds", frozenset({("node", "DOWNPACS")})) in after
-    assert value(after, "qrproxy_spool_objects") == 3
-    assert value(after, "qrproxy_spool_bytes") >= body * 0.95
-    assert value(after, "qrproxy_database_up") == 1
-    # the start-up C-ECHO found the node down
-    assert value(after, "qrproxy_node_reachable", node="DOWNPACS") == 0
-    assert ("qrproxy_node_reachable", frozenset({("node", "DOWNPACS")})) in after
+    # the counters, the queue and the start-up C-ECHO settle asynchronously: scrape again until
+    # every check holds, and fail with the last scrape's first failing check
+    deadline = time.monotonic() + 90
+    while True:
+        after = scrape(port)
+        try:
+            check(after)
+            break
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(0.3)
 
 
 # --- the status page and `qrproxy status` --------------------------------------------------------------
@@ -283,7 +289,7 @@ def test_status_page_and_cli_show_nodes_queues_and_held_reasons(qrproxy, tmp_pat
     proc = start(qrproxy, cfg)
     store_files(proc, tmp_path / "in", 4)
     # hold what is queued for the down node, with a reason carrying HTML metacharacters
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 90
     held = 0
     while held < 4 and time.monotonic() < deadline:
         r = proc.cli("queue", "hold", "--node", "DOWNPACS", "--reason", REASON)
@@ -292,7 +298,14 @@ def test_status_page_and_cli_show_nodes_queues_and_held_reasons(qrproxy, tmp_pat
         time.sleep(0.2)
     assert held == 4
 
-    code, page = get(port, "/")
+    # the start-up C-ECHO of the down node runs in the background: wait for its error on the page
+    deadline = time.monotonic() + 90
+    while True:
+        code, page = get(port, "/")
+        errors = page.split('<section id="errors">', 1)[-1].split("</section>", 1)[0]
+        if (code == 200 and "event=node-check node=DOWNPACS" in errors) or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
     assert code == 200
     assert '<meta name="viewport"' in page
     assert "DOWNPACS" in page and "DOWN&lt;PACS&gt;" in page and "DOWN<PACS>" not in page
