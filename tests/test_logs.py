@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from peers import LOCALHOST, _qrproxy_env
-from test_store_forward import dcmtk_env, proxy_config
+from test_store_forward import dcmtk_env, proxy_config, wait_until
 
 LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (DEBUG|INFO|WARNING|ERROR|CRITICAL) \S+ .*$")
 ECHOSCU = shutil.which("echoscu") or "/usr/bin/echoscu"
@@ -42,6 +42,11 @@ def test_log_file_rotates_at_max_size_with_whole_lines(qrproxy: Any, tmp_path: P
         res = subprocess.run([ECHOSCU, "-aet", aet, "-aec", "QRPROXY", LOCALHOST, str(proc.port)],
                              capture_output=True, text=True, env=dcmtk_env(), timeout=60)
         assert res.returncode == 0, res.stderr
+        # the association line is written as the association ends, which can be just after echoscu
+        # exits: wait for it, so that the next association's line cannot come first
+        wait_until(lambda: any(re.search(rf"event=association .*?calling={aet}\b", t)
+                               for t in log_files(proc.dir / "logs", "qrproxy.log").values()), 30,
+                   f"the association line of {aet}")
     proc.stop()
 
     files = log_files(proc.dir / "logs", "qrproxy.log")

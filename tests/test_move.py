@@ -353,7 +353,7 @@ def test_concurrent_moves_share_one_retrieval(db_url: str, orthanc_factory: Any,
     for t in threads:
         t.join(120)
     assert all(r is not None and r.Status == 0x0000 and counts(r)[1] == len(study) for r in results), results
-    wait_until(lambda: len(spool_files(proc)) == len(study), 10, "spool holds the study once")
+    wait_until(lambda: len(spool_files(proc)) == len(study), 60, "spool holds the study once")
     text = proc.log_text()
     assert text.count("event=retrieve-start") == 1, text[-3000:]
 
@@ -404,8 +404,14 @@ def test_prefetch_priors_then_move_offline(db_url: str, orthanc_factory: Any, wo
     wait_until(lambda: want <= spool_sops(), 90, lambda: f"prefetched {len(spool_sops() & want)} of {len(want)}")
     time.sleep(3)  # another scheduled run: must not fetch the MR, the 9-year-old study or another patient
     assert spool_sops() == want, f"unexpected prefetched instances: {len(spool_sops() - want)}"
-    status = cli(proc, "status", "--no-echo").stdout
-    assert "priors" in status and "done" in status, status
+    # the rule's rows are marked done after their instances are in the spool: ask status again
+    last = [""]
+
+    def status_done() -> bool:
+        last[0] = cli(proc, "status", "--no-echo").stdout
+        return "priors" in last[0] and "done" in last[0]
+
+    wait_until(status_done, 60, lambda: f"status shows the prefetch done:\n{last[0]}", interval=1.0)
 
     orthanc.stop()
     res = movescu(proc.port, storescp.aet, {"QueryRetrieveLevel": "STUDY",
