@@ -721,7 +721,7 @@ class StoreSCP(Peer):
             return []
         return sorted(p for p in self.output_dir.rglob("*") if p.is_file())
 
-    def wait_for_files(self, count: int, timeout: float = 30.0) -> list[Path]:
+    def wait_for_files(self, count: int, timeout: float = 60.0) -> list[Path]:
         """Wait until at least ``count`` files arrived and none is still growing."""
         deadline = time.monotonic() + timeout
         last: list[tuple[Path, int]] = []

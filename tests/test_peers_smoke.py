@@ -53,7 +53,7 @@ def test_storescu_to_storescp(storescp, tmp_path: Path) -> None:  # type: ignore
     src = write_ct_file(tmp_path / "ct.dcm", PatientID="STORE1")
     assert pydicom.dcmread(src).file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
     run(dcmtk("storescu"), "-aet", "SMOKE", "-aec", storescp.aet, storescp.host, str(storescp.port), str(src))
-    files = storescp.wait_for_files(1, timeout=10)
+    files = storescp.wait_for_files(1, timeout=60)
     assert len(files) == 1
     got = pydicom.dcmread(files[0])
     assert got.PatientID == "STORE1"
@@ -66,7 +66,7 @@ def test_orthanc_stores_to_storescp(orthanc_factory, storescp) -> None:  # type:
     iid = orthanc.upload(dataset_bytes(ds))["ID"]
     orthanc.echo_modality("sink")
     orthanc.store_to_modality("sink", [iid])
-    files = storescp.wait_for_files(1, timeout=10)
+    files = storescp.wait_for_files(1, timeout=60)
     assert pydicom.dcmread(files[0]).SOPInstanceUID == ds.SOPInstanceUID
 
 
