@@ -9,8 +9,9 @@ import argparse
 import logging
 import os
 import sys
-from typing import TYPE_CHECKING
 from collections.abc import Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .config import Config, ConfigError, load_config
@@ -268,8 +269,6 @@ def cmd_queue(cfg: Config, args: argparse.Namespace) -> int:
                 n = len(queue.list_rows(s, f, limit=10**9))
             print(f"would purge up to {n} rows; add --yes to delete them")
             return EXIT_OK
-        from dataclasses import replace
-
         from .progress import Progress
 
         # In batches of row ids, each its own transaction, so a purge of a million rows shows progress
@@ -291,11 +290,42 @@ def cmd_queue(cfg: Config, args: argparse.Namespace) -> int:
                     else:
                         n += queue.purge(s, batch)
                 bar.update(min(start + 1000, len(ids)))
+        if action in ("hold", "purge"):
+            n += _settle_inflight(sessions, replace(f, ids=ids), action, args)
         verb = {"retry": "set to retry now", "hold": "held", "release": "released", "purge": "purged"}[action]
         print(f"{n} rows {verb}")
         return EXIT_OK
     finally:
         engine.dispose()
+
+
+INFLIGHT_WAIT = 15.0
+
+
+def _settle_inflight(sessions: Any, f: Any, action: str, args: argparse.Namespace) -> int:
+    """Rows a forwarder had claimed for an attempt when hold/purge ran were skipped (a row being sent
+    is never changed under the sender). An operator holding a study means all of it: wait for those
+    attempts to end (seconds at most, bounded) and apply the action to them; say what is left."""
+    import time
+
+    from . import queue
+
+    n = 0
+    deadline = time.monotonic() + INFLIGHT_WAIT
+    while True:
+        with sessions() as s:
+            busy = queue.inflight_ids(s, f)
+        if not busy or time.monotonic() >= deadline:
+            break
+        time.sleep(0.5)
+        with sessions.begin() as s:
+            batch = replace(f, ids=busy)
+            n += queue.hold(s, batch, args.reason) if action == "hold" else queue.purge(s, batch)
+    if busy:
+        done = "held" if action == "hold" else "purged"
+        print(f"qrproxy: {len(busy)} rows are being sent right now and were not {done}; ask again",
+              file=sys.stderr)
+    return n
 
 
 def cmd_retention(cfg: Config, args: argparse.Namespace) -> int:

@@ -91,6 +91,12 @@ def matching_ids(session: Session, f: Filter) -> list[int]:
     return list(session.execute(select(ForwardItem.id).where(*f.where()).order_by(ForwardItem.id)).scalars())
 
 
+def inflight_ids(session: Session, f: Filter) -> list[int]:
+    """Rows of the filter a forwarder is sending right now (hold and purge leave those alone)."""
+    return list(session.execute(select(ForwardItem.id).where(*f.where(), ForwardItem.state == ForwardState.inflight)
+                                .order_by(ForwardItem.id)).scalars())
+
+
 def retry(session: Session, f: Filter) -> int:
     """Pending or held rows: try again now (held rows keep their attempt count)."""
     states = [ForwardState.pending, ForwardState.held]

@@ -518,8 +518,8 @@ def test_upstream_down_then_up(db_url: str, orthanc_factory: Any, qrproxy: Any, 
         assert lines, f"status does not show 50 queued for PACS:\n{st.stdout}"
 
     def hold_side_study() -> bool:
-        # hold changes pending rows; a row the worker has just claimed for a (failing) attempt is
-        # inflight for a few milliseconds, so hold again until every row of the study is held.
+        # hold waits (bounded) for rows a failing attempt has claimed; should it say some are still
+        # being sent, an operator asks again, and so does this loop.
         total = 0
         deadline = time.monotonic() + 60
         while True:
