@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("qrproxy.prefetch")
 
 RETRY_MIN, RETRY_MAX = 60.0, 3600.0
+CLAIM_LEASE = 3600.0  # an item being fetched is not due for others this long (a killed fetch is retried after)
 
 
 @dataclass
@@ -216,6 +217,8 @@ class Prefetcher:
 
     def _fetch_one(self, rule: PrefetchRule, item_id: int, result: PrefetchResult) -> int:
         """Fetch one prior; returns the bytes it brought."""
+        if not self._claim(item_id):
+            return 0  # another process (`qrproxy prefetch` next to the server) is fetching it
         with self.proxy.sessions() as s:
             item = s.get(PrefetchItem, item_id)
             if item is None:
@@ -272,6 +275,20 @@ class Prefetcher:
         log.info(kv(event="prefetched", rule=rule.name, patient=pid, study=uid, instances=local, bytes=size,
                     retrieved=len(missing), pinned_until=pin_until.isoformat(timespec="minutes")))
         return size
+
+    def _claim(self, item_id: int) -> bool:
+        """Move the item's next attempt a lease ahead, if it is still due: the in-process lock of
+        `run` does not see the server and a `qrproxy prefetch` command working on the same rule.
+        Whoever finishes sets the state (and next attempt); a process killed mid-fetch leaves the
+        item to be tried again when the lease runs out."""
+        now = utcnow()
+        with self.proxy.sessions.begin() as s:
+            return s.execute(
+                update(PrefetchItem)
+                .where(PrefetchItem.id == item_id, PrefetchItem.state.in_(["pending", "failed"]),
+                       PrefetchItem.next_attempt_at <= now)
+                .values(next_attempt_at=now + dt.timedelta(seconds=CLAIM_LEASE), updated_at=now)
+            ).rowcount == 1
 
     def _failed(self, rule: PrefetchRule, item_id: int, attempts: int, why: str, result: PrefetchResult) -> int:
         attempts += 1
