@@ -28,7 +28,7 @@ from .forwarder import Forwarder
 from .http import HttpEndpoint
 from .logs import kv
 from .maintenance import Maintenance
-from .metrics import Metrics
+from .metrics import Metrics, disable_multiprocess, enable_multiprocess, worker_exited
 from .mpps_relay import MppsRelay
 from .refresh import Refresher
 from .retention import Retention
@@ -110,8 +110,9 @@ class Proxy:
         self._server: Any = None
         self._tls_server: Any = None
         self._stopping = threading.Event()
-        # /metrics counters, only fed when the http endpoint exists (it is worker 0's: README "Monitoring")
-        self.metrics = Metrics() if config.http is not None and worker == 0 else None
+        # /metrics counters, fed when the http endpoint exists; it is worker 0's, and with several
+        # workers every worker counts into the multiprocess directory it sums (qrproxy/metrics.py)
+        self.metrics = Metrics() if config.http is not None else None
         self.http: HttpEndpoint | None = None
         self.assoc_log = AssociationLog(self)
 
@@ -126,7 +127,7 @@ class Proxy:
     def start(self, prepare: bool = True) -> None:
         if prepare:
             self.prepare()
-        if self.metrics is not None:
+        if self.metrics is not None and self.worker == 0:
             self.http = HttpEndpoint(self)  # binds now: a taken port fails before anything else starts
         store.configure_receive(self.spool)
         cheap_context_copies()
@@ -291,6 +292,9 @@ def serve(config: Config) -> None:
     proxy = Proxy(config)
     proxy.prepare()
     proxy.engine.dispose()
+    # /metrics in worker 0 sums every worker's counters: prometheus_client multiprocess mode, set up
+    # in the environment the spawned workers inherit (they import prometheus_client afresh)
+    metrics_dir = enable_multiprocess() if config.http is not None else None
     ctx = multiprocessing.get_context("spawn")
     stop_requested = _stop_on_signals()
     procs: dict[int, Any] = {}
@@ -308,6 +312,8 @@ def serve(config: Config) -> None:
             for i, p in list(procs.items()):
                 if not p.is_alive():
                     log.error(kv(event="worker-died", worker=i, pid=p.pid, exitcode=p.exitcode))
+                    if metrics_dir is not None:
+                        worker_exited(p.pid)
                     launch(i)
     finally:
         for p in procs.values():
@@ -318,4 +324,6 @@ def serve(config: Config) -> None:
             p.join(max(0.1, deadline - time.monotonic()))
             if p.is_alive():
                 p.kill()
+        if metrics_dir is not None:
+            disable_multiprocess(metrics_dir)
         log.info(kv(event="stopped", workers=len(procs)))

@@ -2,7 +2,7 @@
 
 Read-only and small on purpose: a stdlib ThreadingHTTPServer in a daemon thread, no framework, no
 JavaScript or external assets on the page (it must render on a phone on a hospital Wi-Fi with no
-internet). It runs in worker 0 only and binds before the DICOM port opens, so a port already taken
+internet). It runs in worker 0 only (its /metrics counts every worker's associations) and binds before the DICOM port opens, so a port already taken
 fails `serve` at once (exit 1) instead of leaving a proxy nobody can monitor.
 
 Everything a peer controls (AE titles, error texts, held reasons) is HTML-escaped on the page.
@@ -29,7 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import __version__, upstream
 from .logs import kv
-from .metrics import StateCollector
+from .metrics import StateCollector, scrape_registry
 from .status import Status, collect
 
 if TYPE_CHECKING:
@@ -182,7 +182,7 @@ class HttpEndpoint:
         self.errors = RecentErrors()
         metrics = proxy.metrics
         assert metrics is not None
-        self.registry = metrics.registry
+        self.registry = scrape_registry(metrics)  # several workers: the sum of all (metrics.py)
         self.registry.register(StateCollector(self.snapshot, self.reachability.snapshot, self.started))
         host, port = self.config.http.host, self.config.http.port
         try:

@@ -9,16 +9,25 @@ operations on per-association state are atomic under the GIL and prometheus_clie
 carry their own locks. Queue depths, refresh results and spool usage are not counted at all: a
 custom collector reads them from the database when Prometheus scrapes (`status.collect()`, the
 same facts `qrproxy status` prints), so they are right even after a restart or with several workers.
+
+With `workers: N` (N > 1) the supervisor points PROMETHEUS_MULTIPROC_DIR at a fresh private
+directory before it spawns the workers, so prometheus_client's documented multiprocess mode is in
+force in each of them: every worker's counters are written to its own mmap files there, and worker
+0's `/metrics` sums them with a `MultiProcessCollector` (`scrape_registry`). With one process none
+of that happens: the registry below is read directly, as it always was.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -54,8 +63,50 @@ def status_class(code: int) -> str:
     return "failure"
 
 
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def multiprocess_dir() -> str | None:
+    """The multiprocess directory this process writes to (set by the supervisor), else None."""
+    return os.environ.get(MULTIPROC_ENV) or None
+
+
+def enable_multiprocess() -> str:
+    """Supervisor, before spawning workers: a fresh 0700 directory (mkdtemp) named in the environment
+    the workers inherit. Fresh, so counters of an earlier run (or another proxy) are never summed in."""
+    path = tempfile.mkdtemp(prefix="qrproxy-metrics-")
+    os.environ[MULTIPROC_ENV] = path
+    return path
+
+
+def disable_multiprocess(path: str) -> None:
+    """Supervisor, after the last worker stopped: the directory and its files go."""
+    if os.environ.get(MULTIPROC_ENV) == path:
+        del os.environ[MULTIPROC_ENV]
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def worker_exited(pid: int) -> None:
+    """Supervisor, when a worker is gone: its live gauges (active associations) stop counting; its
+    counters stay in the sum, so totals never go backwards across a worker restart."""
+    path = multiprocess_dir()
+    if path is not None:
+        multiprocess.mark_process_dead(pid, path)
+
+
+def scrape_registry(metrics: Metrics) -> CollectorRegistry:
+    """What `/metrics` exports: this process's registry, or with several workers a fresh registry
+    whose MultiProcessCollector sums every worker's files (this process's included)."""
+    path = multiprocess_dir()
+    if path is None:
+        return metrics.registry
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=path)
+    return registry
+
+
 class Metrics:
-    """The counters one Proxy feeds (worker 0's associations; see README "Monitoring")."""
+    """The counters one Proxy feeds (this process's associations; several workers: see module doc)."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -63,8 +114,9 @@ class Metrics:
         self.associations = Counter("qrproxy_associations", "Associations by outcome: accepted (established), "
                                     "rejected, aborted (also counted as accepted when they were established)",
                                     ["result"], registry=r)
+        # livesum: the workers' values added up, a dead worker's dropped (ignored with one process)
         self.active = Gauge("qrproxy_associations_active", "Associations established and not yet closed",
-                            registry=r)
+                            registry=r, multiprocess_mode="livesum")
         self.responses = Counter("qrproxy_dimse_responses", "Final DIMSE responses sent, by service and status "
                                  "class (success, warning, failure, cancel)", ["service", "status"], registry=r)
         self.duration = Histogram("qrproxy_dimse_duration_seconds", "From a DIMSE request received to its final "

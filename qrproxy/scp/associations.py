@@ -130,19 +130,19 @@ class AssociationLog:
         if st.result == "closed" and not calling:
             # A TCP connect without an A-ASSOCIATE-RQ: port checks, load balancers, scanners.
             st.result, level = "no-association", logging.DEBUG
-        log.log(
-            level,
-            kv(
-                event="association",
-                peer=f"{assoc.requestor.address}:{assoc.requestor.port}",
-                calling=calling,
-                called=called_ae_title(assoc),
-                known=str(known).lower(),
-                services=services,
-                result=st.result,
-                ms=int((time.monotonic() - st.started) * 1000),
-            ),
+        fields: dict[str, object] = dict(
+            event="association",
+            peer=f"{assoc.requestor.address}:{assoc.requestor.port}",
+            calling=calling,
+            called=called_ae_title(assoc),
+            known=str(known).lower(),
+            services=services,
+            result=st.result,
+            ms=int((time.monotonic() - st.started) * 1000),
         )
+        if self.proxy.config.workers > 1:  # which process took it (the kernel spreads connections)
+            fields["worker"] = self.proxy.worker
+        log.log(level, kv(**fields))
 
     def handlers(self) -> list[tuple[Any, Any]]:
         return [
