@@ -256,6 +256,80 @@ def test_metrics_count_real_traffic(qrproxy, db_url: str, tmp_path: Path) -> Non
         time.sleep(0.3)
 
 
+def test_metrics_sum_all_workers(qrproxy, db_url: str, tmp_path: Path) -> None:
+    """workers: 2: the kernel spreads associations over both processes (SO_REUSEPORT), the log says
+    which worker took each, and worker 0's /metrics counts every one of them exactly."""
+    port = free_port()
+    proc = start(qrproxy, http_config(db_url, port, free_port(), workers=2))
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and proc.log_text().count("event=listening") < 2:
+        time.sleep(0.2)
+    assert proc.log_text().count("event=listening") == 2, proc.log_text()
+    before = scrape(port)
+
+    def served() -> dict[str, int]:
+        """worker -> associations from this test's callers logged by that worker."""
+        out: dict[str, int] = {}
+        for line in proc.log_text().splitlines():
+            if "event=association " in line and ("calling=ECHOSCU " in line or "calling=MODCT " in line):
+                worker = line.rsplit("worker=", 1)[1].split()[0] if "worker=" in line else "?"
+                out[worker] = out.get(worker, 0) + 1
+        return out
+
+    echoes = stores = 0
+    files: list[Path] = []
+    # 12 associations, more while one worker has taken none yet (the spread is the kernel's choice)
+    while echoes + stores < 12 or (len(served()) < 2 and echoes + stores < 60):
+        if (echoes + stores) % 4 == 3:
+            files += store_files(proc, tmp_path / f"in{stores}", 1)
+            stores += 1
+        else:
+            r = dcmtk_run("echoscu", "-aet", "ECHOSCU", "-aec", "QRPROXY", LOCALHOST, str(proc.port))
+            assert r.returncode == 0, r.stdout + r.stderr
+            echoes += 1
+    total = echoes + stores
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and sum(served().values()) < total:
+        time.sleep(0.2)
+    by_worker = served()
+    assert sum(by_worker.values()) == total, by_worker
+    assert set(by_worker) == {"0", "1"}, by_worker  # both workers served some
+
+    def delta(after: dict[Any, float], name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    body = sum(len(dicomgen.body_bytes(f)) for f in files)
+
+    def check(after: dict[Any, float]) -> None:
+        assert delta(after, "qrproxy_associations_total", result="accepted") == total
+        assert delta(after, "qrproxy_associations_total", result="rejected") == 0
+        assert value(after, "qrproxy_associations_active") == 0
+        assert delta(after, "qrproxy_dimse_responses_total", service="C-ECHO", status="success") == echoes
+        assert delta(after, "qrproxy_dimse_responses_total", service="C-STORE", status="success") == stores
+        assert delta(after, "qrproxy_dimse_duration_seconds_count", service="C-ECHO") == echoes
+        assert delta(after, "qrproxy_dimse_duration_seconds_count", service="C-STORE") == stores
+        received = delta(after, "qrproxy_received_bytes_total")
+        assert body * 0.95 <= received <= body * 2 + 50_000 * total, (received, body)
+        # the database gauges are still computed once, by worker 0's scrape
+        assert value(after, "qrproxy_spool_objects") == stores
+        assert value(after, "qrproxy_database_up") == 1
+
+    deadline = time.monotonic() + 90
+    while True:
+        after = scrape(port)
+        try:
+            check(after)
+            break
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(0.3)
+    # each series once: the multiprocess sum is not added to a per-process registry's own copy
+    _, text = get(port, "/metrics")
+    names = [f.name for f in text_string_to_metric_families(text)]
+    assert len(names) == len(set(names)), names
+
+
 # --- the status page and `qrproxy status` --------------------------------------------------------------
 
 REASON = 'link <down> & "maintenance"'
