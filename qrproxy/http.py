@@ -2,8 +2,9 @@
 
 Read-only and small on purpose: a stdlib ThreadingHTTPServer in a daemon thread, no framework, no
 JavaScript or external assets on the page (it must render on a phone on a hospital Wi-Fi with no
-internet). It runs in worker 0 only (its /metrics counts every worker's associations) and binds before the DICOM port opens, so a port already taken
-fails `serve` at once (exit 1) instead of leaving a proxy nobody can monitor.
+internet). It runs in worker 0 only (its /metrics counts every worker's associations) and binds
+before the DICOM port opens, so a port already taken fails `serve` at once (exit 1) instead of
+leaving a proxy nobody can monitor.
 
 Everything a peer controls (AE titles, error texts, held reasons) is HTML-escaped on the page.
 """
