@@ -281,14 +281,7 @@ def cmd_queue(cfg: Config, args: argparse.Namespace) -> int:
             for start in range(0, len(ids), 1000):
                 batch = replace(f, ids=ids[start:start + 1000])
                 with sessions.begin() as s:
-                    if action == "retry":
-                        n += queue.retry(s, batch)
-                    elif action == "hold":
-                        n += queue.hold(s, batch, args.reason)
-                    elif action == "release":
-                        n += queue.release(s, batch)
-                    else:
-                        n += queue.purge(s, batch)
+                    n += _queue_action(s, action, batch, args)
                 bar.update(min(start + 1000, len(ids)))
         if action in ("hold", "purge"):
             n += _settle_inflight(sessions, replace(f, ids=ids), action, args)
@@ -297,6 +290,15 @@ def cmd_queue(cfg: Config, args: argparse.Namespace) -> int:
         return EXIT_OK
     finally:
         engine.dispose()
+
+
+def _queue_action(session: Any, action: str, f: Any, args: argparse.Namespace) -> int:
+    """Apply one `queue` action to the rows of `f`; how many rows it changed."""
+    from . import queue
+
+    if action == "hold":
+        return queue.hold(session, f, args.reason)
+    return {"retry": queue.retry, "release": queue.release, "purge": queue.purge}[action](session, f)
 
 
 INFLIGHT_WAIT = 15.0
@@ -319,8 +321,7 @@ def _settle_inflight(sessions: Any, f: Any, action: str, args: argparse.Namespac
             break
         time.sleep(0.5)
         with sessions.begin() as s:
-            batch = replace(f, ids=busy)
-            n += queue.hold(s, batch, args.reason) if action == "hold" else queue.purge(s, batch)
+            n += _queue_action(s, action, replace(f, ids=busy), args)
     if busy:
         done = "held" if action == "hold" else "purged"
         print(f"qrproxy: {len(busy)} rows are being sent right now and were not {done}; ask again",

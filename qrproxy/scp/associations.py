@@ -91,8 +91,8 @@ class AssociationLog:
     def on_rejected(self, event: Any) -> None:
         st = self._state(event.assoc)
         calling = event.assoc.requestor.ae_title
-        if reject_reason(event.assoc):
-            st.result = f"rejected:{reject_reason(event.assoc)}"
+        if reason := reject_reason(event.assoc):
+            st.result = f"rejected:{reason}"
         elif self.proxy.config.rejects_unknown_ae and calling not in self.proxy.config.known_calling_ae_titles:
             st.result = "rejected:calling-ae-not-recognized"
         else:
