@@ -11,7 +11,13 @@ of instances into held rows:
 
 Rows are claimed with a lease (state inflight, lease_until, lease_owner); a crash leaves them
 inflight and the next start (or, for another proxy sharing a PostgreSQL queue, lease expiry) puts them
-back to pending: at most the in-flight instances are sent twice, which the upstream dedupes by UID.
+back to pending. Each instance is recorded as sent in its own transaction as soon as its C-STORE
+response arrives, so a crash re-sends at most the instance that was on the wire per association
+(which the upstream dedupes by UID).
+
+A peer that dies at any byte never stalls a worker: the send queue under the association gives up
+when the association is gone or the peer takes nothing for the node's timeout
+(pynetdicom_tuning.PeerGone), the association is aborted and the node backs off.
 
 Encrypted spool: every file is authenticated in full just before it is sent (a tampered or truncated
 file holds its row with the failing chunk named, and sends nothing), then streamed from disk through
@@ -277,9 +283,10 @@ class NodeWorker(threading.Thread):
                 else:
                     failed.append((job, outcome[1], outcome[2]))
                 done.add(job.item_id)
-                if len(sent) >= 50:
-                    self._finish(sent, [], failed)
-                    sent, failed = [], []
+                # Recorded as soon as its response is in: a crash re-sends at most the instance on
+                # the wire (the batch of 50 this replaced re-sent up to 50 per node after kill -9).
+                self._finish(sent, [], failed)
+                sent, failed = [], []
         finally:
             self._finish(sent, [], failed)
         if done:
@@ -363,7 +370,12 @@ class NodeWorker(threading.Thread):
             # set, so the association must go. The next attempt's check holds the row.
             assoc.abort()
             return ("node-down", f"spool file changed while sending: {exc}", None)
-        except (OSError, RuntimeError, ValueError) as exc:
+        except OSError as exc:
+            # PeerGone (the peer died or stalled under this instance) or a read error half-way: part
+            # of a message is on the wire, so the association cannot carry another one.
+            assoc.abort()
+            return ("node-down", f"association lost while sending: {exc}", None)
+        except (RuntimeError, ValueError) as exc:
             if not assoc.is_established:
                 return ("node-down", f"association lost: {exc}", None)
             return ("transient", f"send failed: {exc}", None)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom.dataset import Dataset
-from sqlalchemy import bindparam, delete, insert, select, update
+from sqlalchemy import bindparam, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -146,36 +146,121 @@ def _insert(session: Session):  # type: ignore[no-untyped-def]
     return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
 
 
-def _get_or_create(session: Session, model: Any, key: dict[str, Any], values: dict[str, Any]) -> int:
-    """Id of the row with `key`, created with `values` if missing; non-empty `values` update it."""
+# Columns no file holds: what the upstream counts for the whole study or series. An answer's value
+# replaces the stored one even for a study held locally (the PACS may hold more of it than we do).
+UPSTREAM_COUNTS = frozenset({"number_of_series", "number_of_instances", "modalities_in_study"})
+
+
+def held_locally(session: Session, model: Any, row_id: int) -> bool:
+    """Whether an instance at or under this index row has a copy in the spool: then the row's values
+    were read from that file, which outranks what any C-FIND answer says (README "What the index
+    believes")."""
+    q = select(Instance.id).where(Instance.object_pk.is_not(None))
+    if model is Instance:
+        q = q.where(Instance.id == row_id)
+    elif model is Series:
+        q = q.where(Instance.series_pk == row_id)
+    elif model is Study:
+        q = q.join(Series, Series.id == Instance.series_pk).where(Series.study_pk == row_id)
+    elif model is Patient:
+        q = (q.join(Series, Series.id == Instance.series_pk).join(Study, Study.id == Series.study_pk)
+             .where(Study.patient_pk == row_id))
+    else:
+        return False
+    return session.execute(q.limit(1)).first() is not None
+
+
+def _get_or_create(session: Session, model: Any, key: dict[str, Any], values: dict[str, Any], *,
+                   found: bool = False, always: dict[str, Any] | None = None) -> int:
+    """Id of the row with `key`, created with `values` (and `always`) if missing.
+
+    An existing row is merged, never overwritten: an empty value (None) replaces nothing, and with
+    `found` (the values come from a C-FIND answer, which may leave out keys or differ from the
+    files) a row held locally only has its empty columns filled. `always` (bookkeeping such as
+    source_node, refreshed_at) is written whenever given. updated_at moves only when an attribute
+    changed, so a refresh that learns nothing new leaves the row as it was."""
     cols = [getattr(model, k) for k in key]
     where = [c == v for c, v in zip(cols, key.values())]
-    row_id = session.execute(select(model.id).where(*where)).scalar()
-    if row_id is None:
-        stmt = _insert(session)(model).values(**key, **values).on_conflict_do_nothing(index_elements=list(key))
+    names = list(values)
+    extra = {k: v for k, v in (always or {}).items() if v is not None}
+    row = session.execute(select(model.id, *[getattr(model, k) for k in names]).where(*where)).first()
+    if row is None:
+        stmt = (_insert(session)(model).values(**key, **values, **extra)
+                .on_conflict_do_nothing(index_elements=list(key)))
         session.execute(stmt)
-        row_id = session.execute(select(model.id).where(*where)).scalar_one()
-    else:
-        changed = {k: v for k, v in values.items() if v is not None}
-        if changed:
-            session.execute(update(model).where(model.id == row_id).values(**changed, updated_at=utcnow()))
-    return int(row_id)
+        return int(session.execute(select(model.id).where(*where)).scalar_one())
+    row_id = int(row[0])
+    current = dict(zip(names, row[1:]))
+    fill_only = found and held_locally(session, model, row_id)
+    changed = {k: v for k, v in values.items()
+               if v is not None and current[k] != v
+               and not (fill_only and current[k] is not None and k not in UPSTREAM_COUNTS)}
+    if changed:
+        session.execute(update(model).where(model.id == row_id).values(**changed, **extra, updated_at=utcnow()))
+    elif extra:
+        # Bookkeeping only: updated_at keeps its value (the column's onupdate would move it).
+        session.execute(update(model).where(model.id == row_id).values(**extra, updated_at=model.updated_at))
+    return row_id
 
 
-def upsert_series(session: Session, hdr: Header, source_node: str | None = None, refreshed: bool = False) -> int | None:
-    """Patient -> study -> series rows for `hdr`; the series id, or None when its UIDs are missing."""
+def upsert_series(session: Session, hdr: Header, source_node: str | None = None, refreshed: bool = False,
+                  found: bool = False) -> int | None:
+    """Patient -> study -> series rows for `hdr`; the series id, or None when its UIDs are missing.
+    `found`: `hdr` was read from a C-FIND answer (see `_get_or_create`)."""
     if not (hdr.study_instance_uid and hdr.series_instance_uid):
         return None
     patient_pk = _get_or_create(
         session, Patient, {"patient_id": hdr.patient["patient_id"], "issuer": hdr.patient["issuer"]},
-        {k: v for k, v in hdr.patient.items() if k not in ("patient_id", "issuer")} | {"source_node": source_node},
+        {k: v for k, v in hdr.patient.items() if k not in ("patient_id", "issuer")},
+        found=found, always={"source_node": source_node},
     )
-    study_values = dict(hdr.study, patient_pk=patient_pk, source_node=source_node)
+    always: dict[str, Any] = {"source_node": source_node}
     if refreshed:
-        study_values["refreshed_at"] = utcnow()
-    study_pk = _get_or_create(session, Study, {"study_instance_uid": hdr.study_instance_uid}, study_values)
+        always["refreshed_at"] = utcnow()
+    study_pk = _get_or_create(session, Study, {"study_instance_uid": hdr.study_instance_uid},
+                              dict(hdr.study, patient_pk=patient_pk), found=found, always=always)
     return _get_or_create(session, Series, {"series_instance_uid": hdr.series_instance_uid},
-                          dict(hdr.series, study_pk=study_pk))
+                          dict(hdr.series, study_pk=study_pk), found=found)
+
+
+_FOUND_INSTANCE_COLUMNS = ("series_pk", "sop_class_uid", "instance_number")
+
+
+def merge_found_instances(session: Session, rows: list[dict[str, Any]]) -> list[str]:
+    """Write instance rows learned from C-FIND answers (sop_instance_uid, series_pk, sop_class_uid,
+    instance_number), merged like `_get_or_create(found=True)`: new instances are inserted, known
+    ones only gain what they lack, and an instance held in the spool keeps the values read from its
+    file (dcmqrscp, for one, leaves SOPClassUID out of its IMAGE-level answers). Returns the UIDs
+    the index now holds for these rows."""
+    if not rows:
+        return []
+    now = utcnow()
+    by_uid = {r["sop_instance_uid"]: r for r in rows}
+    uids = list(by_uid)
+    existing: dict[str, Any] = {}
+    for i in range(0, len(uids), 500):
+        for r in session.execute(
+            select(Instance.sop_instance_uid, Instance.id, Instance.object_pk,
+                   *[getattr(Instance, k) for k in _FOUND_INSTANCE_COLUMNS])
+            .where(Instance.sop_instance_uid.in_(uids[i:i + 500]))
+        ):
+            existing[r.sop_instance_uid] = r
+    new = [{"sop_instance_uid": uid, **{k: r.get(k) for k in _FOUND_INSTANCE_COLUMNS}, "updated_at": now}
+           for uid, r in by_uid.items() if uid not in existing]
+    for i in range(0, len(new), 500):
+        session.execute(_insert(session)(Instance).on_conflict_do_nothing(index_elements=["sop_instance_uid"]),
+                        new[i:i + 500])
+    for uid, cur in existing.items():
+        local = cur.object_pk is not None
+        changed = {}
+        for k in _FOUND_INSTANCE_COLUMNS:
+            value, held = by_uid[uid].get(k), getattr(cur, k)
+            if value is None or value == held or (local and held is not None):
+                continue
+            changed[k] = value
+        if changed:
+            session.execute(update(Instance).where(Instance.id == cur.id).values(**changed, updated_at=now))
+    return uids
 
 
 @dataclass
@@ -224,8 +309,10 @@ class IndexWriter:
             upsert = ins(Instance)
             upsert = upsert.on_conflict_do_update(
                 index_elements=["sop_instance_uid"],
-                set_={k: upsert.excluded[k] for k in ("series_pk", "object_pk", "sop_class_uid", "instance_number",
-                                                       "updated_at")},
+                # The file's own values win, but an attribute the file lacks keeps what was known.
+                set_={**{k: upsert.excluded[k] for k in ("series_pk", "object_pk", "updated_at")},
+                      **{k: func.coalesce(upsert.excluded[k], getattr(Instance, k))
+                         for k in ("sop_class_uid", "instance_number")}},
             )
             st = {
                 "previous": select(SpoolObject.id, SpoolObject.sha256)

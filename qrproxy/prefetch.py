@@ -253,7 +253,8 @@ class Prefetcher:
         retrieval = None
         if missing:
             retrieval = self.proxy.retriever.fetch(rule.node, "STUDY", {"StudyInstanceUID": [uid]},
-                                                   {r.sop_class_uid for r in rows if r.sop_class_uid}, missing)
+                                                   {r.sop_class_uid for r in rows if r.sop_class_uid}, missing,
+                                                   all(r.sop_class_uid for r in rows if r.object_pk is None))
             for _ in self.proxy.retriever.wait_for(retrieval, missing, cancelled=self._stop.is_set):
                 pass
         with self.proxy.sessions() as s:

@@ -76,9 +76,11 @@ import io
 import os
 import queue
 import select
+import socket
 import struct
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
@@ -89,14 +91,81 @@ PENDING_AHEAD = 64  # C-FIND pending responses queued ahead of the DUL thread
 SEND_QUEUE_PDUS = 16  # x max PDU size (<= 256 KiB here): at most a few MB in flight per association
 
 
-def bound_send_queue(assoc: Any, maxsize: int = SEND_QUEUE_PDUS) -> None:
-    """Swap the association's DUL send queue for a bounded one. Call on an established association
-    whose own thread is idle (the A-ASSOCIATE exchange is over), so nothing is in the old queue."""
+class PeerGone(ConnectionAbortedError):
+    """The peer can no longer take what is being sent: the association died under the message
+    (peer killed, connection reset) or the peer took nothing for the stall time. Whatever was sent
+    of the message is lost; the caller treats the node as unreachable."""
+
+
+def _association_dead(assoc: Any) -> bool:
+    dul = getattr(assoc, "dul", None)
+    return bool(assoc.is_aborted or assoc.is_released or dul is None or not dul.is_alive()
+                or getattr(dul, "_kill_thread", False))
+
+
+def cut(assoc: Any) -> None:
+    """Shut the association's socket down: a DUL thread blocked in send() to a peer that reads
+    nothing gets an error at once, which pynetdicom's state machine turns into an abort."""
+    try:
+        assoc.dul.socket.socket.shutdown(socket.SHUT_RDWR)
+    except (AttributeError, OSError):
+        pass
+
+
+class _SendQueue(queue.Queue):  # type: ignore[type-arg]
+    """A bounded DUL send queue whose `put` never waits for good (bugs seen: a forwarder stuck for
+    ever in put() after the PACS died in the middle of a 2 MB instance, the DUL thread that drains
+    this queue gone with the connection). It waits in short steps and, between them, looks at the
+    association: dead, it raises PeerGone for data (the sender stops) and makes room for an A-ABORT
+    or A-RELEASE (nothing will send it, and the caller's teardown must not block); alive but not
+    drained for `stall` seconds (a peer that reads nothing), it cuts the connection and raises."""
+
+    def __init__(self, assoc: Any, maxsize: int, stall: float):
+        super().__init__(maxsize)
+        self._assoc = weakref.ref(assoc)
+        self._stall = stall
+        self._drained = time.monotonic()
+
+    def _get(self) -> Any:
+        self._drained = time.monotonic()
+        return super()._get()
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                super().put(item, block, 0.25 if block else None)
+                return
+            except queue.Full:
+                if not block or (deadline is not None and time.monotonic() >= deadline):
+                    raise
+            assoc = self._assoc()
+            why = None
+            if assoc is None or _association_dead(assoc):
+                why = "the association ended while sending"
+            elif time.monotonic() - self._drained > self._stall:
+                why = f"the peer took no data for {self._stall:g}s"
+                cut(assoc)
+            if why is None:
+                continue
+            if isinstance(item, P_DATA):
+                raise PeerGone(why)
+            with self.mutex:
+                self.queue.clear()
+                self.not_full.notify_all()
+            super().put(item, False)
+            return
+
+
+def bound_send_queue(assoc: Any, maxsize: int = SEND_QUEUE_PDUS, stall: float = 60.0) -> None:
+    """Swap the association's DUL send queue for a bounded one (_SendQueue). Call on an established
+    association whose own thread is idle (the A-ASSOCIATE exchange is over), so nothing is in the
+    old queue."""
     dul = getattr(assoc, "dul", None)
     old = getattr(dul, "to_provider_queue", None)
     if old is None or getattr(old, "maxsize", 0):
         return
-    new: queue.Queue[Any] = queue.Queue(maxsize=maxsize)
+    new = _SendQueue(assoc, maxsize, stall)
     while True:
         try:
             new.put_nowait(old.get_nowait())
@@ -369,23 +438,48 @@ class FastStore:
         return self.assoc._check_received_status(rsp)
 
     def _write(self, f: BinaryIO, offset: int, context_id: int, command: bytes) -> None:
+        """Frame and send. A destination that takes nothing for the association's DIMSE timeout, or
+        dies, is cut off and PeerGone raised: the sub-operation fails, the C-MOVE reports it. A
+        spool read error half-way also leaves a partial message on the wire: the association goes."""
         sock = self.assoc.dul.socket.socket
-        max_pdu = peer_max_pdu(self.assoc) or (1 << 20)
-        room = max(max_pdu - 6, 1)
-        out = [_pdu(context_id, 0x03, command)]
-        size = len(out[0])
-        f.seek(offset)
-        pending = f.read(room)
-        while pending:
-            nxt = f.read(room)
-            out.append(_pdu(context_id, 0x00 if nxt else 0x02, pending))
-            size += len(out[-1])
-            if size >= self.BATCH:
-                sock.sendall(b"".join(out))
-                out, size = [], 0
-            pending = nxt
-        if out:
-            sock.sendall(b"".join(out))
+        stall = float(self.assoc.dimse_timeout or 60.0)
+        previous = sock.gettimeout()
+        sock.settimeout(stall)
+
+        def send(data: bytes) -> None:
+            try:
+                sock.sendall(data)
+            except OSError as exc:  # socket.timeout included
+                cut(self.assoc)
+                raise PeerGone(f"C-STORE sub-operation not sent: {exc or f'no progress for {stall:g}s'}") from exc
+
+        try:
+            max_pdu = peer_max_pdu(self.assoc) or (1 << 20)
+            room = max(max_pdu - 6, 1)
+            out = [_pdu(context_id, 0x03, command)]
+            size = len(out[0])
+            f.seek(offset)
+            pending = f.read(room)
+            while pending:
+                nxt = f.read(room)
+                out.append(_pdu(context_id, 0x00 if nxt else 0x02, pending))
+                size += len(out[-1])
+                if size >= self.BATCH:
+                    send(b"".join(out))
+                    out, size = [], 0
+                pending = nxt
+            if out:
+                send(b"".join(out))
+        except PeerGone:
+            raise
+        except Exception:
+            cut(self.assoc)
+            raise
+        finally:
+            try:
+                sock.settimeout(previous)
+            except OSError:
+                pass
 
 
 def retrieve_pending_command(sop_class_uid: str, message_id: int, command_field: int, status: int,

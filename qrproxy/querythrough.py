@@ -14,14 +14,18 @@ and a study row without its patient would be an invention).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from .db.models import Instance, Patient, Series, Study, utcnow
-from .index import Header, _get_or_create, _i, _insert, _s, upsert_series
+from .db.models import Patient, Series, Study
+from .dsmerge import is_empty
+from .matching import UNIQUE_KEYS
+from .index import Header, _get_or_create, _i, _s, merge_found_instances, upsert_series
 from .refresh import IMAGE_KEYS, SERIES_KEYS, STUDY_KEYS, _study_header, _upsert_study
 
 PATIENT_KEYS = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex")
@@ -48,22 +52,59 @@ def upstream_identifier(identifier: Dataset, level: str, model: str) -> Dataset:
     return ds
 
 
-def restrict(match: Dataset, request: Dataset, ae_title: str) -> Dataset:
-    """`match` reduced to the keys of `request` (top level), with our Retrieve AE Title."""
+def restrict(match: Dataset, request: Dataset, ae_title: str,
+             held: Callable[[Dataset], Dataset | None] | None = None) -> Dataset:
+    """`match` reduced to the keys of `request` (top level), with our Retrieve AE Title.
+
+    A requested key the upstream left out or answered empty (PS3.4 C.4.1.1.3.2 lets an SCP return
+    fewer keys; DCMTK's dcmqrscp returns only what it indexes) is answered from what qrproxy holds
+    for the same entity, `held(match)`, and zero-length when qrproxy does not know it either:
+    nothing is invented."""
     out = Dataset()
+    known: Dataset | None = None
+    asked = False
+    filled = False
     for elem in request:
         if elem.keyword in _ALWAYS:
             continue
-        if elem.tag in match:
-            out.add(match[elem.tag])
+        got = match[elem.tag] if elem.tag in match else None
+        if is_empty(got) and held is not None:
+            if not asked:
+                known, asked = held(match), True
+            mine = known[elem.tag] if known is not None and elem.tag in known else None
+            if not is_empty(mine):
+                got, filled = mine, True
+        if got is not None:
+            out.add(got)
         else:
             vr = elem.VR if elem.VR else dictionary_VR(elem.tag)
             out.add(DataElement(elem.tag, vr, [] if vr == "SQ" else None))
     out.QueryRetrieveLevel = match.get("QueryRetrieveLevel") or request.get("QueryRetrieveLevel")
-    if "SpecificCharacterSet" in match:
+    if filled and known is not None and "SpecificCharacterSet" in known:
+        # Every value above is decoded text; UTF-8 holds the upstream's and ours alike.
+        out.SpecificCharacterSet = known.SpecificCharacterSet
+    elif "SpecificCharacterSet" in match:
         out.SpecificCharacterSet = match.SpecificCharacterSet
     out.RetrieveAETitle = ae_title
     return out
+
+
+def held_request(request: Dataset, level: str, match: Dataset) -> Dataset | None:
+    """The C-FIND identifier that asks the index for `match`'s entity alone, with every key of
+    `request` as a return key; None when `match` lacks the unique key of `level`."""
+    unique = UNIQUE_KEYS.get(level)
+    value = str(match.get(unique, "") or "").strip() if unique else ""
+    if not value or "\\" in value:
+        return None
+    ds = Dataset()
+    for elem in request:
+        if elem.keyword in ("QueryRetrieveLevel", "SpecificCharacterSet"):
+            continue
+        vr = elem.VR if elem.VR else dictionary_VR(elem.tag)
+        ds.add(DataElement(elem.tag, vr, [] if vr == "SQ" else None))
+    ds.QueryRetrieveLevel = level
+    setattr(ds, unique, value)
+    return ds
 
 
 def remember(sessions: sessionmaker[Session], node: str, level: str, matches: list[Dataset]) -> int:
@@ -76,8 +117,8 @@ def remember(sessions: sessionmaker[Session], node: str, level: str, matches: li
                 if not hdr.patient["patient_id"]:
                     continue
                 _get_or_create(s, Patient, {"patient_id": hdr.patient["patient_id"], "issuer": hdr.patient["issuer"]},
-                               {k: v for k, v in hdr.patient.items() if k not in ("patient_id", "issuer")}
-                               | {"source_node": node})
+                               {k: v for k, v in hdr.patient.items() if k not in ("patient_id", "issuer")},
+                               found=True, always={"source_node": node})
                 written += 1
         elif level == "STUDY":
             for m in matches:
@@ -92,7 +133,7 @@ def remember(sessions: sessionmaker[Session], node: str, level: str, matches: li
                 if not (hdr.study_instance_uid and hdr.series_instance_uid) or not _known_study(s, hdr):
                     continue
                 hdr.series["number_of_instances"] = _i(m, "NumberOfSeriesRelatedInstances")
-                if upsert_series(s, hdr) is not None:  # the study keeps its own source
+                if upsert_series(s, hdr, found=True) is not None:  # the study keeps its own source
                     written += 1
         elif level == "IMAGE":
             rows = []
@@ -104,10 +145,8 @@ def remember(sessions: sessionmaker[Session], node: str, level: str, matches: li
                 if series_pk is None:
                     continue
                 rows.append({"sop_instance_uid": uid, "series_pk": series_pk, "sop_class_uid": _s(m, "SOPClassUID", 64),
-                             "instance_number": _i(m, "InstanceNumber"), "updated_at": utcnow()})
-            if rows:
-                s.execute(_insert(s)(Instance).on_conflict_do_nothing(index_elements=["sop_instance_uid"]), rows)
-                written = len(rows)
+                             "instance_number": _i(m, "InstanceNumber")})
+            written = len(merge_found_instances(s, rows))
     return written
 
 

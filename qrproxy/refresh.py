@@ -36,7 +36,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from . import upstream
 from .config import Config, RefreshJob
 from .db.models import Instance, Patient, RefreshRun, Series, Study, utcnow
-from .index import Header, _get_or_create, _i, _insert, _s, upsert_series
+from .index import Header, _get_or_create, _i, _s, merge_found_instances, upsert_series
 from .logs import kv
 from .tags import parse_tag
 from .units import is_relative_date, resolve_relative_date
@@ -131,43 +131,41 @@ def _study_header(match: Dataset) -> Header:
 
 
 def _upsert_study(session: Session, hdr: Header, node: str) -> int:
+    """The patient and study rows of a STUDY-level C-FIND answer, merged into what the index holds
+    (index._get_or_create with found=True: nothing the answer leaves out or left empty is erased,
+    and a study held locally keeps the values read from its files)."""
     patient_pk = _get_or_create(
         session, Patient, {"patient_id": hdr.patient["patient_id"], "issuer": hdr.patient["issuer"]},
-        {k: v for k, v in hdr.patient.items() if k not in ("patient_id", "issuer")} | {"source_node": node},
+        {k: v for k, v in hdr.patient.items() if k not in ("patient_id", "issuer")},
+        found=True, always={"source_node": node},
     )
-    values = dict(hdr.study, patient_pk=patient_pk, source_node=node, refreshed_at=utcnow())
-    return _get_or_create(session, Study, {"study_instance_uid": hdr.study_instance_uid}, values)
+    return _get_or_create(session, Study, {"study_instance_uid": hdr.study_instance_uid},
+                          dict(hdr.study, patient_pk=patient_pk), found=True,
+                          always={"source_node": node, "refreshed_at": utcnow()})
 
 
 def _write_study(session: Session, node: str, hdr: Header, series: list[tuple[Dataset, list[Dataset]]]) -> None:
-    """A study with its complete series and instance lists: upsert all, drop what the node no longer
-    lists (unless the spool holds a copy). Existing local copies (object_pk) are never touched."""
+    """A study with its complete series and instance lists: merge all into the index, drop what the
+    node no longer lists (unless the spool holds a copy). Existing local copies (object_pk) are never
+    touched, and values read from them are never replaced by the node's answers."""
     study_pk = _upsert_study(session, hdr, node)
-    ins = _insert(session)(Instance)
-    upsert_instance = ins.on_conflict_do_update(
-        index_elements=["sop_instance_uid"],
-        set_={k: ins.excluded[k] for k in ("series_pk", "sop_class_uid", "instance_number", "updated_at")},
-    )
     kept_series: list[int] = []
     for series_ds, images in series:
         s_hdr = Header.from_dataset(series_ds)
         s_hdr.patient, s_hdr.study, s_hdr.study_instance_uid = hdr.patient, hdr.study, hdr.study_instance_uid
         s_hdr.series["number_of_instances"] = _i(series_ds, "NumberOfSeriesRelatedInstances")
-        series_pk = upsert_series(session, s_hdr, source_node=node, refreshed=True)
+        series_pk = upsert_series(session, s_hdr, source_node=node, refreshed=True, found=True)
         if series_pk is None:
             continue
         kept_series.append(series_pk)
-        now = utcnow()
         rows = []
         for image in images:
             uid = _s(image, "SOPInstanceUID", 64)
             if uid:
                 rows.append({"sop_instance_uid": uid, "series_pk": series_pk,
                              "sop_class_uid": _s(image, "SOPClassUID", 64),
-                             "instance_number": _i(image, "InstanceNumber"), "updated_at": now})
-        if rows:
-            session.execute(upsert_instance, rows)
-        listed = {r["sop_instance_uid"] for r in rows}
+                             "instance_number": _i(image, "InstanceNumber")})
+        listed = set(merge_found_instances(session, rows))
         stale = [pk for pk, uid in session.execute(
             select(Instance.id, Instance.sop_instance_uid)
             .where(Instance.series_pk == series_pk, Instance.object_pk.is_(None))) if uid not in listed]

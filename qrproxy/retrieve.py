@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import evt
+from pynetdicom.presentation import StoragePresentationContexts
 from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
@@ -63,6 +64,7 @@ class Retrieval:
     uids: dict[str, tuple[str, ...]]
     sop_classes: tuple[str, ...] = ()
     expected: frozenset[str] = frozenset()  # the SOP Instance UIDs this request should bring
+    classes_known: bool = True  # sop_classes covers every expected instance (C-GET role contexts)
     done: threading.Event = field(default_factory=threading.Event)
     error: str | None = None
     status: int | None = None
@@ -124,10 +126,11 @@ class Retriever:
         return out
 
     def fetch(self, node: str, level: str, uids: dict[str, Iterable[str]], sop_classes: Iterable[str] = (),
-              expected: Iterable[str] = ()) -> Retrieval:
-        """Start (or join) the retrieval of `uids` at `level` from `node`; returns at once."""
+              expected: Iterable[str] = (), classes_known: bool = True) -> Retrieval:
+        """Start (or join) the retrieval of `uids` at `level` from `node`; returns at once.
+        `classes_known`: False when the index lacks the SOP class of some expected instance."""
         r = Retrieval(node, level, {k: tuple(sorted(set(v))) for k, v in uids.items() if v},
-                      tuple(sorted(set(sop_classes))), frozenset(expected))
+                      tuple(sorted(set(sop_classes))), frozenset(expected), classes_known)
         with self._lock:
             running = self._running.get(r.key)
             if running is not None and not running.done.is_set():
@@ -192,8 +195,16 @@ class Retriever:
 
         cfg = self.proxy.config
         model = GET_MODEL
-        classes = list(r.sop_classes)[:100] or ["1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4",
-                                                 "1.2.840.10008.5.1.4.1.1.7"]
+        # The classes the index knows for these instances; when it knows none (an upstream that
+        # leaves SOPClassUID out of its C-FIND answers), as many storage classes as a context list
+        # holds, so that whatever the PACS sends has a context: accepting more is not a guess.
+        classes = list(r.sop_classes)[:100]
+        if not (r.classes_known and classes):
+            for cx in StoragePresentationContexts:
+                if len(classes) >= 100:
+                    break
+                if str(cx.abstract_syntax) not in classes:
+                    classes.append(str(cx.abstract_syntax))
         roles = []
         for uid in classes:
             item = SCP_SCU_RoleSelectionNegotiation()

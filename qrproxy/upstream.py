@@ -87,7 +87,7 @@ def associate(
             if problem:
                 why = f"TLS handshake failed: {problem}"
         raise UpstreamError(f"{name} ({node.ae_title}@{node.host}:{node.port}): {why}")
-    bound_send_queue(assoc)
+    bound_send_queue(assoc, stall=node.timeout)
     keep_responses_from_reactor(assoc)
     try:
         yield assoc

@@ -19,6 +19,7 @@ from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.orm import Session
 
 from . import worklist
+from .dsmerge import fill_missing
 from .db.models import WorklistItem, utcnow
 from .index import _insert
 from .logs import kv
@@ -74,8 +75,18 @@ def replace(session: Session, node: str, identifier: Dataset, rows: list[dict[st
     for row in rows:
         unique[row["item_key"]] = row  # an upstream listing one step twice: the last answer wins
     window = _window(session, node, identifier)
-    known = set(session.execute(select(WorklistItem.item_key).where(
-        WorklistItem.source_node == node, WorklistItem.item_key.in_(list(unique)))).scalars()) if unique else set()
+    held: dict[str, bytes] = {}
+    keys = list(unique)
+    for i in range(0, len(keys), 500):
+        held.update(session.execute(select(WorklistItem.item_key, WorklistItem.identifier).where(
+            WorklistItem.source_node == node, WorklistItem.item_key.in_(keys[i:i + 500]))).all())
+    known = set(held)
+    for key, old in held.items():
+        # A key this answer left out or empty keeps the value an earlier answer gave (dsmerge).
+        row = unique[key]
+        answer = worklist.decode(row["identifier"])
+        if fill_missing(answer, worklist.decode(old)):
+            unique[key] = dict(item_row(node, answer, row["refreshed_at"]), item_key=key)
     result.updated = len(known)
     result.new = len(unique) - len(known)
     if unique:

@@ -7,6 +7,9 @@ association log and everything bound to EVT_REJECTED see it like any other rejec
 
 Checks, in order (README "Security and limits"):
 
+0. global cap: more than `max_associations` associations at once -> rejected-transient /
+   service-provider (presentation) / local-limit-exceeded (0x02, 0x03, 0x02), counted here exactly
+   (admitted on A-ASSOCIATE-RQ, released when the connection closes; a rejected one never counts).
 1. per-peer cap: more than `max_associations_per_peer` associations from one IP address -> A-ASSOCIATE-RJ rejected-transient / service-provider
    (presentation) / local-limit-exceeded (0x02, 0x03, 0x02), what pynetdicom answers for the global
    `max_associations`. Other peers are unaffected.
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -97,6 +101,8 @@ class AccessPolicy:
                 allowed |= resolve(host)
             self.addresses[node.ae_title] = allowed
         self.services = service_map()
+        self._lock = threading.Lock()
+        self._admitted: set[int] = set()  # id() of the associations counted against max_associations
         self.allowed: dict[str, set[str] | None] = {}
         for name in SERVICES:
             access = getattr(config.services, name)
@@ -107,6 +113,8 @@ class AccessPolicy:
         return allowed is None or calling in allowed
 
     def _reject(self, assoc: Any, rsd: tuple[int, int, int], reason: str, **fields: Any) -> None:
+        with self._lock:
+            self._admitted.discard(id(assoc))
         calling = (assoc.requestor.primitive.calling_ae_title or "").strip()
         log.warning(kv(event="association-rejected", reason=reason, calling=calling,
                        peer=f"{assoc.requestor.address}:{assoc.requestor.port}", **fields))
@@ -123,6 +131,16 @@ class AccessPolicy:
         cfg = self.config
         calling = (assoc.requestor.primitive.calling_ae_title or "").strip()
         ip = _peer_ip(assoc)
+
+        # The global cap, counted exactly: pynetdicom's own check counts every acceptor thread still
+        # alive, rejected ones that are closing included (97-99 of 100 accepted in a burst of 150).
+        with self._lock:
+            full = len(self._admitted) >= cfg.max_associations
+            if not full:
+                self._admitted.add(id(assoc))
+        if full:
+            self._reject(assoc, LOCAL_LIMIT_EXCEEDED, "association-limit", limit=cfg.max_associations)
+            return
 
         # Connections still waiting for their A-ASSOCIATE-RQ (port checks, scanners) are not counted:
         # acse_timeout and max_associations bound those.
@@ -171,5 +189,9 @@ class AccessPolicy:
         log.info(kv(event="services-restricted", calling=calling,
                     peer=f"{assoc.requestor.address}:{assoc.requestor.port}", denied=",".join(sorted(denied))))
 
+    def on_closed(self, event: Any) -> None:
+        with self._lock:
+            self._admitted.discard(id(event.assoc))
+
     def handlers(self) -> list[tuple[Any, Any]]:
-        return [(evt.EVT_REQUESTED, self.on_requested)]
+        return [(evt.EVT_REQUESTED, self.on_requested), (evt.EVT_CONN_CLOSE, self.on_closed)]

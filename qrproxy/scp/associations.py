@@ -159,7 +159,9 @@ class AssociationLog:
 
 def configure_ae_policy(ae: Any, proxy: Proxy) -> None:
     cfg = proxy.config
-    ae.maximum_associations = cfg.max_associations
+    # scp/access.py enforces max_associations exactly; pynetdicom's own count (every acceptor thread
+    # alive, closing ones included) is only a far backstop for connections that never associate.
+    ae.maximum_associations = max(4 * cfg.max_associations, 1000)
     ae.maximum_pdu_size = cfg.max_pdu
     ae.acse_timeout = cfg.acse_timeout
     ae.network_timeout = cfg.idle_timeout

@@ -392,6 +392,22 @@ class FindSCP:
         return remember
 
 
+    def held(self, request: Dataset, level: str, model: str, match: Dataset) -> Dataset | None:
+        """What the index holds for the entity of an upstream answer, with `request`'s keys (None when
+        it holds no single row for it): the keys the upstream left out are answered from here."""
+        ident = querythrough.held_request(request, level, match)
+        if ident is None:
+            return None
+        try:
+            query = parse_query(ident, level, model, relational=True)  # the unique key alone
+            rows, fields, _ = self.cache_rows(query)
+        except Exception as exc:  # the upstream's answer still goes out, with the keys it gave
+            log.warning(kv(event="held-values-unavailable", level=level, error=f"{type(exc).__name__}: {exc}"))
+            return None
+        if len(rows) != 1:
+            return None
+        return build(rows[0], fields, level, self.ae_title)
+
     def handle(self, event: Any) -> Iterator[tuple[int | Dataset, Dataset | None]]:
         t0 = time.monotonic()
         assoc = event.assoc
@@ -432,8 +448,8 @@ class FindSCP:
             try:
                 yield from pending.stream(
                     event, items, fields,
-                    lambda item: item if isinstance(item, bytes) else querythrough.restrict(item, identifier,
-                                                                                              self.ae_title))
+                    lambda item: item if isinstance(item, bytes) else querythrough.restrict(
+                        item, identifier, self.ae_title, functools.partial(self.held, identifier, query.level or "", model)))
             except Exception as exc:
                 log.exception("C-FIND from the index failed")
                 fields.update(status=f"0x{OUT_OF_RESOURCES:04X}", reason=f"index unavailable: {type(exc).__name__}")

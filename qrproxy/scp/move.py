@@ -68,6 +68,7 @@ log = logging.getLogger("qrproxy.move")
 
 TRANSFER_SYNTAXES = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
 IMPLICIT_LITTLE = "1.2.840.10008.1.2"
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"  # only for placeholders of instances that cannot be sent
 NATIVE = {EXPLICIT_LITTLE, IMPLICIT_LITTLE}
 MOVE_MODELS = {str(PatientRootQueryRetrieveInformationModelMove): "patient",
                str(StudyRootQueryRetrieveInformationModelMove): "study"}
@@ -130,7 +131,7 @@ def _placeholder(item: Item) -> Dataset:
     """A data set pynetdicom cannot send (no transfer syntax): its C-STORE fails locally and the
     instance is counted failed, with its UID in the Failed SOP Instance UID List."""
     ds = Dataset()
-    ds.SOPClassUID = item.sop_class or "1.2.840.10008.5.1.4.1.1.7"
+    ds.SOPClassUID = item.sop_class or SECONDARY_CAPTURE
     ds.SOPInstanceUID = item.sop_uid
     ds.file_meta = FileMetaDataset()
     return ds
@@ -301,16 +302,49 @@ class RetrieveSCP:
                 classes = {i.sop_class for uid in whole for i in series[uid] if i.sop_class}
                 uids = [i.sop_uid for uid in whole for i in series[uid]]
                 r = retriever.fetch(node, "SERIES", {"StudyInstanceUID": [study], "SeriesInstanceUID": whole},
-                                    classes, uids)
+                                    classes, uids, all(i.sop_class for uid in whole for i in series[uid]))
                 out.append((r, uids))
             for uid, its in series.items():
                 if uid in whole:
                     continue
                 r = retriever.fetch(node, "IMAGE", {"StudyInstanceUID": [study], "SeriesInstanceUID": [uid],
                                                     "SOPInstanceUID": [i.sop_uid for i in its]},
-                                    {i.sop_class for i in its if i.sop_class}, [i.sop_uid for i in its])
+                                    {i.sop_class for i in its if i.sop_class}, [i.sop_uid for i in its],
+                                    all(i.sop_class for i in its))
                 out.append((r, [i.sop_uid for i in its]))
         return out
+
+    def _learn_classes(self, event: Any, items: list[Item]) -> None:
+        """Make the SOP class of every instance known before the association to a move destination
+        is opened, since its presentation contexts are proposed per class. An instance held only
+        upstream whose class the index does not know (DCMTK's dcmqrscp leaves SOPClassUID out of
+        its C-FIND answers) is retrieved first, and its class read from the file that arrived:
+        never guessed. The retrievals started here are the ones the sub-operations then join."""
+        remote = [i for i in items if i.obj is None]
+        if not any(not i.sop_class for i in remote):
+            return
+        t0 = time.monotonic()
+        for uid, obj in self.proxy.retriever.local_objects([i.sop_uid for i in remote]).items():
+            for i in remote:
+                if i.sop_uid == uid:
+                    i.obj, i.sop_class = obj, obj[2]
+        remote = [i for i in remote if i.obj is None]
+        unknown = {i.sop_uid: i for i in remote if not i.sop_class}
+        if not unknown:
+            return
+        with self._plan_lock:
+            retrievals = self._start_retrievals(remote)
+        learnt = 0
+        for retrieval, uids in retrievals:
+            wanted = [u for u in uids if u in unknown]
+            if retrieval is None or not wanted:
+                continue
+            for uid, obj in self.proxy.retriever.wait_for(retrieval, wanted, cancelled=lambda: event.is_cancelled):
+                if obj is not None:
+                    unknown[uid].obj, unknown[uid].sop_class = obj, obj[2]
+                    learnt += 1
+        log.info(kv(event="c-move-classes", unknown=len(unknown), retrieved=learnt,
+                    ms=int((time.monotonic() - t0) * 1000)))
 
     # --- sending ----------------------------------------------------------------------------------
 
@@ -459,6 +493,7 @@ class RetrieveSCP:
             return
         node_name, node = found
         target, items = self._prepare(event, MOVE_MODELS, "c-move")
+        self._learn_classes(event, items)
         log.info(kv(event="c-move-start", calling=event.assoc.requestor.ae_title, destination=node_name,
                     level=target.level, instances=len(items), local=sum(1 for i in items if i.obj is not None)))
         holder: dict[str, Any] = {}
@@ -494,12 +529,17 @@ class RetrieveSCP:
         target = TARGETS.get(node.transfer_syntax)
         wanted: dict[str, list[str]] = {}
         for i in items:
-            cls = (i.obj[2] if i.obj else i.sop_class) or "1.2.840.10008.5.1.4.1.1.7"
+            cls = i.obj[2] if i.obj else i.sop_class
+            if not cls:
+                continue  # not retrievable (see _learn_classes): its sub-operation fails, proposes nothing
             held = i.obj[3] if i.obj else EXPLICIT_LITTLE
             syntaxes = wanted.setdefault(cls, [])
             for ts in _offers(target, held):
                 if ts not in syntaxes:
                     syntaxes.append(ts)
+        if not wanted:
+            # Nothing can be sent; the association still carries the sub-operations' failures.
+            wanted[SECONDARY_CAPTURE] = [EXPLICIT_LITTLE, IMPLICIT_LITTLE]
         out = []
         for cls, syntaxes in wanted.items():
             # One context per (class, syntax): the peer may accept some and refuse others.
