@@ -99,7 +99,14 @@ def contexts(extra_sop_classes: list[str] | None = None) -> list[tuple[str, list
     qrproxy stores as received, so there is no syntax it needs to refuse."""
     uids = [cx.abstract_syntax for cx in AllStoragePresentationContexts]
     uids += [u for u in extra_sop_classes or [] if u not in uids]
-    return [(uid, list(ALL_TRANSFER_SYNTAXES)) for uid in uids]
+    return [(uid, list(STORE_SYNTAXES)) for uid in uids]
+
+
+# pynetdicom accepts the first of the acceptor's syntaxes that the requestor offers: Explicit VR
+# Little Endian first, so that a modality offering both in one context (pynetdicom's storescu does)
+# has its files stored, and forwarded, as written, private elements keeping their VRs. DCMTK's
+# storescp prefers the same.
+STORE_SYNTAXES = ["1.2.840.10008.1.2.1"] + [ts for ts in ALL_TRANSFER_SYNTAXES if ts != "1.2.840.10008.1.2.1"]
 
 
 def configure_receive(spool: Spool) -> None:
