@@ -205,3 +205,20 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         callspec = getattr(item, "callspec", None)
         if callspec is not None and callspec.params.get("db_url") == "postgresql":
             item.add_marker(pytest.mark.postgres)
+
+
+# --- DCMTK dcmqrscp (appended) ----------------------------------------------------------------
+
+
+@pytest.fixture
+def dcmqrscp_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., peers.DcmqrSCP]]:
+    """``dcmqrscp_factory(aet="DCMQR", peers={name: (aet, host, port)}, extra_args=(), start=True)``:
+    a started DcmqrSCP (DCMTK Q/R archive); ``peers`` are the C-MOVE destinations it knows."""
+    make, stop_all = _factory(request, tmp_path, peers.DcmqrSCP, "dcmqrscp")
+    yield make
+    stop_all()
+
+
+@pytest.fixture
+def dcmqrscp(dcmqrscp_factory: Callable[..., peers.DcmqrSCP]) -> peers.DcmqrSCP:
+    return dcmqrscp_factory()

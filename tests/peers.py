@@ -1179,3 +1179,228 @@ def _plain(obj: Any) -> Any:
     if isinstance(obj, os.PathLike):
         return os.fspath(obj)
     return obj
+
+
+# --- DCMTK dcmqrscp ---------------------------------------------------------------------------
+
+
+def findscu(
+    host: str,
+    port: int,
+    keys: Mapping[str, str] | Sequence[tuple[str, str]],
+    *,
+    aec: str,
+    aet: str = "FINDSCU",
+    model: str = "S",
+    out_dir: str | os.PathLike[str] | None = None,
+    timeout: float = 120.0,
+) -> tuple[list[Any], subprocess.CompletedProcess[str]]:
+    """C-FIND with DCMTK findscu; returns (the identifiers of the pending responses as pydicom
+    Datasets, in order, and the completed process). ``keys``: keyword or ``gggg,eeee`` -> value ("" to
+    ask for a return key). ``model``: "S" study root, "P" patient root. The answers are extracted
+    with ``-X`` into ``out_dir`` (a fresh temporary directory when None), so nothing is parsed from
+    the log. Raises PeerError when findscu fails (exit status or a non-Success final status).
+    """
+    import tempfile
+
+    import pydicom
+
+    items = list(keys.items()) if isinstance(keys, Mapping) else list(keys)
+    tmp = None
+    if out_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="findscu-")
+        out = Path(tmp.name)
+    else:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        for old in out.glob("rsp*.dcm"):
+            old.unlink()
+    try:
+        argv = [dcmtk("findscu"), "-v", f"-{model}", "-aet", aet, "-aec", aec, "-X", "-od", str(out)]
+        for k, v in items:
+            argv += ["-k", f"{k}={v}" if v != "" else k]
+        argv += [host, str(port)]
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                             env=dict(os.environ, TCP_NODELAY="1"))
+        log = res.stdout + res.stderr
+        if res.returncode != 0 or "Received Final Find Response (Success)" not in log:
+            raise PeerError(f"findscu to {aec}@{host}:{port} failed (exit {res.returncode}):\n{log[-4000:]}")
+        answers = [pydicom.dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
+        return answers, res
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+class DcmqrSCP(Peer):
+    """DCMTK dcmqrscp: a small Q/R archive (C-STORE, C-FIND, C-MOVE, C-GET) with one storage area.
+
+    Its configuration is written to ``<tmpdir>/dcmqrscp.cfg`` at every start: ``NetworkTCPPort``,
+    ``MaxPDUSize``, ``MaxAssociations``, a ``HostTable`` with the move destinations added by
+    ``peers``/``add_peer()``, and an ``AETable`` with one read/write storage area
+    ``<tmpdir>/storage`` for ``aet`` open to ANY calling AE. Objects it receives are written there
+    (``CT_<hash>.dcm`` ...) and indexed in ``storage/index.dat``.
+
+    Things that matter for tests (DCMTK 3.6.7):
+      * It answers C-FIND only with the keys its index holds. At IMAGE level that is
+        SOPInstanceUID, InstanceNumber (and the unique keys of the levels above, plus
+        RetrieveAETitle): no SOPClassUID, which is the reason this peer exists.
+      * A C-MOVE destination must be in the HostTable (AE title -> host, port); an unknown one is
+        refused with 0xA801 (Move Destination Unknown). dcmqrscp reads its configuration only at
+        start, so ``add_peer()`` on a running peer restarts it (the storage area is kept).
+      * It runs with ``--fork`` (its default, one child per association) because
+        ``--single-process`` crashes: dcmqrscp 3.6.7 (Debian) segfaults in DUL_DropAssociation()
+        right after the first association is released, so only one association would ever be
+        served. The forked children are in the peer's process group and die with it in stop().
+      * The storage area quota's maxStudies is clamped to 500 by dcmqrscp (it warns above); when a
+        quota is exceeded, dcmqrscp deletes the oldest study. The quota here is (500, 1024mb).
+      * ``UserName``/``GroupName`` are left out: dcmqrscp would switch to that user when run as root.
+    """
+
+    name = "dcmqrscp"
+
+    def __init__(
+        self,
+        tmpdir: str | os.PathLike[str],
+        aet: str = "DCMQR",
+        peers: Mapping[str, tuple[str, str, int]] | None = None,
+        extra_args: Iterable[str] = (),
+        *,
+        port: int | None = None,
+        max_pdu: int = 16384,
+        max_associations: int = 16,
+        name: str | None = None,
+    ):
+        super().__init__(tmpdir, name)
+        self.aet = aet
+        self.extra_args = list(extra_args)
+        self.max_pdu = max_pdu
+        self.max_associations = max_associations
+        self._fixed_port = port is not None
+        self.port = port or free_port()
+        self.host = LOCALHOST
+        self.storage_dir = self.dir / "storage"
+        self.config_path = self.dir / "dcmqrscp.cfg"
+        #: symbolic name -> (AE title, host, port): the HostTable, i.e. the known move destinations
+        self.peers: dict[str, tuple[str, str, int]] = {}
+        for key, (ae, host, p) in (peers or {}).items():
+            self.peers[self._symbol(key)] = (ae, host, int(p))
+
+    @staticmethod
+    def _symbol(text: str) -> str:
+        sym = "".join(c if c.isalnum() else "_" for c in text).lower()
+        return sym if sym and sym[0].isalpha() else "p_" + sym
+
+    def add_peer(self, ae: str, host: str, port: int, name: str | None = None) -> None:
+        """Make ``ae`` at ``host:port`` a known C-MOVE destination. dcmqrscp reads its
+        configuration only at start: if it is running, it is restarted (the storage is kept)."""
+        self.peers[self._symbol(name or ae)] = (ae, host, int(port))
+        if self.running:
+            self.stop()
+            self.start()
+
+    def config_text(self) -> str:
+        host_lines = "\n".join(f"{sym} = ({ae}, {host}, {port})" for sym, (ae, host, port) in self.peers.items())
+        return (
+            "# written by tests/peers.py DcmqrSCP\n"
+            f"NetworkTCPPort  = {self.port}\n"
+            f"MaxPDUSize      = {self.max_pdu}\n"
+            f"MaxAssociations = {self.max_associations}\n"
+            "\n"
+            "HostTable BEGIN\n"
+            f"{host_lines}\n"
+            "HostTable END\n"
+            "\n"
+            "VendorTable BEGIN\n"
+            "VendorTable END\n"
+            "\n"
+            "AETable BEGIN\n"
+            # AETitle  StorageArea  Access  Quota(maxStudies, maxBytesPerStudy)  Peers
+            f"{self.aet} {self.storage_dir} RW (500, 1024mb) ANY\n"
+            "AETable END\n"
+        )
+
+    def argv(self) -> list[str]:
+        self.storage_dir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(self.config_text())
+        return [
+            dcmtk("dcmqrscp"),
+            "-v",
+            "--fork",  # see the class docstring: --single-process segfaults after one association
+            "-c", str(self.config_path),
+            "-dhl",
+            *self.extra_args,
+            str(self.port),
+        ]  # fmt: skip
+
+    def _pick_new_ports(self) -> bool:
+        if self._fixed_port:
+            return False
+        self.port = free_port()
+        return True
+
+    def _wait_ready(self, timeout: float) -> None:
+        wait_for_port(LOCALHOST, self.port, timeout, proc=self)
+
+    # -- contents
+    def load(self, files: Iterable[str | os.PathLike[str]], timeout: float = 180.0) -> None:
+        """C-STORE ``files`` into the archive with DCMTK storescu (dcmqrscp files and indexes
+        them). Raises PeerError unless every file was answered with Success."""
+        paths = [str(f) for f in files]
+        if not paths:
+            return
+        res = subprocess.run(
+            [dcmtk("storescu"), "-v", "-R", "-aet", "LOADER", "-aec", self.aet, LOCALHOST, str(self.port), *paths],
+            capture_output=True, text=True, timeout=timeout, env=dict(os.environ, TCP_NODELAY="1"),
+        )  # fmt: skip
+        log = res.stdout + res.stderr
+        ok = log.count("Received Store Response (Success)")
+        if res.returncode != 0 or ok != len(paths):
+            raise PeerError(f"storescu into {self.name}: exit {res.returncode}, {ok} of {len(paths)} stored:\n"
+                            f"{log[-4000:]}{_tail_for(self)}")
+
+    def stored_files(self) -> list[Path]:
+        """The DICOM files in the storage area (not index.dat)."""
+        if not self.storage_dir.exists():
+            return []
+        return sorted(p for p in self.storage_dir.iterdir() if p.is_file() and p.name != "index.dat")
+
+    def stored_datasets(self) -> dict[str, Any]:
+        """SOP Instance UID -> pydicom Dataset of every file in the storage area."""
+        import pydicom
+
+        out = {}
+        for p in self.stored_files():
+            try:
+                ds = pydicom.dcmread(p)
+            except Exception:  # noqa: BLE001 - a file still being written
+                continue
+            out[str(ds.SOPInstanceUID)] = ds
+        return out
+
+    def find(self, keys: Mapping[str, str] | Sequence[tuple[str, str]], *, model: str = "S",
+             aet: str = "FINDSCU") -> list[Any]:
+        """C-FIND straight to this archive with DCMTK findscu; the answers as Datasets."""
+        return findscu(LOCALHOST, self.port, keys, aec=self.aet, aet=aet, model=model)[0]
+
+    def instance_uids(self, study_uid: str) -> set[str]:
+        """SOP Instance UIDs dcmqrscp's index lists for the study (STUDY -> SERIES -> IMAGE C-FINDs)."""
+        out: set[str] = set()
+        for se in self.find({"QueryRetrieveLevel": "SERIES", "StudyInstanceUID": study_uid, "SeriesInstanceUID": ""}):
+            for im in self.find({"QueryRetrieveLevel": "IMAGE", "StudyInstanceUID": study_uid,
+                                 "SeriesInstanceUID": str(se.SeriesInstanceUID), "SOPInstanceUID": ""}):
+                out.add(str(im.SOPInstanceUID))
+        return out
+
+    def wait_for_instances(self, study_uid: str, sops: Iterable[str], timeout: float = 90.0) -> set[str]:
+        """Poll (C-FIND) until the index lists at least ``sops`` for the study; returns what it lists."""
+        want = set(sops)
+        deadline = time.monotonic() + timeout
+        while True:
+            got = self.instance_uids(study_uid)
+            if want <= got:
+                return got
+            if time.monotonic() >= deadline:
+                raise PeerError(f"{self.name}: {len(want & got)} of {len(want)} instances of study {study_uid} "
+                                f"indexed within {timeout:.0f} s{_tail_for(self)}")
+            time.sleep(0.3)
