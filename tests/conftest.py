@@ -199,12 +199,25 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         drop_database(url)
 
 
+# Fixtures that start a real peer or a qrproxy server process: a test using one is marked `peer`.
+PEER_FIXTURES = frozenset({
+    "qrproxy", "orthanc", "orthanc_factory", "storescp", "storescp_factory", "worklist_scp",
+    "worklist_scp_factory", "dcmqrscp", "dcmqrscp_factory", "scripted_scp", "recording_scp",
+})
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests on the postgresql side of db_url get the `postgres` marker (-m "not postgres")."""
+    """Tests on the postgresql side of db_url get the `postgres` marker (-m "not postgres"); tests
+    that start a peer or a qrproxy server (a PEER_FIXTURES fixture, or a module marked `peer` for
+    peers it starts itself) get the `peer` marker. `scripts/test --fast` runs the rest, with
+    QRPROXY_TEST_FAST=1 making any peer start fail loudly (tests/peers.py), so a test that starts
+    one without the marker is found, not silently slow."""
     for item in items:
         callspec = getattr(item, "callspec", None)
         if callspec is not None and callspec.params.get("db_url") == "postgresql":
             item.add_marker(pytest.mark.postgres)
+        if PEER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.peer)
 
 
 # --- DCMTK dcmqrscp (appended) ----------------------------------------------------------------

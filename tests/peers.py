@@ -269,6 +269,9 @@ class Peer:
         raise AssertionError("unreachable")
 
     def _spawn(self) -> None:
+        if os.environ.get("QRPROXY_TEST_FAST") == "1":
+            raise PeerError(f"the fast tier starts no peers, but this test starts {self.name}: mark it "
+                            "`peer` (a PEER_FIXTURES fixture in tests/conftest.py, or pytestmark in its module)")
         if self.running:
             raise PeerError(f"{self.name} is already running (pid {self.pid})")
         argv = self.argv()
@@ -398,6 +401,23 @@ class Peer:
 
 
 # --- Orthanc ----------------------------------------------------------------------------------
+
+
+class PortPeer(Peer):
+    """A peer serving DICOM on one port (``self.port``): ready when the port accepts connections; a
+    port chosen here (``_fixed_port`` false) is chosen again after an address-in-use failure."""
+
+    port: int
+    _fixed_port: bool = False
+
+    def _pick_new_ports(self) -> bool:
+        if self._fixed_port:
+            return False
+        self.port = free_port()
+        return True
+
+    def _wait_ready(self, timeout: float) -> None:
+        wait_for_port(LOCALHOST, self.port, timeout, proc=self)
 
 
 class OrthancHTTPError(PeerError):
@@ -667,7 +687,7 @@ class OrthancServer(Peer):
 # --- DCMTK storescp ---------------------------------------------------------------------------
 
 
-class StoreSCP(Peer):
+class StoreSCP(PortPeer):
     """DCMTK storescp in single-process mode, writing every received object to ``output_dir``.
 
     Accepts all storage SOP classes (``-pm`` also unknown ones) in every transfer syntax DCMTK
@@ -707,14 +727,6 @@ class StoreSCP(Peer):
             str(self.port),
         ]  # fmt: skip
 
-    def _pick_new_ports(self) -> bool:
-        if self._fixed_port:
-            return False
-        self.port = free_port()
-        return True
-
-    def _wait_ready(self, timeout: float) -> None:
-        wait_for_port(LOCALHOST, self.port, timeout, proc=self)
 
     def received_files(self) -> list[Path]:
         if not self.output_dir.exists():
@@ -745,7 +757,7 @@ class StoreSCP(Peer):
 # --- DCMTK wlmscpfs ---------------------------------------------------------------------------
 
 
-class WorklistSCP(Peer):
+class WorklistSCP(PortPeer):
     """DCMTK wlmscpfs serving worklist items from ``<tmpdir>/worklists/<AET>/*.wl``.
 
     wlmscpfs has no AE title option: it answers for any called AE title that names a
@@ -793,14 +805,6 @@ class WorklistSCP(Peer):
             str(self.port),
         ]  # fmt: skip
 
-    def _pick_new_ports(self) -> bool:
-        if self._fixed_port:
-            return False
-        self.port = free_port()
-        return True
-
-    def _wait_ready(self, timeout: float) -> None:
-        wait_for_port(LOCALHOST, self.port, timeout, proc=self)
 
     def add_item(self, item: Any, filename: str | None = None) -> Path:
         """Add a worklist item: a pydicom Dataset, DICOM file bytes, or DCMTK dump text.
@@ -1232,7 +1236,7 @@ def findscu(
             tmp.cleanup()
 
 
-class DcmqrSCP(Peer):
+class DcmqrSCP(PortPeer):
     """DCMTK dcmqrscp: a small Q/R archive (C-STORE, C-FIND, C-MOVE, C-GET) with one storage area.
 
     Its configuration is written to ``<tmpdir>/dcmqrscp.cfg`` at every start: ``NetworkTCPPort``,
@@ -1333,14 +1337,6 @@ class DcmqrSCP(Peer):
             str(self.port),
         ]  # fmt: skip
 
-    def _pick_new_ports(self) -> bool:
-        if self._fixed_port:
-            return False
-        self.port = free_port()
-        return True
-
-    def _wait_ready(self, timeout: float) -> None:
-        wait_for_port(LOCALHOST, self.port, timeout, proc=self)
 
     # -- contents
     def load(self, files: Iterable[str | os.PathLike[str]], timeout: float = 180.0) -> None:

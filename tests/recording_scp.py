@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peers import LOCALHOST, Peer, free_port, wait_for_port  # noqa: E402
+from peers import LOCALHOST, PortPeer, free_port  # noqa: E402
 
 SCRIPT = Path(__file__).resolve()
 
@@ -142,7 +142,7 @@ def read_deliveries(record: str | os.PathLike[str]) -> Counter[str]:
     return Counter(line.decode() for line in lines if line)
 
 
-class RecordingSCP(Peer):
+class RecordingSCP(PortPeer):
     """tests/recording_scp.py as a peer. The port is chosen once and kept: ``start()`` after the
     process died (``wait_exit()``) or was stopped starts it again on the same port, appending to
     the same record file, with the ``die_after_bytes``/``hold_seconds`` given to ``start``."""
@@ -167,8 +167,7 @@ class RecordingSCP(Peer):
             argv += ["--die-after-bytes", str(self.die_after_bytes)]
         return argv
 
-    def _wait_ready(self, timeout: float) -> None:
-        wait_for_port(LOCALHOST, self.port, timeout, proc=self)
+    _fixed_port = True  # restarted on the same port after each death
 
     def start(self, timeout: float | None = None, *, die_after_bytes: int | None = None,  # type: ignore[override]
               hold_seconds: float | None = None) -> RecordingSCP:

@@ -280,22 +280,17 @@ def test_pynetdicom_apps_store_find_move_get(db_url: str, orthanc: OrthancServer
         assert got == truth_images(dss), f"study root IMAGE of series {series_uid}"
 
     # --- 3. C-MOVE: pynetdicom movescu -> qrproxy -> DCMTK storescp (node DEST) ------------------------
-    code, log = pynetdicom_app("movescu", "-S", "-aet", "PYMOVE", "-aec", "QRPROXY", "-aem", storescp.aet,
-                               *key_args({"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study_a}),
-                               LOCALHOST, str(proc.port))
-    assert_retrieve_ok("movescu", code, log, len(in_a))
-    wait_until(lambda: len(received(storescp)) >= len(in_a), 120,
-               lambda: f"storescp holds {len(received(storescp))} of {len(in_a)} instances of study A")
-    assert_same_instances(in_a, received(storescp), "C-MOVE study root STUDY to storescp")
+    def move(model: str, keys: dict[str, str], expected: Any, what: str) -> None:
+        storescp.clear()
+        code, log = pynetdicom_app("movescu", model, "-aet", "PYMOVE", "-aec", "QRPROXY", "-aem", storescp.aet,
+                                   *key_args(keys), LOCALHOST, str(proc.port))
+        assert_retrieve_ok("movescu", code, log, len(expected))
+        wait_until(lambda: len(received(storescp)) >= len(expected), 120,
+                   lambda: f"storescp holds {len(received(storescp))} of {len(expected)} instances ({what})")
+        assert_same_instances(expected, received(storescp), what)
 
-    storescp.clear()
-    code, log = pynetdicom_app("movescu", "-P", "-aet", "PYMOVE", "-aec", "QRPROXY", "-aem", storescp.aet,
-                               *key_args({"QueryRetrieveLevel": "PATIENT", "PatientID": "PYAPP2"}),
-                               LOCALHOST, str(proc.port))
-    assert_retrieve_ok("movescu", code, log, len(in_b))
-    wait_until(lambda: len(received(storescp)) >= len(in_b), 120,
-               lambda: f"storescp holds {len(received(storescp))} of {len(in_b)} instances of patient PYAPP2")
-    assert_same_instances(in_b, received(storescp), "C-MOVE patient root PATIENT to storescp")
+    move("-S", {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study_a}, in_a, "C-MOVE study root STUDY")
+    move("-P", {"QueryRetrieveLevel": "PATIENT", "PatientID": "PYAPP2"}, in_b, "C-MOVE patient root PATIENT")
 
     # --- 4. C-GET: pynetdicom getscu receives the instances on its own association --------------------
     def got_files(folder: Path) -> dict[str, Path]:
