@@ -89,13 +89,9 @@ def restrict(match: Dataset, request: Dataset, ae_title: str,
     return out
 
 
-def held_request(request: Dataset, level: str, match: Dataset) -> Dataset | None:
-    """The C-FIND identifier that asks the index for `match`'s entity alone, with every key of
-    `request` as a return key; None when `match` lacks the unique key of `level`."""
-    unique = UNIQUE_KEYS.get(level)
-    value = str(match.get(unique, "") or "").strip() if unique else ""
-    if not value or "\\" in value:
-        return None
+def held_request(request: Dataset, level: str, uids: list[str]) -> Dataset:
+    """The C-FIND identifier that asks the index for the entities with these unique keys of `level`
+    (a list match), with every key of `request` as a return key."""
     ds = Dataset()
     for elem in request:
         if elem.keyword in ("QueryRetrieveLevel", "SpecificCharacterSet"):
@@ -103,7 +99,7 @@ def held_request(request: Dataset, level: str, match: Dataset) -> Dataset | None
         vr = elem.VR if elem.VR else dictionary_VR(elem.tag)
         ds.add(DataElement(elem.tag, vr, [] if vr == "SQ" else None))
     ds.QueryRetrieveLevel = level
-    setattr(ds, unique, value)
+    setattr(ds, UNIQUE_KEYS[level], "\\".join(uids))
     return ds
 
 

@@ -283,3 +283,41 @@ def test_query_through_to_dcmqrscp(db_url: str, dcmqrscp_factory: Any, qrproxy: 
     # matching on another key: the same answer
     assert study_answers(proc.port, "QRPROXY", PatientID="DQQT1") == \
         study_answers(pacs.port, pacs.aet, PatientID="DQQT1")
+
+
+def test_upstream_first_answers_left_out_keys_from_the_index(db_url: str, dcmqrscp_factory: Any, qrproxy: Any,
+                                                             tmp_path: Path) -> None:
+    """upstream-first with dcmqrscp as the query node, for a study qrproxy received and forwarded: the
+    answers come from dcmqrscp (`source=upstream`), and the keys it leaves out (ModalitiesInStudy and
+    the instance count at STUDY level, SOPClassUID at IMAGE level) are answered from what qrproxy
+    holds, equal to the files sent; a study qrproxy does not hold keeps them empty."""
+    proc, pacs = _setup(db_url, dcmqrscp_factory, None, qrproxy, roles=("store", "query"), refresh=False,
+                        query={"mode": "upstream-first", "upstream_timeout": "20s"})
+    study = dicomgen.make_study(2, 2, patient_id="DQUF1", StudyDescription="UPSTREAM FIRST")
+    uid = str(study[0].StudyInstanceUID)
+    files = dicomgen.write_all(study, tmp_path / "in")
+    assert_all_success(storescu(proc.port, files, aec="QRPROXY"), files)
+    pacs.wait_for_instances(uid, [str(ds.SOPInstanceUID) for ds in study], timeout=120)
+    other = dicomgen.make_study(1, 2, patient_id="DQUF2")  # only dcmqrscp holds this one
+    other_uid = str(other[0].StudyInstanceUID)
+    pacs.load(dicomgen.write_all(other, tmp_path / "other"))
+    pacs.wait_for_instances(other_uid, [str(ds.SOPInstanceUID) for ds in other])
+
+    direct = study_answers(pacs.port, pacs.aet, StudyInstanceUID=uid)[uid]
+    assert direct["ModalitiesInStudy"] == "" and direct["NumberOfStudyRelatedInstances"] == "", \
+        f"dcmqrscp now answers these keys; this test no longer covers left-out keys: {direct}"
+    got = study_answers(proc.port, "QRPROXY", StudyInstanceUID=uid)[uid]
+    lines = [line for line in proc.log_text().splitlines() if "event=c-find" in line]
+    assert lines and "source=upstream" in lines[-1], lines[-1:] or proc.log_tail(20)
+    modalities = sorted({str(ds.Modality) for ds in study})
+    assert got["ModalitiesInStudy"].split("\\") == modalities, got
+    assert got["NumberOfStudyRelatedInstances"] == str(len(study)), got
+    assert got["StudyDescription"] == "UPSTREAM FIRST" and got["PatientID"] == "DQUF1", got
+
+    series = sorted({str(ds.SeriesInstanceUID) for ds in study})
+    images = image_answers(proc.port, "QRPROXY", uid, series)
+    assert set(images) == {str(ds.SOPInstanceUID) for ds in study}
+    assert {str(ds.get("SOPClassUID", "")) for ds in images.values()} == {str(ds.SOPClassUID) for ds in study}
+
+    unknown = study_answers(proc.port, "QRPROXY", StudyInstanceUID=other_uid)[other_uid]
+    assert unknown["ModalitiesInStudy"] == "" and unknown["PatientID"] == "DQUF2", unknown

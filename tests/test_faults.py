@@ -312,3 +312,48 @@ def test_connection_burst(db_url: str, qrproxy: Any) -> None:
         problems.append(f"kernel listen queue overflows during the burst (TcpExt, /proc/net/netstat): {grew}")
     assert not problems, "\n".join(problems)
     assert proc.running, f"qrproxy exited ({proc.returncode})"
+
+
+# ==============================================================================================
+# 4. Retrieve-through from a PACS that is killed while it sends
+# ==============================================================================================
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.orthanc
+def test_retrieve_through_survives_upstream_killed(db_url: str, orthanc_factory: Any, storescp: Any,
+                                                   qrproxy: Any, tmp_path: Path) -> None:
+    """A C-MOVE that qrproxy retrieves through from Orthanc, Orthanc SIGKILLed as soon as its first
+    instance starts to arrive in qrproxy's spool: the modality's C-MOVE still gets a final answer
+    (bounded, no hang), qrproxy keeps running, and once Orthanc is back (same storage) the same
+    C-MOVE delivers every instance, without a restart of qrproxy."""
+    from test_move import _upstream_setup, counts, move_responses, received, same_pixels
+    from test_store_forward import spool_files
+
+    cfg, orthanc, _ = _upstream_setup(db_url, orthanc_factory, storescp, qrproxy)
+    study = big_study(8)
+    for ds in study:
+        orthanc.upload(dicomgen.encode(ds))
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in study}
+    proc = qrproxy(cfg)
+    keys = {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": str(study[0].StudyInstanceUID)}
+
+    first: list[Any] = []
+    mover = threading.Thread(target=lambda: first.extend(move_responses(proc.port, storescp.aet, keys)), daemon=True)
+    mover.start()
+    wait_until(lambda: spool_files(proc, "incoming") or spool_files(proc) or not mover.is_alive(), 120,
+               lambda: "no instance started to arrive from Orthanc", interval=0.01)
+    orthanc.kill9()
+    mover.join(300)
+    assert not mover.is_alive(), "the modality's C-MOVE got no final answer after the PACS died under it"
+    assert first, "no C-MOVE response at all"
+    assert proc.running, f"qrproxy exited ({proc.returncode})"
+
+    orthanc.start()
+    storescp.clear()
+    final = move_responses(proc.port, storescp.aet, keys)[-1]
+    assert final.Status == 0x0000 and counts(final)[1:3] == (len(study), 0), final
+    storescp.wait_for_files(len(study))
+    got = received(storescp)
+    assert set(got) == set(by_uid)
+    assert all(same_pixels(by_uid[u], p) for u, p in got.items())

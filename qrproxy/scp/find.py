@@ -45,6 +45,7 @@ from sqlalchemy.orm import aliased
 from .. import dicomenc, hotcache, querymode, querythrough, upstream
 from ..db.models import Instance, Patient, Series, Study, utcnow
 from ..db.session import read_only
+from ..dsmerge import is_empty
 from ..index import STUDY_SEQUENCES, read_sequences
 from ..logs import kv
 from ..matching import (LEVELS, UNIQUE_KEYS, Query, QueryError, matches_in_python, parse_query, residual_keys,
@@ -392,21 +393,56 @@ class FindSCP:
         return remember
 
 
-    def held(self, request: Dataset, level: str, model: str, match: Dataset) -> Dataset | None:
-        """What the index holds for the entity of an upstream answer, with `request`'s keys (None when
-        it holds no single row for it): the keys the upstream left out are answered from here."""
-        ident = querythrough.held_request(request, level, match)
-        if ident is None:
-            return None
+    def held(self, request: Dataset, level: str, model: str, matches: list[Dataset]) -> dict[str, Dataset]:
+        """What the index holds for the entities of these upstream answers, with `request`'s keys, by
+        unique key: one query for the lot (an upstream such as dcmqrscp leaves ModalitiesInStudy out
+        of every STUDY answer). Only answers that lack a requested key are looked up."""
+        unique = UNIQUE_KEYS.get(level, "")
+        wanted = sorted({str(m.get(unique, "") or "").strip() for m in matches
+                         if any(is_empty(m[e.tag] if e.tag in m else None) for e in request
+                                if e.keyword not in ("QueryRetrieveLevel", "SpecificCharacterSet"))} - {""})
+        wanted = [uid for uid in wanted if "\\" not in uid]
+        if not wanted:
+            return {}
+        ident = querythrough.held_request(request, level, wanted)
         try:
-            query = parse_query(ident, level, model, relational=True)  # the unique key alone
+            query = parse_query(ident, level, model, relational=True)  # the unique keys alone
             rows, fields, _ = self.cache_rows(query)
-        except Exception as exc:  # the upstream's answer still goes out, with the keys it gave
+        except Exception as exc:  # the upstream's answers still go out, with the keys they gave
             log.warning(kv(event="held-values-unavailable", level=level, error=f"{type(exc).__name__}: {exc}"))
-            return None
-        if len(rows) != 1:
-            return None
-        return build(rows[0], fields, level, self.ae_title)
+            return {}
+        out: dict[str, Dataset] = {}
+        for row in rows:
+            ds = build(row, fields, level, self.ae_title)
+            uid = str(ds.get(unique, "") or "").strip()
+            if uid in out:
+                out.pop(uid)  # two rows (a PatientID under two issuers): not one entity, fill nothing
+                continue
+            out[uid] = ds
+        return out
+
+    def completed(self, items: Any, request: Dataset, level: str, model: str) -> Iterator[Any]:
+        """`items` with every upstream answer reduced to the request's keys (querythrough.restrict),
+        the keys it left out answered from the index, looked up 200 answers at a time."""
+        unique = UNIQUE_KEYS.get(level, "")
+        batch: list[Dataset] = []
+
+        def flush() -> Iterator[Dataset]:
+            known = self.held(request, level, model, batch)
+            for m in batch:
+                uid = str(m.get(unique, "") or "").strip()
+                yield querythrough.restrict(m, request, self.ae_title, lambda _m, d=known.get(uid): d)
+            batch.clear()
+
+        for item in items:
+            if isinstance(item, bytes):
+                yield from flush()
+                yield item
+                continue
+            batch.append(item)
+            if len(batch) >= 200:
+                yield from flush()
+        yield from flush()
 
     def handle(self, event: Any) -> Iterator[tuple[int | Dataset, Dataset | None]]:
         t0 = time.monotonic()
@@ -446,10 +482,8 @@ class FindSCP:
                 timeout=self.config.query.upstream_timeout, remember=self._remember(query.level or "STUDY"),
                 what=f"c-find {model}/{query.level}", outcome=outcome)
             try:
-                yield from pending.stream(
-                    event, items, fields,
-                    lambda item: item if isinstance(item, bytes) else querythrough.restrict(
-                        item, identifier, self.ae_title, functools.partial(self.held, identifier, query.level or "", model)))
+                yield from pending.stream(event, self.completed(items, identifier, query.level or "", model),
+                                          fields, lambda item: item)
             except Exception as exc:
                 log.exception("C-FIND from the index failed")
                 fields.update(status=f"0x{OUT_OF_RESOURCES:04X}", reason=f"index unavailable: {type(exc).__name__}")
