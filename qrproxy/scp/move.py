@@ -324,10 +324,11 @@ class RetrieveSCP:
         if not any(not i.sop_class for i in remote):
             return
         t0 = time.monotonic()
-        for uid, obj in self.proxy.retriever.local_objects([i.sop_uid for i in remote]).items():
-            for i in remote:
-                if i.sop_uid == uid:
-                    i.obj, i.sop_class = obj, obj[2]
+        landed = self.proxy.retriever.local_objects([i.sop_uid for i in remote])
+        for i in remote:
+            obj = landed.get(i.sop_uid)
+            if obj is not None:
+                i.obj, i.sop_class = obj, obj[2]
         remote = [i for i in remote if i.obj is None]
         unknown = {i.sop_uid: i for i in remote if not i.sop_class}
         if not unknown:
