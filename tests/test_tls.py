@@ -16,8 +16,9 @@ import os
 import socket
 import ssl
 import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -453,12 +454,33 @@ def test_orthanc_as_tls_scu_to_qrproxy(pki: Pki, tmp_path: Path, qrproxy: Callab
 # --- configuration errors -----------------------------------------------------------------------
 
 
-def _check(tmp_path: Path, cfg: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+def _check(tmp_path: Path, cfg: dict[str, Any], prefix: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
     import yaml
 
     path = tmp_path / "qrproxy.yml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return run_cli(path, "check")
+    if not prefix:
+        return run_cli(path, "check")
+    return subprocess.run([*prefix, sys.executable, "-m", "qrproxy", "--config", str(path), "check"],
+                          capture_output=True, text=True, timeout=120, cwd=str(tmp_path),
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+
+
+#: Run as root without the capabilities that let root read any file (CI runs as root): file
+#: permissions then apply to it as to any user. util-linux's setpriv, on every Debian system.
+WITHOUT_DAC_OVERRIDE = ("setpriv", "--bounding-set=-dac_override,-dac_read_search",
+                        "--inh-caps=-dac_override,-dac_read_search")
+
+
+def _unreadable_prefix(locked: Path) -> tuple[str, ...]:
+    """() when `locked` is unreadable already; the setpriv prefix when root can read it but not
+    under setpriv; skip when neither holds (no setpriv)."""
+    if not os.access(locked, os.R_OK):
+        return ()
+    probe = subprocess.run([*WITHOUT_DAC_OVERRIDE, "cat", str(locked)], capture_output=True)
+    if probe.returncode != 0 and b"Permission denied" in probe.stderr:
+        return WITHOUT_DAC_OVERRIDE
+    pytest.skip(f"cannot make a file unreadable here: {probe.stderr.decode(errors='replace')[:200]}")
 
 
 @pytest.mark.parametrize("case", ["missing-cert", "cert-not-pem", "expired-cert", "key-mismatch",
@@ -481,19 +503,19 @@ def test_check_names_the_bad_tls_key(case: str, pki: Pki, tmp_path: Path) -> Non
     }[case]
     if case == "expired-cert":
         tls["key_file"] = str(pki.expired_key)
+    prefix: tuple[str, ...] = ()
     if case == "key-unreadable":
         locked = tmp_path / "locked.key"
         locked.write_bytes(pki.server_key.read_bytes())
         locked.chmod(0)
-        if os.access(locked, os.R_OK):
-            pytest.skip("running as root: file permissions do not stop reading")
+        prefix = _unreadable_prefix(locked)
     tls[key[0]] = key[1]
-    r = _check(tmp_path, cfg)
+    r = _check(tmp_path, cfg, prefix)
     assert r.returncode == 2, r.stdout + r.stderr
     assert f"tls.{key[0]}" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
     # and serve refuses to start the same way
-    proc = subprocess.run([*QrproxyProcess(tmp_path / "serve", cfg).argv()], capture_output=True, text=True,
+    proc = subprocess.run([*prefix, *QrproxyProcess(tmp_path / "serve", cfg).argv()], capture_output=True, text=True,
                           timeout=60, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert f"tls.{key[0]}" in proc.stderr
