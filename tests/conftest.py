@@ -235,3 +235,20 @@ def dcmqrscp_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator
 @pytest.fixture
 def dcmqrscp(dcmqrscp_factory: Callable[..., peers.DcmqrSCP]) -> peers.DcmqrSCP:
     return dcmqrscp_factory()
+
+
+@pytest.fixture
+def scripted_scp() -> Iterator[Callable[[str, Callable[[str, int], int]], Any]]:
+    """``scripted_scp(aet, answer)``: a started support.ScriptedSCP, stopped at teardown."""
+    from support import ScriptedSCP
+
+    made: list[ScriptedSCP] = []
+
+    def make(aet: str, answer: Callable[[str, int], int]) -> ScriptedSCP:
+        scp = ScriptedSCP(aet, answer).start()
+        made.append(scp)
+        return scp
+
+    yield make
+    for scp in made:
+        scp.stop()

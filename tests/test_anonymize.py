@@ -18,7 +18,7 @@ from pydicom.sequence import Sequence
 
 import dicomgen
 from peers import OrthancServer
-from test_store_forward import assert_all_success, node, proxy_config, storescu, wait_until
+from support import assert_all_success, node, proxy_config, storescu, wait_until
 
 SECRET_PRIVATE = "PRIVATE-SECRET-VALUE"
 

@@ -22,7 +22,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel
 
 from peers import LOCALHOST, OrthancServer, free_port, make_ct_dataset, run_cli
-from test_store_forward import node, proxy_config, pynetdicom_store, stays, wait_until, wait_orthanc_has
+from support import node, proxy_config, pynetdicom_store, stays, wait_until, wait_orthanc_has
 
 SCPM = str(StorageCommitmentPushModel)
 WELL_KNOWN = "1.2.840.10008.1.20.1.1"

@@ -30,7 +30,7 @@ from pydicom.dataset import Dataset
 
 import dicomgen
 from peers import LOCALHOST, DcmqrSCP, QrproxyProcess, StoreSCP, dcmtk, findscu
-from test_store_forward import (assert_all_success, cli, dcmtk_env, node, proxy_config, spool_files, storescu,
+from support import (assert_all_success, cli, dcmtk_env, node, proxy_config, spool_files, storescu,
                                 wait_until)
 
 CT = dicomgen.CT_IMAGE_STORAGE

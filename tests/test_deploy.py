@@ -27,7 +27,7 @@ import yaml
 
 import dicomgen
 from peers import REPO_ROOT, _qrproxy_env
-from test_store_forward import assert_all_success, node, proxy_config, storescu
+from support import assert_all_success, node, proxy_config, storescu
 
 DEPLOY = Path(REPO_ROOT) / "deploy"
 UNIT = DEPLOY / "systemd" / "qrproxy.service"

@@ -21,7 +21,7 @@ import pydicom
 import pytest
 
 import dicomgen
-from test_store_forward import (assert_all_success, cli, node, proxy_config, queue_rows, storescu, wait_orthanc_has,
+from support import (assert_all_success, cli, node, proxy_config, queue_rows, storescu, wait_orthanc_has,
                                 wait_until)
 
 MAGIC = b"QRPXENC\x00"  # the format's magic, written out here so the test does not trust the code's constant
@@ -317,7 +317,7 @@ def test_kill9_mid_transfer_leaves_nothing_in_clear(db_url: str, orthanc: Any, q
     the middle leaves nothing readable, and what was acknowledged is delivered after the restart."""
     import subprocess
 
-    from test_store_forward import dcmtk_env, store_responses, storescu_argv
+    from support import dcmtk_env, store_responses, storescu_argv
 
     proc = new_proxy_with_key(qrproxy, proxy_config(db_url, {"PACS": node(orthanc)}))
     datasets = make_instances(40, rows=512, name="INFLIGHT^PATIENT")

@@ -28,7 +28,7 @@ import dicomgen
 from conftest import _factory
 from peers import LOCALHOST, QrproxyProcess
 from recording_scp import RecordingSCP
-from test_store_forward import assert_all_success, node, proxy_config, queue_rows, storescu, wait_until
+from support import assert_all_success, node, proxy_config, queue_rows, storescu, wait_until
 
 
 @pytest.fixture
@@ -328,7 +328,7 @@ def test_retrieve_through_survives_upstream_killed(db_url: str, orthanc_factory:
     (bounded, no hang), qrproxy keeps running, and once Orthanc is back (same storage) the same
     C-MOVE delivers every instance, without a restart of qrproxy."""
     from test_move import _upstream_setup, counts, move_responses, received, same_pixels
-    from test_store_forward import spool_files
+    from support import spool_files
 
     cfg, orthanc, _ = _upstream_setup(db_url, orthanc_factory, storescp, qrproxy)
     study = big_study(8)

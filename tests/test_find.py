@@ -38,7 +38,7 @@ from pynetdicom.sop_class import (
 
 import dicomgen
 from peers import LOCALHOST, OrthancServer, dcmtk
-from test_store_forward import assert_all_success, dcmtk_env, proxy_config, storescu, wait_orthanc_has, wait_until
+from support import assert_all_success, dcmtk_env, proxy_config, storescu, wait_orthanc_has, wait_until
 
 FINDSCU = dcmtk("findscu")
 UNIQUE = {"PATIENT": "PatientID", "STUDY": "StudyInstanceUID", "SERIES": "SeriesInstanceUID",

@@ -24,7 +24,7 @@ from fuzz.pdus import (CT_IMAGE, EXPLICIT_LE, IMPLICIT_LE, P_DATA_TF, STUDY_ROOT
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from peers import free_port
-from pynetdicom import AE
+from support import echo_ok
 
 EXAMPLES = int(os.environ.get("QRPROXY_FUZZ_EXAMPLES", "40"))
 CHECK_EVERY = 10
@@ -40,17 +40,6 @@ def rss_kb(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise AssertionError("no VmRSS")
-
-
-def echo_ok(port: int) -> bool:
-    ae = AE(ae_title="FUZZCHECK")
-    ae.add_requested_context(VERIFICATION)
-    assoc = ae.associate("127.0.0.1", port, ae_title="QRPROXY")
-    if not assoc.is_established:
-        return False
-    status = assoc.send_c_echo()
-    assoc.release()
-    return status is not None and status.Status == 0
 
 
 def ran_enough(family: str) -> None:

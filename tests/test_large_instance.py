@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from test_store_forward import node, proxy_config, storescu, wait_until
+from support import node, proxy_config, storescu, wait_until
 
 SIZE_MB = 300
 

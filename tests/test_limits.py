@@ -15,6 +15,7 @@ from fuzz.pdus import (A_ABORT, A_ASSOCIATE_AC, A_RELEASE_RP, CT_IMAGE, EXPLICIT
                        P_DATA_TF, RELEASE_RQ, VERIFICATION, RawPeer, associate_rq, echo_rq, establish,
                        p_data, pdu, pdv)
 from peers import dcmtk, free_port
+from support import echoscu
 from pynetdicom import AE
 
 import dicomgen
@@ -66,10 +67,6 @@ def storescu(port: int, calling: str, *files: Path) -> subprocess.CompletedProce
                            *map(str, files)], capture_output=True, text=True, timeout=120, env=ENV)
 
 
-def echoscu(port: int, calling: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([dcmtk("echoscu"), "-v", "-aet", calling, "-aec", "QRPROXY", "127.0.0.1", str(port)],
-                          capture_output=True, text=True, timeout=60, env=ENV)
-
 
 # --- calling AE bound to the node's address ---------------------------------------------------
 
@@ -114,13 +111,13 @@ def test_per_service_whitelist(qrproxy, db_url: str, tmp_path: Path) -> None:
     ok = storescu(proc.port, "CT1", *files)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     # VIEWER may echo, not store: its storage contexts are not accepted
-    assert echoscu(proc.port, "VIEWER").returncode == 0
+    assert echoscu(proc.port, aet="VIEWER").returncode == 0
     refused = storescu(proc.port, "VIEWER", *files)
     out = refused.stdout + refused.stderr
     assert refused.returncode != 0 and "no acceptable presentation contexts" in out.lower(), out
     wait_log(proc, "event=services-restricted calling=VIEWER")
     # OTHER may not echo either (it may still query: find is not restricted)
-    bad = echoscu(proc.port, "OTHER")
+    bad = echoscu(proc.port, aet="OTHER")
     assert bad.returncode != 0 and "no acceptable presentation contexts" in (bad.stdout + bad.stderr).lower()
     assert "denied=echo,store" in wait_log(proc, "event=services-restricted calling=OTHER")
 

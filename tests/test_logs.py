@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from peers import LOCALHOST, _qrproxy_env
-from test_store_forward import dcmtk_env, proxy_config, wait_until
+from support import dcmtk_env, proxy_config, wait_until
 
 LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (DEBUG|INFO|WARNING|ERROR|CRITICAL) \S+ .*$")
 ECHOSCU = shutil.which("echoscu") or "/usr/bin/echoscu"

@@ -27,7 +27,7 @@ from pynetdicom.sop_class import (
 
 import dicomgen
 from peers import LOCALHOST, OrthancServer, StoreSCP, dcmtk, free_port
-from test_store_forward import (assert_all_success, cli, dcmtk_env, node, proxy_config, spool_files, storescu,
+from support import (assert_all_success, cli, dcmtk_env, node, proxy_config, spool_files, storescu,
                                 wait_until)
 
 pytestmark = pytest.mark.orthanc

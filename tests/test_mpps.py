@@ -20,7 +20,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import ModalityPerformedProcedureStep as MPPS
 
 from peers import LOCALHOST, WorklistSCP, free_port, write_ct_file
-from test_store_forward import assert_all_success, storescu, wait_until
+from support import assert_all_success, storescu, wait_until
 from test_worklist import BASE, STUDY_UID, TODAY, by_accession, fill_worklist, findscu, refresh, worklist_config
 
 

@@ -32,7 +32,7 @@ from pydicom.multival import MultiValue
 import dicomgen
 from peers import LOCALHOST, OrthancServer, StoreSCP
 from test_move import received
-from test_store_forward import node, proxy_config, wait_orthanc_has, wait_until
+from support import node, proxy_config, wait_orthanc_has, wait_until
 
 pytestmark = pytest.mark.orthanc
 

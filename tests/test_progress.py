@@ -23,7 +23,7 @@ import pydicom
 import dicomgen
 from peers import _qrproxy_env, free_port
 from test_encryption import key_id, new_proxy_with_key
-from test_store_forward import assert_all_success, cli, proxy_config, queue_rows, storescu
+from support import assert_all_success, cli, proxy_config, queue_rows, storescu
 
 
 def run_with_tty_stderr(proc: Any, *args: str, timeout: float = 120) -> tuple[int, str, str]:

@@ -18,7 +18,7 @@ from pydicom.dataset import Dataset
 import dicomgen
 from peers import LOCALHOST, OrthancServer
 from test_find import STUDY_ROOT, _identifier, _scu_find
-from test_store_forward import assert_all_success, cli, node, proxy_config, storescu, wait_until
+from support import assert_all_success, cli, node, proxy_config, storescu, wait_until
 
 pytestmark = pytest.mark.orthanc
 

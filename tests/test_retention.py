@@ -23,7 +23,7 @@ from sqlalchemy import func, select, update
 import dicomgen
 from peers import LOCALHOST, QrproxyProcess, free_port
 from test_find import findscu
-from test_store_forward import assert_all_success, cli, proxy_config, storescu, wait_until
+from support import assert_all_success, cli, proxy_config, storescu, wait_until
 
 from qrproxy.db.models import CommitmentItem, CommitmentRequest, ForwardItem, Instance, Series, SpoolObject, Study
 from qrproxy.db.session import make_engine

@@ -7,15 +7,8 @@ import signal
 import subprocess
 import time
 
-import pytest
-from peers import dcmtk, free_port
-
-ENV = dict(os.environ, TCP_NODELAY="1")
-
-
-def echoscu(port: int, calling: str = "ECHOSCU", called: str = "QRPROXY") -> subprocess.CompletedProcess[str]:
-    return subprocess.run([dcmtk("echoscu"), "-v", "-aet", calling, "-aec", called, "127.0.0.1", str(port)],
-                          capture_output=True, text=True, timeout=60, env=ENV)
+from peers import free_port
+from support import echoscu
 
 
 def base_config(db_url: str, **extra: object) -> dict:
@@ -27,7 +20,7 @@ def base_config(db_url: str, **extra: object) -> dict:
 
 def test_echoscu_gets_an_answer(qrproxy, db_url: str) -> None:
     proc = qrproxy(base_config(db_url))
-    r = echoscu(proc.port)
+    r = echoscu(proc.port, aet="ECHOSCU")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "Received Echo Response (Success)" in r.stdout + r.stderr
     # one log line per association, with peer, AE titles, services and result
@@ -44,9 +37,9 @@ def test_echoscu_gets_an_answer(qrproxy, db_url: str) -> None:
 
 def test_whitelist_rejects_unknown_calling_ae(qrproxy, db_url: str) -> None:
     proc = qrproxy(base_config(db_url, allowed_calling_ae_titles=["CT1"]))
-    ok = echoscu(proc.port, calling="CT1")
+    ok = echoscu(proc.port, aet="CT1")
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    bad = echoscu(proc.port, calling="INTRUDER")
+    bad = echoscu(proc.port, aet="INTRUDER")
     assert bad.returncode != 0
     out = bad.stdout + bad.stderr
     # DCMTK prints the A-ASSOCIATE-RJ fields: rejected permanent, service user, calling AE not recognized
@@ -54,7 +47,7 @@ def test_whitelist_rejects_unknown_calling_ae(qrproxy, db_url: str) -> None:
     assert "Calling AE Title Not Recognized" in out, out
     assert "Rejected Permanent" in out, out
     # and the proxy keeps serving
-    assert echoscu(proc.port, calling="CT1").returncode == 0
+    assert echoscu(proc.port, aet="CT1").returncode == 0
 
 
 def test_reject_policy_admits_node_titles(qrproxy, db_url: str) -> None:
@@ -62,8 +55,8 @@ def test_reject_policy_admits_node_titles(qrproxy, db_url: str) -> None:
                       nodes={"CT1": {"ae_title": "MODCT", "host": "127.0.0.1", "port": free_port(),
                                      "roles": ["modality"]}})
     proc = qrproxy(cfg)
-    assert echoscu(proc.port, calling="MODCT").returncode == 0
-    assert echoscu(proc.port, calling="OTHER").returncode != 0
+    assert echoscu(proc.port, aet="MODCT").returncode == 0
+    assert echoscu(proc.port, aet="OTHER").returncode != 0
 
 
 def test_max_associations_rejects_transient(qrproxy, db_url: str) -> None:
@@ -83,14 +76,14 @@ def test_max_associations_rejects_transient(qrproxy, db_url: str) -> None:
         time.sleep(0.25)
     try:
         assert first.is_established
-        r = echoscu(proc.port, calling="SECOND")
+        r = echoscu(proc.port, aet="SECOND")
         assert r.returncode != 0
         assert "Local Limit Exceeded" in r.stdout + r.stderr, r.stdout + r.stderr
     finally:
         first.release()
     # the proxy frees the slot when its side of the released association has ended
     deadline = time.monotonic() + 60
-    while echoscu(proc.port, calling="SECOND").returncode != 0:
+    while echoscu(proc.port, aet="SECOND").returncode != 0:
         assert time.monotonic() < deadline, "the slot was not freed after the first association was released"
         time.sleep(0.25)
 
@@ -120,7 +113,7 @@ def test_status_shows_node_reachability(qrproxy, storescp, db_url: str) -> None:
 
 def test_sigterm_exits_cleanly_within_10s(qrproxy, db_url: str) -> None:
     proc = qrproxy(base_config(db_url))
-    assert echoscu(proc.port).returncode == 0
+    assert echoscu(proc.port, aet="ECHOSCU").returncode == 0
     t0 = time.monotonic()
     os.kill(proc.pid, signal.SIGTERM)
     deadline = t0 + 10
@@ -187,7 +180,7 @@ def test_workers_share_the_port_and_stop_together(qrproxy, db_url: str) -> None:
     kids = children()
     assert len(kids) >= 2, kids
     for i in range(6):
-        assert echoscu(proc.port, calling=f"W{i}").returncode == 0
+        assert echoscu(proc.port, aet=f"W{i}").returncode == 0
     os.kill(proc.pid, signal.SIGTERM)
     t0 = time.monotonic()
     while time.monotonic() - t0 < 10 and proc.running:

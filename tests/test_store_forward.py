@@ -12,348 +12,48 @@ Each test runs on SQLite and on PostgreSQL (``db_url``).
 from __future__ import annotations
 
 import io
-import json
 import os
 import re
 import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pydicom
 import pytest
-from pydicom.dataset import Dataset
-from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
-from pynetdicom.sop_class import Verification
+from pynetdicom import _config
 
 import dicomgen
-from peers import LOCALHOST, OrthancServer, QrproxyProcess, StoreSCP, dcmtk, free_port
+from peers import LOCALHOST, OrthancServer, StoreSCP, free_port
+from support import (
+    Soft,
+    assert_all_success,
+    changed_count,
+    cli,
+    dcmtk_env,
+    echo_ok,
+    node,
+    orthanc_index,
+    proxy_config,
+    pynetdicom_store,
+    queue_rows,
+    settles,
+    spool_files,
+    stays,
+    store_responses,
+    storescp_deliveries,
+    storescp_sops,
+    storescu,
+    storescu_argv,
+    wait_orthanc_has,
+    wait_storescp_has,
+    wait_until,
+)
 
-STORESCU = dcmtk("storescu")
 SR_ROUTE = r"^1\.2\.840\.10008\.5\.1\.4\.1\.1\.88\.\d{1,2}$"
-EXPLICIT_LE = "1.2.840.10008.1.2.1"
 
-
-# --- helpers: configuration -------------------------------------------------------------------
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def proxy_config(db_url: str, nodes: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    """A qrproxy config on a free loopback port with fast retries; ``spool`` beside the config."""
-    cfg: dict[str, Any] = {
-        "ae_title": "QRPROXY",
-        "host": LOCALHOST,
-        "port": free_port(),
-        "database": db_url,
-        "spool_dir": "spool",
-        "nodes": nodes,
-        "store": {"min_free_space": "1MB"},
-        "forward": {"max_attempts": 5, "retry_min": "1s", "retry_max": "2s", "poll": "1s", "lease": "60s"},
-        "log": {"level": "INFO"},
-    }
-    return _merge(cfg, extra)
-
-
-def node(peer: Any, roles: Sequence[str] = ("store",), **kw: Any) -> dict[str, Any]:
-    port = peer.dicom_port if isinstance(peer, OrthancServer) else peer.port
-    return {"ae_title": peer.aet, "host": peer.host, "port": port, "roles": list(roles), **kw}
-
-
-def spool_files(proc: QrproxyProcess, sub: str = "objects") -> list[Path]:
-    root = proc.dir / "spool" / sub
-    return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
-
-
-# --- helpers: waiting -------------------------------------------------------------------------
-
-
-def wait_until(check: Callable[[], Any], timeout: float, what: str | Callable[[], str], interval: float = 0.2) -> Any:
-    """Poll ``check`` until it returns something truthy; fail after ``timeout`` s saying ``what``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            detail = what() if callable(what) else what
-            pytest.fail(f"timed out after {timeout:.0f} s: {detail}", pytrace=False)
-        time.sleep(interval)
-
-
-def settles(check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.5) -> Any:
-    """Run an asserting ``check`` until it passes; re-raise its last failure after ``timeout`` s.
-    For snapshots of the queue that a forwarder attempt can catch mid-claim (rows inflight for a
-    moment while the down node refuses the connection)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return check()
-        except AssertionError:
-            if time.monotonic() >= deadline:
-                raise
-        time.sleep(interval)
-
-
-def stays(check: Callable[[], bool], seconds: float, interval: float = 0.2) -> bool:
-    """True when ``check`` holds throughout ``seconds`` (for "nothing else arrives" assertions)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if not check():
-            return False
-        time.sleep(interval)
-    return check()
-
-
-# --- helpers: DCMTK storescu --------------------------------------------------------------------
-
-
-def dcmtk_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["TCP_NODELAY"] = "1"  # DCMTK honours it: no Nagle delay per PDU
-    return env
-
-
-def storescu_argv(port: int, files: Iterable[Path], *, aec: str, aet: str = "MODCT",
-                  extra: Sequence[str] = ()) -> list[str]:
-    return [STORESCU, "-v", "-R", "-aet", aet, "-aec", aec, *extra, LOCALHOST, str(port), *map(str, files)]
-
-
-def storescu(port: int, files: Iterable[Path], *, aec: str, aet: str = "MODCT", extra: Sequence[str] = (),
-             timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(storescu_argv(port, files, aec=aec, aet=aet, extra=extra), capture_output=True,
-                          text=True, env=dcmtk_env(), timeout=timeout)
-
-
-def store_responses(log: str) -> dict[str, str]:
-    """file path -> the C-STORE response storescu reported for it ('Success', 'Refused: ...')."""
-    out: dict[str, str] = {}
-    current: str | None = None
-    for line in log.splitlines():
-        m = re.search(r"Sending file: (.+?)\s*$", line)
-        if m:
-            current = m.group(1)
-            continue
-        m = re.search(r"Received Store Response \((.+)\)\s*$", line)
-        if m and current is not None:
-            out[current] = m.group(1)
-            current = None
-    return out
-
-
-def assert_all_success(res: subprocess.CompletedProcess[str], files: Sequence[Path]) -> None:
-    log = res.stdout + res.stderr
-    got = store_responses(log)
-    bad = {f: got.get(str(f), "(no response)") for f in files if got.get(str(f)) != "Success"}
-    assert res.returncode == 0 and not bad, (
-        f"storescu exit {res.returncode}; {len(bad)} of {len(files)} not Success: "
-        f"{list(bad.items())[:5]}\n{log[-3000:]}"
-    )
-
-
-# --- helpers: peers' view -----------------------------------------------------------------------
-
-
-def orthanc_index(orthanc: OrthancServer) -> dict[str, str]:
-    """SOP Instance UID -> Orthanc instance id, as Orthanc reports it."""
-    return {i["MainDicomTags"]["SOPInstanceUID"]: i["ID"] for i in orthanc.get("/instances?expand")}
-
-
-def wait_orthanc_has(orthanc: OrthancServer, sops: Iterable[str], timeout: float = 60) -> dict[str, str]:
-    want = set(sops)
-    last: dict[str, str] = {}
-
-    def check() -> bool:
-        nonlocal last
-        last = orthanc_index(orthanc)
-        return want <= set(last)
-
-    wait_until(check, timeout, lambda: f"Orthanc has {len(want & set(last))} of {len(want)} instances "
-                                       f"(missing e.g. {sorted(want - set(last))[:3]})")
-    return last
-
-
-def storescp_sops(scp: StoreSCP) -> set[str]:
-    """SOP Instance UIDs of the files storescp wrote (DCMTK names them <modality>.<SOP Instance UID>)."""
-    return {p.name.split(".", 1)[1] for p in scp.received_files() if "." in p.name}
-
-
-def storescp_deliveries(scp: StoreSCP) -> Counter[str]:
-    """How many C-STOREs storescp received per SOP Instance UID (its log: one 'storing DICOM file' each)."""
-    counts: Counter[str] = Counter()
-    for m in re.finditer(r"storing DICOM file: (\S+)", scp.log_text()):
-        name = Path(m.group(1)).name
-        if "." in name:
-            counts[name.split(".", 1)[1]] += 1
-    return counts
-
-
-def wait_storescp_has(scp: StoreSCP, sops: Iterable[str], timeout: float = 60) -> None:
-    want = set(sops)
-    wait_until(lambda: want <= storescp_sops(scp) and want <= set(storescp_deliveries(scp)), timeout,
-               lambda: f"{scp.name} has {len(want & storescp_sops(scp))} of {len(want)} instances")
-
-
-# --- helpers: pynetdicom peers ------------------------------------------------------------------
-
-
-def pynetdicom_store(port: int, items: Sequence[Any], *, aec: str = "QRPROXY", aet: str = "PYSCU",
-                     sop_classes: Sequence[str] = (dicomgen.CT_IMAGE_STORAGE,)) -> list[int | None]:
-    """C-STORE each item (Dataset or file path) on one association; the statuses qrproxy answered
-    (None: no response). File paths are sent as raw bytes when STORE_SEND_CHUNKED_DATASET is set."""
-    ae = AE(ae_title=aet)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
-    for uid in sop_classes:
-        ae.add_requested_context(uid, [EXPLICIT_LE])
-    assoc = ae.associate(LOCALHOST, port, ae_title=aec)
-    assert assoc.is_established, f"association to qrproxy on port {port} failed"
-    statuses: list[int | None] = []
-    try:
-        for item in items:
-            rsp = assoc.send_c_store(item)
-            statuses.append(int(rsp.Status) if "Status" in rsp else None)
-    finally:
-        if assoc.is_established:
-            assoc.release()
-        ae.shutdown()
-    return statuses
-
-
-def echo_ok(port: int) -> bool:
-    ae = AE(ae_title="PYSCU")
-    ae.add_requested_context(Verification)
-    assoc = ae.associate(LOCALHOST, port, ae_title="QRPROXY")
-    try:
-        if not assoc.is_established:
-            return False
-        rsp = assoc.send_c_echo()
-        return "Status" in rsp and rsp.Status == 0
-    finally:
-        if assoc.is_established:
-            assoc.release()
-        ae.shutdown()
-
-
-class ScriptedSCP:
-    """A pynetdicom Storage SCP on a loopback port whose answer to each C-STORE is scripted:
-    ``answer(sop_instance_uid, attempt_number) -> status``. Records every attempt, and the dataset
-    and calling AE of every instance it answered with Success."""
-
-    def __init__(self, aet: str, answer: Callable[[str, int], int]):
-        self.aet = aet
-        self.host = LOCALHOST
-        self.port = free_port()
-        self.answer = answer
-        self.attempts: Counter[str] = Counter()
-        self.accepted: dict[str, Dataset] = {}
-        self.calling: dict[str, str] = {}
-        self._lock = threading.Lock()
-        self._server: Any = None
-        self._ae: AE | None = None
-
-    def _on_store(self, event: Any) -> Any:
-        sop = str(event.request.AffectedSOPInstanceUID)
-        with self._lock:
-            self.attempts[sop] += 1
-            n = self.attempts[sop]
-        status = self.answer(sop, n)
-        if status == 0x0000:
-            ds = event.dataset
-            ds.file_meta = event.file_meta
-            with self._lock:
-                self.accepted[sop] = ds
-                self.calling[sop] = event.assoc.requestor.ae_title
-            return 0x0000
-        rsp = Dataset()
-        rsp.Status = status
-        rsp.ErrorComment = f"scripted 0x{status:04X}"
-        return rsp
-
-    def start(self) -> ScriptedSCP:
-        ae = AE(ae_title=self.aet)
-        ae.supported_contexts = AllStoragePresentationContexts
-        ae.add_supported_context(Verification)
-        self._ae = ae
-        self._server = ae.start_server((self.host, self.port), block=False,
-                                       evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
-
-    def snapshot(self) -> tuple[Counter[str], set[str]]:
-        with self._lock:
-            return Counter(self.attempts), set(self.accepted)
-
-
-@pytest.fixture
-def scripted_scp() -> Any:
-    made: list[ScriptedSCP] = []
-
-    def make(aet: str, answer: Callable[[str, int], int]) -> ScriptedSCP:
-        scp = ScriptedSCP(aet, answer).start()
-        made.append(scp)
-        return scp
-
-    yield make
-    for scp in made:
-        scp.stop()
-
-
-# --- helpers: the qrproxy CLI -------------------------------------------------------------------
-
-
-def cli(proc: QrproxyProcess, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return proc.cli(*args, timeout=timeout)
-
-
-def queue_rows(proc: QrproxyProcess, *args: str) -> list[dict[str, Any]]:
-    res = cli(proc, "queue", "list", "--json", *args)
-    assert res.returncode == 0, f"queue list --json {' '.join(args)} -> exit {res.returncode}\n{res.stdout}\n{res.stderr}"
-    try:
-        rows = json.loads(res.stdout)
-    except ValueError as exc:
-        raise AssertionError(f"queue list --json did not print JSON ({exc}):\n{res.stdout[:2000]}") from None
-    assert isinstance(rows, list), f"queue list --json printed {type(rows).__name__}, not a list"
-    for row in rows:
-        missing = {"id", "node", "state", "attempts", "next_attempt_at", "sop_instance_uid",
-                   "study_instance_uid", "last_error", "last_status"} - set(row)
-        assert not missing, f"queue list --json row lacks {sorted(missing)}: {row}"
-    return rows
-
-
-def changed_count(res: subprocess.CompletedProcess[str]) -> int | None:
-    """The number of rows a queue retry/hold/release/purge says it changed (first integer printed)."""
-    m = re.search(r"\b(\d+)\b", res.stdout)
-    return int(m.group(1)) if m else None
-
-
-class Soft:
-    """Collects failures of the checks that depend on the queue/status CLI, so that the checks of what
-    the peers received still run; `assert_ok()` at the end fails the test with all of them."""
-
-    def __init__(self) -> None:
-        self.problems: list[str] = []
-
-    def run(self, label: str, fn: Callable[[], Any]) -> Any:
-        try:
-            return fn()
-        except (AssertionError, pytest.fail.Exception, subprocess.TimeoutExpired) as exc:
-            self.problems.append(f"{label}: {exc}")
-            return None
-
-    def assert_ok(self) -> None:
-        assert not self.problems, "\n\n".join(self.problems)
 
 
 # ==============================================================================================

@@ -34,8 +34,8 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Ver
 
 import dicomgen
 from peers import LOCALHOST, OrthancHTTPError, OrthancServer, QrproxyProcess, StoreSCP, dcmtk, free_port, run_cli
+from support import echoscu, wait_until
 
-ECHOSCU = dcmtk("echoscu")
 STORESCU = dcmtk("storescu")
 
 
@@ -156,22 +156,6 @@ def tls_port(proc: QrproxyProcess) -> int:
 
 def wait_tls_listening(proc: QrproxyProcess, timeout: float = 30.0) -> None:
     wait_until(lambda: "tls=true" in proc.log_text(), timeout, f"{proc.name}: no TLS listening line")
-
-
-def wait_until(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = check()
-        if got:
-            return got
-        if time.monotonic() >= deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for: {what}")
-        time.sleep(interval)
-
-
-def echoscu(port: int, *tls: str, aec: str = "QRPROXY") -> subprocess.CompletedProcess[str]:
-    return subprocess.run([ECHOSCU, "-v", "-aet", "MODCT", "-aec", aec, *tls, LOCALHOST, str(port)],
-                          capture_output=True, text=True, env=_dcmtk_env(), timeout=60)
 
 
 def storescu(port: int, files: list[Path], *tls: str) -> subprocess.CompletedProcess[str]:

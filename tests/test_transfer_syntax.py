@@ -9,7 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 from test_codec import make_ct_signed, make_sr, make_us_rgb, save
-from test_store_forward import assert_all_success, node, proxy_config, storescu, wait_orthanc_has
+from support import assert_all_success, node, proxy_config, storescu, wait_orthanc_has
 
 from qrproxy.codec import convert_file
 

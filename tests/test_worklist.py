@@ -30,7 +30,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import ModalityWorklistInformationFind as MWL
 
 from peers import LOCALHOST, WorklistSCP, dataset_bytes, dcmtk, free_port
-from test_store_forward import dcmtk_env, proxy_config, wait_until
+from support import dcmtk_env, proxy_config, wait_until
 
 FINDSCU = dcmtk("findscu")
 
