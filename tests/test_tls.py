@@ -35,6 +35,7 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Ver
 import dicomgen
 from peers import LOCALHOST, OrthancHTTPError, OrthancServer, QrproxyProcess, StoreSCP, dcmtk, free_port, run_cli
 from support import echoscu, wait_until
+from support import proxy_config as base_proxy_config
 
 STORESCU = dcmtk("storescu")
 
@@ -132,20 +133,11 @@ def _dcmtk_env() -> dict[str, str]:
 
 
 def proxy_config(db_url: str, pki: Pki, nodes: dict[str, Any], *, ca: bool = True, **extra: Any) -> dict[str, Any]:
-    cfg: dict[str, Any] = {
-        "ae_title": "QRPROXY",
-        "host": LOCALHOST,
-        "port": free_port(),
-        "database": db_url,
-        "spool_dir": "spool",
-        "nodes": nodes,
-        "store": {"min_free_space": "1MB"},
-        "forward": {"max_attempts": 5, "retry_min": "1s", "retry_max": "2s", "poll": "1s", "lease": "60s"},
-        "tls": {"port": free_port(), "cert_file": str(pki.server_crt), "key_file": str(pki.server_key)},
-        "log": {"level": "INFO"},
-    }
+    """support.proxy_config with a TLS port on the test PKI (`ca`: client certificates required)."""
+    tls = {"port": free_port(), "cert_file": str(pki.server_crt), "key_file": str(pki.server_key)}
     if ca:
-        cfg["tls"]["ca_file"] = str(pki.ca)
+        tls["ca_file"] = str(pki.ca)
+    cfg = base_proxy_config(db_url, nodes, tls=tls)
     cfg.update(extra)
     return cfg
 
