@@ -99,8 +99,7 @@ class PeerGone(ConnectionAbortedError):
 
 def _association_dead(assoc: Any) -> bool:
     dul = getattr(assoc, "dul", None)
-    return bool(assoc.is_aborted or assoc.is_released or dul is None or not dul.is_alive()
-                or getattr(dul, "_kill_thread", False))
+    return bool(assoc.is_aborted or assoc.is_released or dul is None or not dul.is_alive())
 
 
 def cut(assoc: Any) -> None:

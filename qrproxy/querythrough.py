@@ -14,8 +14,6 @@ and a study row without its patient would be an invention).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
@@ -52,37 +50,30 @@ def upstream_identifier(identifier: Dataset, level: str, model: str) -> Dataset:
     return ds
 
 
-def restrict(match: Dataset, request: Dataset, ae_title: str,
-             held: Callable[[Dataset], Dataset | None] | None = None) -> Dataset:
+def restrict(match: Dataset, request: Dataset, ae_title: str, held: Dataset | None = None) -> Dataset:
     """`match` reduced to the keys of `request` (top level), with our Retrieve AE Title.
 
     A requested key the upstream left out or answered empty (PS3.4 C.4.1.1.3.2 lets an SCP return
-    fewer keys; DCMTK's dcmqrscp returns only what it indexes) is answered from what qrproxy holds
-    for the same entity, `held(match)`, and zero-length when qrproxy does not know it either:
-    nothing is invented."""
+    fewer keys; DCMTK's dcmqrscp returns only what it indexes) is answered from `held`, what qrproxy
+    holds for the same entity, and zero-length when qrproxy does not know it either: nothing is
+    invented."""
     out = Dataset()
-    known: Dataset | None = None
-    asked = False
     filled = False
     for elem in request:
         if elem.keyword in _ALWAYS:
             continue
         got = match[elem.tag] if elem.tag in match else None
-        if is_empty(got) and held is not None:
-            if not asked:
-                known, asked = held(match), True
-            mine = known[elem.tag] if known is not None and elem.tag in known else None
-            if not is_empty(mine):
-                got, filled = mine, True
+        if is_empty(got) and held is not None and elem.tag in held and not is_empty(held[elem.tag]):
+            got, filled = held[elem.tag], True
         if got is not None:
             out.add(got)
         else:
             vr = elem.VR if elem.VR else dictionary_VR(elem.tag)
             out.add(DataElement(elem.tag, vr, [] if vr == "SQ" else None))
     out.QueryRetrieveLevel = match.get("QueryRetrieveLevel") or request.get("QueryRetrieveLevel")
-    if filled and known is not None and "SpecificCharacterSet" in known:
+    if filled and held is not None and "SpecificCharacterSet" in held:
         # Every value above is decoded text; UTF-8 holds the upstream's and ours alike.
-        out.SpecificCharacterSet = known.SpecificCharacterSet
+        out.SpecificCharacterSet = held.SpecificCharacterSet
     elif "SpecificCharacterSet" in match:
         out.SpecificCharacterSet = match.SpecificCharacterSet
     out.RetrieveAETitle = ae_title

@@ -431,7 +431,7 @@ class FindSCP:
             known = self.held(request, level, model, batch)
             for m in batch:
                 uid = str(m.get(unique, "") or "").strip()
-                yield querythrough.restrict(m, request, self.ae_title, lambda _m, d=known.get(uid): d)
+                yield querythrough.restrict(m, request, self.ae_title, known.get(uid))
             batch.clear()
 
         for item in items:
