@@ -8,7 +8,7 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy import pool
 
-from qrproxy.db.models import Base
+from qrproxy.index.models import Base
 
 config = context.config
 target_metadata = Base.metadata
@@ -21,7 +21,7 @@ def _url() -> str:
     cfg_file = context.get_x_argument(as_dictionary=True).get("config") or os.environ.get("QRPROXY_CONFIG")
     if not cfg_file:
         raise SystemExit("alembic: give -x config=FILE or set QRPROXY_CONFIG (or use `qrproxy db upgrade`)")
-    from qrproxy.config import load_config
+    from qrproxy.cli.load import load_config
 
     return load_config(cfg_file).database
 
@@ -44,7 +44,7 @@ def run_migrations_online() -> None:
         return
     if config.config_file_name is not None:
         fileConfig(config.config_file_name, disable_existing_loggers=False)
-    from qrproxy.db.session import make_engine
+    from qrproxy.index.session import make_engine
 
     engine = make_engine(_url())
     with engine.connect() as conn:

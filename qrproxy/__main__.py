@@ -1,3 +1,3 @@
-from .cli import main
+from qrproxy.cli.main import main
 
 raise SystemExit(main())

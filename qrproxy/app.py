@@ -20,27 +20,28 @@ from typing import Any
 from pynetdicom import AE, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
-from . import tls, upstream
-from .commitment import Commitment
-from .config import Config
-from .db.session import make_engine, make_sessionmaker, upgrade
-from .forwarder import Forwarder
-from .http import HttpEndpoint
-from .logs import kv
-from .maintenance import Maintenance
-from .metrics import Metrics, disable_multiprocess, enable_multiprocess, worker_exited
-from .mpps_relay import MppsRelay
-from .refresh import Refresher
-from .retention import Retention
-from .pynetdicom_tuning import cheap_context_copies
-from .prefetch import Prefetcher
-from .retrieve import Retriever
-from .scp import commitment, echo, find, move, mpps, mwl, store
-from .pdu_guard import GuardedRequestHandler, Limits, quiet_peer_errors
-from .pdu_guard import on_established as guard_on_established
-from .scp.access import AccessPolicy
-from .scp.associations import AssociationLog, configure_ae_policy
-from .spool import Spool
+from qrproxy.net import tls
+from qrproxy.scu import upstream
+from qrproxy.jobs.commitment import Commitment
+from qrproxy.config.schema import Config
+from qrproxy.index.session import make_engine, make_sessionmaker, upgrade
+from qrproxy.scu.forward import Forwarder
+from qrproxy.ops.web import HttpEndpoint
+from qrproxy.logs import kv
+from qrproxy.store.maintenance import Maintenance
+from qrproxy.ops.metrics import Metrics, disable_multiprocess, enable_multiprocess, worker_exited
+from qrproxy.scu.mpps import MppsRelay
+from qrproxy.jobs.refresh import Refresher
+from qrproxy.store.retention import Retention
+from qrproxy.net.tuning import cheap_context_copies
+from qrproxy.jobs.prefetch import Prefetcher
+from qrproxy.scu.retrieve import Retriever
+from qrproxy.scp import commitment, echo, find, move, mpps, mwl, store
+from qrproxy.net.pdu_guard import GuardedRequestHandler, Limits, quiet_peer_errors
+from qrproxy.net.pdu_guard import on_established as guard_on_established
+from qrproxy.scp.access import AccessPolicy
+from qrproxy.scp.associations import AssociationLog, configure_ae_policy
+from qrproxy.store.spool import Spool
 
 log = logging.getLogger("qrproxy")
 
@@ -267,7 +268,7 @@ def _spool_keys(config: Config) -> Any:
     """The key file's keys when `encryption` is configured (checked by load_config for serve)."""
     if config.encryption is None:
         return None
-    from .keys import load
+    from qrproxy.store.keys import load
 
     return load(config.encryption.key_file)
 
@@ -285,7 +286,7 @@ def _stop_on_signals() -> threading.Event:
 
 
 def _worker_main(config: Config, index: int) -> None:
-    from .logs import setup_logging
+    from qrproxy.logs import setup_logging
 
     setup_logging(config.log.level, config.log.file, config.log.dicom_debug, config.log.max_size,
                   config.log.backups)

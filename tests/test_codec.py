@@ -28,7 +28,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from qrproxy.codec import TARGETS, ConvertResult, can_convert, convert_file, resolve_target
+from qrproxy.store.codec import TARGETS, ConvertResult, can_convert, convert_file, resolve_target
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 MR = "1.2.840.10008.5.1.4.1.1.4"

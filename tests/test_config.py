@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from qrproxy.cli import main
-from qrproxy.config import ConfigError, load_config
+from qrproxy.cli.main import main
+from qrproxy.cli.load import ConfigError, load_config
 
 GOOD = """\
 ae_title: QRPROXY

@@ -20,9 +20,10 @@ from pydicom import dcmread, dcmwrite
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from qrproxy import crypto, keys
-from qrproxy.crypto import (AuthenticationError, DecryptingReader, EncryptingWriter, FormatError, StaticKeys,
-                            UnknownKeyError)
+from qrproxy.store import crypto, keys
+from qrproxy.store.crypto import (
+    AuthenticationError, DecryptingReader, EncryptingWriter, FormatError, StaticKeys, UnknownKeyError,
+)
 
 K1 = StaticKeys({"k1": bytes(range(32))}, "k1")
 SMALL = 10  # 1 KiB chunks: many chunks from little data

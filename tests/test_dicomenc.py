@@ -13,8 +13,8 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.tag import Tag
 
-from qrproxy import dicomenc
-from qrproxy.pynetdicom_tuning import find_pending_command
+from qrproxy.net import dicomenc
+from qrproxy.net.tuning import find_pending_command
 
 
 def _decode(data: bytes, explicit: bool, charset: str | None = None) -> Dataset:

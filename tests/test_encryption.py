@@ -271,8 +271,8 @@ def test_conversion_reads_and_writes_encrypted_and_rebuilds_a_damaged_cache(tmp_
     """The conversion pool's entry point, called directly: an encrypted original gives an encrypted
     J2K variant with identical pixels; a damaged cached variant is made again; a damaged original
     raises, naming the chunk (the forwarder then holds the row)."""
-    from qrproxy import crypto, keys
-    from qrproxy.forwarder import convert_variant
+    from qrproxy.store import crypto, keys
+    from qrproxy.scu.forward import convert_variant
 
     key_file = tmp_path / "spool.key"
     keys.new_key_file(key_file)

@@ -326,7 +326,7 @@ def _answer_charset(request_charset: Any, ds: Dataset) -> str:
     """The Specific Character Set qrproxy must answer `ds` in (README "Query matching"): the request's
     own when it is one single-valued set the answer encoder knows and every text value of the row
     fits it, else ISO_IR 192. Computed from the decoded values pydicom read, not from qrproxy."""
-    from qrproxy.dicomenc import CODECS
+    from qrproxy.net.dicomenc import CODECS
 
     cs = request_charset if isinstance(request_charset, str) else ""
     if not cs or "\\" in cs or cs not in CODECS or cs in ("ISO_IR 6", "ISO_IR 192"):
@@ -721,7 +721,7 @@ def test_cancel_stops_pending_responses(db_url: str, qrproxy: Any, tmp_path: Pat
     # data only, the answer still comes over DICOM).
     from sqlalchemy import create_engine, insert, select
 
-    from qrproxy.db.models import Instance, Series
+    from qrproxy.index.models import Instance, Series
 
     eng = create_engine(db_url)
     try:

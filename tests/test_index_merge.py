@@ -16,12 +16,12 @@ from pydicom.dataset import Dataset
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from qrproxy import querythrough, worklist
-from qrproxy.db.models import Instance, Patient, Series, SpoolObject, Study, WorklistItem
-from qrproxy.db.session import make_engine, make_sessionmaker, upgrade
-from qrproxy.dsmerge import fill_missing, is_empty
-from qrproxy.refresh import _study_header, _write_study
-from qrproxy.worklist_index import item_row, replace
+from qrproxy.query import through as querythrough, worklist
+from qrproxy.index.models import Instance, Patient, Series, SpoolObject, Study, WorklistItem
+from qrproxy.index.session import make_engine, make_sessionmaker, upgrade
+from qrproxy.index.dsmerge import fill_missing, is_empty
+from qrproxy.jobs.refresh import _study_header, _write_study
+from qrproxy.index.worklist_items import item_row, replace
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 MR = "1.2.840.10008.5.1.4.1.1.4"

@@ -20,20 +20,11 @@ from sqlalchemy import create_engine, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from qrproxy.db.models import Base, Instance, Patient, Series, Study, WorklistItem
-from qrproxy.index import normalize_name
-from qrproxy.matching import (
-    IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
-    UNABLE_TO_PROCESS,
-    MatchKind,
-    Query,
-    QueryError,
-    key_clause,
-    matches_in_python,
-    parse_query,
-    residual_keys,
-    select_matching,
-    where_clauses,
+from qrproxy.index.models import Base, Instance, Patient, Series, Study, WorklistItem
+from qrproxy.index.writers import normalize_name
+from qrproxy.query.matching import (
+    IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, UNABLE_TO_PROCESS, MatchKind, Query, QueryError, key_clause,
+    matches_in_python, parse_query, residual_keys, select_matching, where_clauses,
 )
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -482,7 +473,7 @@ def test_upper_to_ascii_list_is_complete() -> None:
     """The PN superset prefilter relies on knowing every character Python upper-cases into ASCII."""
     import sys
 
-    from qrproxy.matching import _UPPER_TO_ASCII
+    from qrproxy.query.matching import _UPPER_TO_ASCII
 
     found = [chr(i) for i in range(128, sys.maxunicode + 1)
              if not 0xD800 <= i < 0xE000 and any(c.isascii() for c in chr(i).upper())]

@@ -11,8 +11,8 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, inspect
 
-from qrproxy.db.models import Base
-from qrproxy.db.session import alembic_config, make_engine, upgrade
+from qrproxy.index.models import Base
+from qrproxy.index.session import alembic_config, make_engine, upgrade
 
 
 @pytest.fixture

@@ -18,11 +18,11 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 import dicomgen
-from qrproxy.anonymize import action_for
-from qrproxy.config import ConfigError, load_config
-from qrproxy.db.session import make_engine, make_sessionmaker, upgrade
-from qrproxy.rules import apply_mutations, mutations_for
-from qrproxy.uidmap import DbPseudonyms, MemoryPseudonyms
+from qrproxy.rules.anonymize import action_for
+from qrproxy.cli.load import ConfigError, load_config
+from qrproxy.index.session import make_engine, make_sessionmaker, upgrade
+from qrproxy.rules.routes import apply_mutations, mutations_for
+from qrproxy.index.uidmap import DbPseudonyms, MemoryPseudonyms
 
 NODES = {"PACS": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": 4242, "roles": ["store"]}}
 

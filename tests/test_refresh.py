@@ -19,10 +19,10 @@ from sqlalchemy.orm import Session
 
 import dicomgen
 from peers import OrthancServer, run_cli
-from qrproxy.config import load_config
-from qrproxy.db.models import Instance, Patient, RefreshRun, Series, SpoolObject, Study
-from qrproxy.db.session import make_engine, make_sessionmaker, upgrade
-from qrproxy.refresh import Refresher, study_identifier
+from qrproxy.cli.load import load_config
+from qrproxy.index.models import Instance, Patient, RefreshRun, Series, SpoolObject, Study
+from qrproxy.index.session import make_engine, make_sessionmaker, upgrade
+from qrproxy.jobs.refresh import Refresher, study_identifier
 
 NON_ASCII_NAME = "MÜLLER^JOSÉ"
 
@@ -249,7 +249,7 @@ def test_refresher_runs_on_schedule(tmp_path: Path, db_url: str, orthanc: Orthan
 
 
 def test_a_job_never_overlaps_itself(tmp_path: Path) -> None:
-    from qrproxy.refresh import _job_lock, run_job
+    from qrproxy.jobs.refresh import _job_lock, run_job
 
     cfg = load_config(_write_config(tmp_path, f"sqlite:///{tmp_path / 'q.sqlite3'}",
                                     SimpleNamespace(aet="ORTHANC", host="127.0.0.1", dicom_port=9)))

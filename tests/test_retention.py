@@ -25,8 +25,10 @@ from peers import LOCALHOST, QrproxyProcess, free_port
 from test_find import findscu
 from support import assert_all_success, cli, proxy_config, storescu, wait_until
 
-from qrproxy.db.models import CommitmentItem, CommitmentRequest, ForwardItem, Instance, Series, SpoolObject, Study
-from qrproxy.db.session import make_engine
+from qrproxy.index.models import (
+    CommitmentItem, CommitmentRequest, ForwardItem, Instance, Series, SpoolObject, Study,
+)
+from qrproxy.index.session import make_engine
 
 UTC = dt.timezone.utc
 
@@ -147,15 +149,15 @@ def test_evicts_least_recently_used_by_size_then_by_age(db_url: str, qrproxy: An
         # B is older than C, but C was served since (touch_study, as C-MOVE does): B goes before C.
         from types import SimpleNamespace
 
-        from qrproxy.db.session import make_sessionmaker
-        from qrproxy.retention import touch_study
+        from qrproxy.index.session import make_sessionmaker
+        from qrproxy.store.retention import touch_study
 
         db.used_at(uc, ago(hours=4))
         assert touch_study(SimpleNamespace(sessions=make_sessionmaker(db.engine)), uc)
         files_a = [proc.dir / "spool" / "objects" / o.path for o in db.objects(ua)]
         assert files_a and all(f.is_file() for f in files_a)
         # A converted copy of one of A's files, where the forwarder caches them (Spool.variant_path).
-        from qrproxy.spool import Spool
+        from qrproxy.store.spool import Spool
 
         variant = Spool(proc.dir / "spool").variant_path(db.objects(ua)[0].path, "1.2.840.10008.1.2.4.80")
         variant.parent.mkdir(parents=True, exist_ok=True)

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from pydicom.dataset import Dataset
 
-from qrproxy.config import load_config
-from qrproxy.rules import apply_mutations, default_destinations, mutations_for, route
+from qrproxy.cli.load import load_config
+from qrproxy.rules.routes import apply_mutations, default_destinations, mutations_for, route
 
 CONFIG = r"""
 ae_title: QRPROXY

@@ -11,7 +11,7 @@ import pytest
 from test_codec import make_ct_signed, make_sr, make_us_rgb, save
 from support import assert_all_success, node, proxy_config, storescu, wait_orthanc_has
 
-from qrproxy.codec import convert_file
+from qrproxy.store.codec import convert_file
 
 J2K, JLS, RLE, EXPLICIT = "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.1"
 

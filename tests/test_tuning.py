@@ -9,7 +9,7 @@ from pynetdicom.dimse_messages import C_MOVE_RSP, C_GET_RSP, C_STORE_RQ
 from pynetdicom.dimse_primitives import C_GET, C_MOVE, C_STORE
 from pynetdicom.dsutils import encode
 
-from qrproxy.pynetdicom_tuning import retrieve_pending_command, store_command
+from qrproxy.net.tuning import retrieve_pending_command, store_command
 
 
 def _pynetdicom_command(message, primitive) -> bytes:  # type: ignore[no-untyped-def]

@@ -35,11 +35,11 @@ from typing import TYPE_CHECKING, Any
 
 from pynetdicom import evt
 
-from ..logs import kv
+from qrproxy.logs import kv
 
 if TYPE_CHECKING:
-    from ..app import Proxy
-    from ..config import Config
+    from qrproxy.app import Proxy
+    from qrproxy.config.schema import Config
 
 log = logging.getLogger("qrproxy.assoc")
 
@@ -73,7 +73,7 @@ def resolve(host: str) -> set[str]:
 
 def service_map() -> dict[str, str]:
     """Abstract syntax UID -> service name, from the SCP modules' own context lists."""
-    from . import commitment, echo, find, move, mpps, mwl
+    from qrproxy.scp import commitment, echo, find, move, mpps, mwl
 
     out: dict[str, str] = {}
     for name, module in (("echo", echo), ("find", find), ("worklist", mwl), ("mpps", mpps),

@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Any
 
 from pynetdicom import evt
 
-from ..logs import kv
-from .access import reject_reason
+from qrproxy.logs import kv
+from qrproxy.scp.access import reject_reason
 
 if TYPE_CHECKING:
-    from ..app import Proxy
+    from qrproxy.app import Proxy
 
 log = logging.getLogger("qrproxy.assoc")
 

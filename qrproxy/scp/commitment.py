@@ -28,15 +28,15 @@ from pydicom.dataset import Dataset
 from pynetdicom import evt
 from sqlalchemy import select
 
-from ..commitment import SCPM, SYNTAXES, decide_local
-from ..db.models import CommitmentItem, CommitmentRequest, utcnow
-from ..logs import kv
-from .associations import called_ae_title
-from .responses import Refused
-from .responses import status as _status
+from qrproxy.jobs.commitment import SCPM, SYNTAXES, decide_local
+from qrproxy.index.models import CommitmentItem, CommitmentRequest, utcnow
+from qrproxy.logs import kv
+from qrproxy.scp.associations import called_ae_title
+from qrproxy.scp.responses import Refused
+from qrproxy.scp.responses import status as _status
 
 if TYPE_CHECKING:
-    from ..app import Proxy
+    from qrproxy.app import Proxy
 
 log = logging.getLogger("qrproxy.commitment")
 

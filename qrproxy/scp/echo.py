@@ -12,7 +12,7 @@ from pynetdicom import evt
 from pynetdicom.sop_class import Verification
 
 if TYPE_CHECKING:
-    from ..app import Proxy
+    from qrproxy.app import Proxy
 
 TRANSFER_SYNTAXES = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.2"]
 

@@ -42,20 +42,23 @@ from pynetdicom.sop_class import (
 from sqlalchemy import distinct, func, literal_column, select
 from sqlalchemy.orm import aliased
 
-from .. import dicomenc, hotcache, querymode, querythrough, upstream
-from ..db.models import Instance, Patient, Series, Study, utcnow
-from ..db.session import read_only
-from ..dsmerge import is_empty
-from ..index import STUDY_SEQUENCES, read_sequences
-from ..logs import kv
-from ..matching import (LEVELS, UNIQUE_KEYS, Query, QueryError, matches_in_python, parse_query, residual_keys,
-                        select_matching)
-from . import pending
-from .responses import status as _status
-from .associations import called_ae_title
+from qrproxy.net import dicomenc
+from qrproxy.query import hotcache, modes as querymode, through as querythrough
+from qrproxy.scu import upstream
+from qrproxy.index.models import Instance, Patient, Series, Study, utcnow
+from qrproxy.index.session import read_only
+from qrproxy.index.dsmerge import is_empty
+from qrproxy.index.writers import STUDY_SEQUENCES, read_sequences
+from qrproxy.logs import kv
+from qrproxy.query.matching import (
+    LEVELS, UNIQUE_KEYS, Query, QueryError, matches_in_python, parse_query, residual_keys, select_matching,
+)
+from qrproxy.scp import pending
+from qrproxy.scp.responses import status as _status
+from qrproxy.scp.associations import called_ae_title
 
 if TYPE_CHECKING:
-    from ..app import Proxy
+    from qrproxy.app import Proxy
 
 
 log = logging.getLogger("qrproxy.find")

@@ -46,23 +46,23 @@ from pynetdicom.sop_class import (
 )
 from sqlalchemy import select
 
-from .. import refresh
-from ..anonymize import AnonymizeError
-from ..codec import TARGETS
-from ..config import Node
-from ..crypto import CryptoError
-from ..db.models import Instance, Patient, Series, SpoolObject, Study, utcnow
-from ..forwarder import EXPLICIT_LITTLE, Job, candidates
-from ..logs import kv
-from ..pynetdicom_tuning import FastStore, fast_retrieve_pending, keep_responses_from_reactor
-from ..retention import touch_study
-from ..retrieve import Retrieval
-from ..spool import dcmread
-from ..upstream import UpstreamError
-from .associations import set_nodelay
+from qrproxy.jobs import refresh
+from qrproxy.rules.anonymize import AnonymizeError
+from qrproxy.store.codec import TARGETS
+from qrproxy.config.schema import Node
+from qrproxy.store.crypto import CryptoError
+from qrproxy.index.models import Instance, Patient, Series, SpoolObject, Study, utcnow
+from qrproxy.scu.forward import EXPLICIT_LITTLE, Job, candidates
+from qrproxy.logs import kv
+from qrproxy.net.tuning import FastStore, fast_retrieve_pending, keep_responses_from_reactor
+from qrproxy.store.retention import touch_study
+from qrproxy.scu.retrieve import Retrieval
+from qrproxy.store.spool import dcmread
+from qrproxy.scu.upstream import UpstreamError
+from qrproxy.scp.associations import set_nodelay
 
 if TYPE_CHECKING:
-    from ..app import Proxy
+    from qrproxy.app import Proxy
 
 log = logging.getLogger("qrproxy.move")
 
@@ -228,7 +228,7 @@ class RetrieveSCP:
         return next(iter(nodes), None)
 
     def _learn_patients(self, node: str, patient_ids: tuple[str, ...]) -> list[str]:
-        from .. import upstream
+        from qrproxy.scu import upstream
 
         uids: list[str] = []
         ident = Dataset()

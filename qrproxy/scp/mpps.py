@@ -24,17 +24,17 @@ from pynetdicom import evt
 from pynetdicom.sop_class import ModalityPerformedProcedureStep
 from sqlalchemy import select
 
-from .. import worklist
-from ..db.models import MppsMessage, MppsStep
-from ..index import _s
-from ..logs import kv
-from ..worklist_index import mark_done
-from .responses import Refused
-from .responses import status as _status
-from .associations import called_ae_title
+from qrproxy.query import worklist
+from qrproxy.index.models import MppsMessage, MppsStep
+from qrproxy.index.writers import _s
+from qrproxy.logs import kv
+from qrproxy.index.worklist_items import mark_done
+from qrproxy.scp.responses import Refused
+from qrproxy.scp.responses import status as _status
+from qrproxy.scp.associations import called_ae_title
 
 if TYPE_CHECKING:
-    from ..app import Proxy
+    from qrproxy.app import Proxy
 
 log = logging.getLogger("qrproxy.mpps")
 

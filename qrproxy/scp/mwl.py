@@ -30,17 +30,22 @@ from pynetdicom import evt
 from pynetdicom.sop_class import ModalityWorklistInformationFind
 from sqlalchemy import select
 
-from .. import dicomenc, hotcache, querymode, rules, upstream, worklist
-from ..db.models import WorklistItem
-from ..db.session import read_only
-from ..logs import kv
-from ..matching import Query, QueryError, matches_in_python, parse_query, residual_keys, select_matching
-from . import pending
-from .responses import status as _status
-from .associations import called_ae_title
+from qrproxy.net import dicomenc
+from qrproxy.query import hotcache, modes as querymode, worklist
+from qrproxy.rules import routes as rules
+from qrproxy.scu import upstream
+from qrproxy.index.models import WorklistItem
+from qrproxy.index.session import read_only
+from qrproxy.logs import kv
+from qrproxy.query.matching import (
+    Query, QueryError, matches_in_python, parse_query, residual_keys, select_matching,
+)
+from qrproxy.scp import pending
+from qrproxy.scp.responses import status as _status
+from qrproxy.scp.associations import called_ae_title
 
 if TYPE_CHECKING:
-    from ..app import Proxy
+    from qrproxy.app import Proxy
 
 log = logging.getLogger("qrproxy.mwl")
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
-from ..pynetdicom_tuning import find_pending_command, let_peer_speak, peer_has_spoken, peer_max_pdu, send_pending
+from qrproxy.net.tuning import find_pending_command, let_peer_speak, peer_has_spoken, peer_max_pdu, send_pending
 
 PENDING = 0xFF00
 CANCEL = 0xFE00

@@ -32,18 +32,18 @@ from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _c
 
 from sqlalchemy.exc import IntegrityError
 
-from .. import pynetdicom_tuning
-from ..crypto import CryptoError
-from ..index import Header, IndexWriter
-from ..logs import kv
-from ..rules import route
-from ..spool import Committed, Spool, fsync_file
-from ..worklist_index import close_on_store
-from .responses import status as _status
-from .associations import called_ae_title
+from qrproxy.net import tuning as pynetdicom_tuning
+from qrproxy.store.crypto import CryptoError
+from qrproxy.index.writers import Header, IndexWriter
+from qrproxy.logs import kv
+from qrproxy.rules.routes import route
+from qrproxy.store.spool import Committed, Spool, fsync_file
+from qrproxy.index.worklist_items import close_on_store
+from qrproxy.scp.responses import status as _status
+from qrproxy.scp.associations import called_ae_title
 
 if TYPE_CHECKING:
-    from ..app import Proxy
+    from qrproxy.app import Proxy
 
 log = logging.getLogger("qrproxy.store")
 

@@ -1,1 +1,0 @@
-"""Database access: typed models, engine/session set-up, Alembic upgrades."""

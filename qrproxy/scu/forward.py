@@ -1,0 +1,561 @@
+"""Drains the forward queue: one worker thread per node, reused associations, retries, holds.
+
+Two kinds of failure, treated differently because a PACS down for a weekend must not turn thousands
+of instances into held rows:
+- the node cannot be reached (no association, association dropped mid-send): the *node* backs off
+  (exponential, `forward.retry_min` .. `retry_max`, with jitter); the rows go back to pending with
+  their attempt count unchanged;
+- the node answers an instance with a failure status: the *row* is retried with backoff for transient
+  statuses (0xA7xx out of resources, unknown codes) and held at once for permanent ones (0xA9xx,
+  0xCxxx, 0x0122 ...), or after `forward.max_attempts`. A held row keeps its reason for `queue list`.
+
+Rows are claimed with a lease (state inflight, lease_until, lease_owner); a crash leaves them
+inflight and the next start (or, for another proxy sharing a PostgreSQL queue, lease expiry) puts them
+back to pending. Each instance is recorded as sent in its own transaction as soon as its C-STORE
+response arrives, so a crash re-sends at most the instance that was on the wire per association
+(which the upstream dedupes by UID).
+
+A peer that dies at any byte never stalls a worker: the send queue under the association gives up
+when the association is gone or the peer takes nothing for the node's timeout
+(pynetdicom_tuning.PeerGone), the association is aborted and the node backs off.
+
+Encrypted spool: every file is authenticated in full just before it is sent (a tampered or truncated
+file holds its row with the failing chunk named, and sends nothing), then streamed from disk through
+the decrypting reader (pynetdicom_tuning.decrypt_sent_files); conversions read and write encrypted
+files in the pool. Reading a data set here (`dcmread`, used by store mutations) goes through
+spool.dcmread, which decrypts.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import multiprocessing
+import os
+import random
+import socket
+import threading
+import time
+from concurrent.futures import Future, ProcessPoolExecutor
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pynetdicom import _config
+from sqlalchemy import or_, select, update
+
+from qrproxy.net import tuning as pynetdicom_tuning
+from qrproxy.store.codec import TARGETS
+from qrproxy.store.crypto import CryptoError, KeySource
+from qrproxy.index.models import ForwardItem, ForwardState, SpoolObject, utcnow
+from qrproxy.logs import kv
+from qrproxy.rules.anonymize import AnonymizeError
+from qrproxy.store.spool import dcmread
+from qrproxy.rules.routes import apply_mutations, mutations_for
+from qrproxy.index.uidmap import DbPseudonyms
+from qrproxy.scu.upstream import UpstreamError, associate
+
+if TYPE_CHECKING:
+    from qrproxy.app import Proxy
+
+log = logging.getLogger("qrproxy.forward")
+
+SUCCESS_CODES = {0x0000}
+WARNING_CODES = {0x0001, 0xB000, 0xB006, 0xB007}
+MAX_CONTEXTS = 120  # PS3.8 allows 128 presentation contexts; keep headroom
+EXPLICIT_LITTLE = "1.2.840.10008.1.2.1"
+
+
+def classify(status: int | None) -> str:
+    """'sent', 'transient' or 'permanent' for a C-STORE response status (None: no response)."""
+    if status is None:
+        return "transient"
+    if status in SUCCESS_CODES or status in WARNING_CODES or 0xB000 <= status <= 0xBFFF:
+        return "sent"
+    if 0xA700 <= status <= 0xA7FF or 0xFE00 <= status <= 0xFEFF:
+        return "transient"
+    if 0xA900 <= status <= 0xA9FF or 0xC000 <= status <= 0xCFFF or status in (0x0122, 0x0124, 0x0210, 0x0211, 0x0212):
+        return "permanent"
+    return "transient"
+
+
+def backoff(attempts: int, lo: float, hi: float) -> float:
+    base = min(hi, lo * (2 ** max(0, attempts - 1)))
+    return base * random.uniform(0.8, 1.2)
+
+
+@dataclass
+class Job:
+    item_id: int
+    object_pk: int
+    path: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+    calling_ae: str | None
+    attempts: int
+
+
+class NodeWorker(threading.Thread):
+    def __init__(self, forwarder: Forwarder, node: str):
+        super().__init__(name=f"forward-{node}", daemon=True)
+        self.fw = forwarder
+        self.proxy = forwarder.proxy
+        self.node = node
+        self.wake = threading.Event()
+        self.backoff_until = 0.0
+        self.node_failures = 0
+        self._assoc: Any = None
+        self._assoc_ctx: Any = None
+        self._assoc_key: tuple[str | None, frozenset[tuple[str, str]]] | None = None
+        self._idle_since = time.monotonic()
+
+    # --- queue operations (each its own short transaction) ---------------------------------------
+
+    def claim(self) -> list[Job]:
+        cfg = self.proxy.config.forward
+        now = utcnow()
+        with self.proxy.sessions.begin() as s:
+            q = (
+                select(ForwardItem.id)
+                .where(ForwardItem.node == self.node, ForwardItem.state == ForwardState.pending,
+                       ForwardItem.next_attempt_at <= now)
+                .order_by(ForwardItem.id)
+                .limit(cfg.batch)
+            )
+            if s.get_bind().dialect.name == "postgresql":
+                q = q.with_for_update(skip_locked=True)
+            ids = list(s.execute(q).scalars())
+            if not ids:
+                return []
+            s.execute(
+                update(ForwardItem)
+                .where(ForwardItem.id.in_(ids))
+                .values(state=ForwardState.inflight, lease_until=now + dt.timedelta(seconds=cfg.lease),
+                        lease_owner=self.fw.owner)
+            )
+            rows = s.execute(
+                select(ForwardItem.id, ForwardItem.object_pk, ForwardItem.calling_ae, ForwardItem.attempts,
+                       SpoolObject.path, SpoolObject.sop_class_uid, SpoolObject.sop_instance_uid,
+                       SpoolObject.transfer_syntax_uid)
+                .join(SpoolObject, SpoolObject.id == ForwardItem.object_pk)
+                .where(ForwardItem.id.in_(ids))
+                .order_by(ForwardItem.id)
+            ).all()
+        return [Job(r.id, r.object_pk, r.path, r.sop_class_uid, r.sop_instance_uid, r.transfer_syntax_uid,
+                    r.calling_ae, r.attempts) for r in rows]
+
+    def _finish(self, sent: list[int], unclaim: list[int], failed: list[tuple[Job, str, int | None]],
+                note: str | None = None) -> None:
+        if not (sent or unclaim or failed):
+            return
+        cfg = self.proxy.config.forward
+        now = utcnow()
+        with self.proxy.sessions.begin() as s:
+            if sent:
+                s.execute(update(ForwardItem).where(ForwardItem.id.in_(sent))
+                          .values(state=ForwardState.sent, sent_at=now, lease_until=None, lease_owner=None,
+                                  last_error=None))
+            if unclaim:
+                s.execute(update(ForwardItem).where(ForwardItem.id.in_(unclaim), ForwardItem.state == ForwardState.inflight)
+                          .values(state=ForwardState.pending, lease_until=None, lease_owner=None,
+                                  next_attempt_at=now, **({"last_error": note} if note else {})))
+            for job, reason, status in failed:
+                attempts = job.attempts + 1
+                permanent = reason.startswith("permanent:")
+                hold = permanent or attempts >= cfg.max_attempts
+                values: dict[str, Any] = {
+                    "attempts": attempts, "last_error": reason, "last_status": status,
+                    "lease_until": None, "lease_owner": None,
+                }
+                if hold:
+                    values["state"] = ForwardState.held
+                    if not permanent:
+                        values["last_error"] = f"gave up after {attempts} attempts: {reason}"
+                else:
+                    values["state"] = ForwardState.pending
+                    values["next_attempt_at"] = now + dt.timedelta(
+                        seconds=backoff(attempts, cfg.retry_min, cfg.retry_max))
+                s.execute(update(ForwardItem).where(ForwardItem.id == job.item_id).values(**values))
+                log.log(logging.ERROR if hold else logging.WARNING,
+                        kv(event="forward-failed", node=self.node, sop=job.sop_instance_uid, attempts=attempts,
+                           status="-" if status is None else f"0x{status:04X}", action="held" if hold else "retry",
+                           reason=values["last_error"]))
+
+    # --- associations ---------------------------------------------------------------------------
+
+    def _close(self, abort: bool = False) -> None:
+        if self._assoc_ctx is not None:
+            try:
+                if abort:
+                    self._assoc_ctx.__exit__(RuntimeError, RuntimeError("abort"), None)
+                else:
+                    self._assoc_ctx.__exit__(None, None, None)
+            except Exception:
+                pass
+        self._assoc = self._assoc_ctx = self._assoc_key = None
+
+    def _association(self, calling: str | None, pairs: frozenset[tuple[str, str]]) -> Any:
+        key = (calling, pairs)
+        if self._assoc is not None and self._assoc.is_established and self._assoc_key is not None:
+            cur_calling, cur_pairs = self._assoc_key
+            if cur_calling == calling and pairs <= cur_pairs:
+                return self._assoc
+        self._close()
+        contexts = [(sop, [ts]) for sop, ts in sorted(pairs)]
+        ctx = associate(self.proxy.config, self.node, contexts, calling_ae=calling)
+        self._assoc = ctx.__enter__()
+        self._assoc_ctx = ctx
+        self._assoc_key = key
+        return self._assoc
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> None:
+        while not self.fw.stopping.is_set():
+            delay = self.backoff_until - time.monotonic()
+            if delay > 0:
+                self._close()
+                self.fw.stopping.wait(delay)
+                continue
+            try:
+                jobs = self.claim()
+            except Exception:
+                log.exception("claim failed for node %s", self.node)
+                self.fw.stopping.wait(self.proxy.config.forward.poll)
+                continue
+            if not jobs:
+                if self._assoc is not None and time.monotonic() - self._idle_since > 5.0:
+                    self._close()
+                self.wake.wait(self.proxy.config.forward.poll if self._assoc is None else 1.0)
+                self.wake.clear()
+                continue
+            self._send_batch(jobs)
+            self._idle_since = time.monotonic()
+        self._close()
+
+    def _send_batch(self, jobs: list[Job]) -> None:
+        node_cfg = self.proxy.config.nodes[self.node]
+        by_calling: dict[str | None, list[Job]] = {}
+        for job in jobs:
+            calling = (job.calling_ae or None) if node_cfg.impersonate else None
+            by_calling.setdefault(calling, []).append(job)
+        remaining = list(jobs)
+        target = TARGETS.get(node_cfg.transfer_syntax)
+        for calling, group in by_calling.items():
+            for chunk in _context_chunks(group, target):
+                done = self._send_group(calling, chunk, target)
+                remaining = [j for j in remaining if j.item_id not in done]
+                if self.fw.stopping.is_set() or self.backoff_until > time.monotonic():
+                    self._finish([], [j.item_id for j in remaining], [])
+                    return
+
+    def _send_group(self, calling: str | None, jobs: list[Job], target: str | None) -> set[int]:
+        """Send `jobs` on one association; returns the ids that reached a final outcome this round."""
+        pairs = frozenset((j.sop_class_uid, ts) for j in jobs for ts in candidates(target, j.transfer_syntax_uid))
+        try:
+            assoc = self._association(calling, pairs)
+        except UpstreamError as exc:
+            self._node_down(str(exc), jobs)
+            return {j.item_id for j in jobs}
+        plans = self._plan(assoc, jobs, target)
+        sent: list[int] = []
+        failed: list[tuple[Job, str, int | None]] = []
+        done: set[int] = set()
+        t0 = time.monotonic()
+        try:
+            for job in jobs:
+                if self.fw.stopping.is_set():
+                    break
+                outcome = self._send_one(assoc, job, plans[job.item_id])
+                if outcome is None:
+                    sent.append(job.item_id)
+                elif outcome[0] == "node-down":
+                    # The association died under this instance. Node-level backoff for the rest, but
+                    # this instance is charged an attempt: an instance that makes the peer drop the
+                    # association must end up held, not block the node's queue forever.
+                    self._finish(sent, [], failed + [(job, f"transient: {outcome[1]}", None)])
+                    done_ids = set(sent) | {f[0].item_id for f in failed} | {job.item_id}
+                    rest = [j for j in jobs if j.item_id not in done_ids]
+                    self._close(abort=True)
+                    self._node_down(outcome[1], rest)
+                    return {j.item_id for j in jobs}
+                else:
+                    failed.append((job, outcome[1], outcome[2]))
+                done.add(job.item_id)
+                # Recorded as soon as its response is in: a crash re-sends at most the instance on
+                # the wire (the batch of 50 this replaced re-sent up to 50 per node after kill -9).
+                self._finish(sent, [], failed)
+                sent, failed = [], []
+        finally:
+            self._finish(sent, [], failed)
+        if done:
+            self.node_failures = 0
+            ms = (time.monotonic() - t0) * 1000
+            log.info(kv(event="forwarded", node=self.node, count=len(done), ms=int(ms),
+                        calling=calling or self.proxy.config.ae_title))
+        return done
+
+    def _plan(self, assoc: Any, jobs: list[Job], target: str | None) -> dict[int, Any]:
+        """For each job, the file to send: the spool file when the peer accepted the received syntax,
+        else a converted copy. Conversions start at once in the process pool, so they run while
+        earlier instances are being sent."""
+        accepted: dict[str, set[str]] = {}
+        for cx in assoc.accepted_contexts:
+            accepted.setdefault(cx.abstract_syntax, set()).add(cx.transfer_syntax[0])
+        plans: dict[int, Any] = {}
+        for job in jobs:
+            usable = [ts for ts in candidates(target, job.transfer_syntax_uid)
+                      if ts in accepted.get(job.sop_class_uid, ())]
+            if not usable:
+                plans[job.item_id] = ("refused", f"permanent: node accepted SOP class {job.sop_class_uid} in "
+                                                 f"none of {', '.join(candidates(target, job.transfer_syntax_uid))}")
+            elif usable[0] == job.transfer_syntax_uid:
+                plans[job.item_id] = ("original", None)
+            else:
+                plans[job.item_id] = ("convert", self.fw.variant(job, usable[0]), usable, accepted)
+        return plans
+
+    def _file_for(self, job: Job, plan: Any) -> tuple[Any, str | None]:
+        """(path to send, None) or (None, reason)."""
+        kind = plan[0]
+        if kind == "refused":
+            return None, plan[1]
+        if kind == "original":
+            return self.proxy.spool.path(job.path), None
+        _, future, usable, accepted = plan
+        path, result = future.result()
+        if result.ok and result.transfer_syntax in accepted.get(job.sop_class_uid, ()):
+            if result.reason:
+                # Expected for instances without pixel data; worth a warning when pixels could not be
+                # compressed as configured (missing codec, unsupported photometric ...).
+                level = logging.INFO if "no pixel data" in result.reason else logging.WARNING
+                log.log(level, kv(event="converted-fallback", node=self.node, sop=job.sop_instance_uid,
+                            wanted=usable[0], sent=result.transfer_syntax, reason=result.reason))
+            return path, None
+        if job.transfer_syntax_uid in usable:
+            log.info(kv(event="conversion-skipped", node=self.node, sop=job.sop_instance_uid,
+                        sent=job.transfer_syntax_uid, reason=result.reason))
+            return self.proxy.spool.path(job.path), None
+        return None, f"permanent: cannot convert to a syntax the node accepted: {result.reason}"
+
+    def _send_one(self, assoc: Any, job: Job, plan: Any) -> tuple[str, str, int | None] | None:
+        """None when sent; else (kind, reason, status)."""
+        try:
+            path, problem = self._file_for(job, plan)
+        except (ValueError, CryptoError) as exc:
+            return ("permanent", f"permanent: {exc}", None)
+        if problem is not None:
+            return ("permanent", problem, None)
+        if not path.exists():
+            return ("permanent", "permanent: spool file missing", None)
+        try:
+            # Every chunk authenticated before the first byte goes out: a damaged file is held here,
+            # not discovered half-way through a transfer the peer would then see aborted.
+            self.proxy.spool.verify(path)
+        except (CryptoError, OSError) as exc:
+            if plan[0] == "convert" and path != self.proxy.spool.path(job.path):
+                # A damaged converted copy is only a damaged cache entry: made again next attempt.
+                self.fw.forget_variant(job, plan[2][0], path)
+                return ("transient", f"transient: converted copy unusable ({exc}); converting again", None)
+            return ("permanent", f"permanent: {exc}", None)
+        try:
+            dataset: Any = self.fw.mutated(path, self.node, job.calling_ae, job.sop_instance_uid) or path
+        except AnonymizeError as exc:  # never send what could not be anonymized
+            return ("permanent", f"permanent: anonymize failed: {exc}", None)
+        try:
+            rsp = assoc.send_c_store(dataset)
+        except CryptoError as exc:
+            # The file changed between the check above and the send: the peer holds a partial data
+            # set, so the association must go. The next attempt's check holds the row.
+            assoc.abort()
+            return ("node-down", f"spool file changed while sending: {exc}", None)
+        except OSError as exc:
+            # PeerGone (the peer died or stalled under this instance) or a read error half-way: part
+            # of a message is on the wire, so the association cannot carry another one.
+            assoc.abort()
+            return ("node-down", f"association lost while sending: {exc}", None)
+        except (RuntimeError, ValueError) as exc:
+            if not assoc.is_established:
+                return ("node-down", f"association lost: {exc}", None)
+            return ("transient", f"send failed: {exc}", None)
+        status = getattr(rsp, "Status", None)
+        if status is None:
+            return ("node-down", "no C-STORE response (association dropped or timed out)", None)
+        kind = classify(int(status))
+        if kind == "sent":
+            if status != 0:
+                log.warning(kv(event="forward-warning", node=self.node, sop=job.sop_instance_uid,
+                               status=f"0x{int(status):04X}", comment=getattr(rsp, "ErrorComment", "")))
+            return None
+        comment = getattr(rsp, "ErrorComment", "") or ""
+        reason = f"{kind}: status 0x{int(status):04X}" + (f" {comment}" if comment else "")
+        return (kind, reason, int(status))
+
+    def _node_down(self, reason: str, jobs: Sequence[Job]) -> None:
+        cfg = self.proxy.config.forward
+        self.node_failures += 1
+        wait = backoff(self.node_failures, cfg.retry_min, cfg.retry_max)
+        self.backoff_until = time.monotonic() + wait
+        self._finish([], [j.item_id for j in jobs], [], note=f"node unreachable: {reason}")
+        log.warning(kv(event="node-down", node=self.node, reason=reason, retry_in=f"{wait:.1f}s",
+                       pending=len(jobs)))
+
+
+def candidates(target: str | None, received: str) -> tuple[str, ...]:
+    """Transfer syntaxes to offer for one instance, best first: the node's configured target, the
+    syntax it was received in, and Explicit VR Little Endian as the fallback every SCP accepts
+    (a compressed instance is then decompressed rather than refused)."""
+    out: list[str] = []
+    for ts in (target or received, received, EXPLICIT_LITTLE):
+        if ts not in out:
+            out.append(ts)
+    return tuple(out)
+
+
+def _context_chunks(jobs: list[Job], target: str | None) -> list[list[Job]]:
+    """Split so no association needs more presentation contexts than PS3.8 allows."""
+    chunks: list[list[Job]] = []
+    current: list[Job] = []
+    pairs: set[tuple[str, str]] = set()
+    for job in jobs:
+        new = {(job.sop_class_uid, ts) for ts in candidates(target, job.transfer_syntax_uid)} - pairs
+        if new and len(pairs) + len(new) > MAX_CONTEXTS and current:
+            chunks.append(current)
+            current, pairs = [], set()
+        pairs |= new
+        current.append(job)
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def convert_variant(src: str, dest: str, ts: str, keys: KeySource | None = None) -> tuple[Any, Any]:
+    """Runs in the conversion process pool: reuse a variant made earlier, else convert.
+
+    With `keys`, the original is authenticated in full first (CryptoError, naming the chunk, reaches
+    the worker through the future and holds the row), and a cached variant that fails
+    authentication is discarded and made again: it is only a cache.
+    """
+    from pathlib import Path
+
+    from pydicom import dcmread as read
+
+    from qrproxy.store.codec import ConvertResult, convert_file
+    from qrproxy.store.crypto import open_reader, verify_file
+
+    if os.path.exists(dest):
+        try:
+            if keys is not None:
+                verify_file(dest, keys)
+            with open_reader(dest, keys) as f:
+                written = str(read(f, stop_before_pixels=True, specific_tags=[0x00020010]).file_meta
+                              .TransferSyntaxUID)
+            return Path(dest), ConvertResult(True, written, None if written == ts else "cached fallback", None)
+        except CryptoError:
+            os.unlink(dest)
+    if keys is not None:
+        verify_file(src, keys)
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    return Path(dest), convert_file(src, dest, ts, fallbacks=(EXPLICIT_LITTLE,), keys=keys)
+
+
+class Forwarder:
+    def __init__(self, proxy: Proxy):
+        self.proxy = proxy
+        # Leases are per worker process: a restarted worker reclaims its own rows at once, and never
+        # those of a sibling that is still sending them.
+        self.owner = f"{socket.gethostname()}:{proxy.config.port}:{proxy.worker}"
+        self.stopping = threading.Event()
+        self.workers: dict[str, NodeWorker] = {}
+        self.has_store_mutations = any(m.on == "store" for m in proxy.config.mutations)
+        self.pseudonyms = DbPseudonyms(proxy.sessions)
+        self.pool: ProcessPoolExecutor | None = None
+        self._variants: dict[tuple[int, str], Future[Any]] = {}
+        self._variants_lock = threading.Lock()
+
+    def variant(self, job: Job, ts: str) -> Future[Any]:
+        """The spool file of `job` converted to `ts`, made once and shared by every node that wants
+        it (the file under spool/variants/ is the cache; the future dedupes concurrent requests)."""
+        key = (job.object_pk, ts)
+        with self._variants_lock:
+            fut = self._variants.get(key)
+            if fut is None:
+                src = self.proxy.spool.path(job.path)
+                dest = self.proxy.spool.variant_path(job.path, ts)
+                if self.pool is None:
+                    self.pool = ProcessPoolExecutor(max_workers=os.cpu_count() or 1,
+                                                    mp_context=multiprocessing.get_context("spawn"))
+                fut = self.pool.submit(convert_variant, str(src), str(dest), ts, self.proxy.spool.keys)
+                self._variants[key] = fut
+                if len(self._variants) > 4096:
+                    for k in list(self._variants)[:2048]:
+                        if self._variants[k].done():
+                            del self._variants[k]
+            return fut
+
+    def mutated(self, path: Any, node: str | None, calling_ae: str | None, sop: str) -> Any:
+        """The data set of spool file `path` with the `on: store` mutations for `node` applied, or
+        None when none applies (send the file as it is). AnonymizeError when anonymization fails:
+        the caller must then send nothing."""
+        if not self.has_store_mutations:
+            return None
+        header = dcmread(path, stop_before_pixels=True)
+        muts = mutations_for(self.proxy.config, "store", node, header, calling_ae or "")
+        if not muts:
+            return None
+        dataset = dcmread(path)
+        changes = apply_mutations(dataset, muts, pseudonyms=self.pseudonyms)
+        log.debug(kv(event="mutated", node=node or "-", sop=sop, mutations=",".join(m.name for m in muts),
+                     changes=len(changes)))
+        return dataset
+
+    def forget_variant(self, job: Job, ts: str, path: Any) -> None:
+        with self._variants_lock:
+            self._variants.pop((job.object_pk, ts), None)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+    def recover(self) -> int:
+        """Put back to pending what a previous run of this proxy left in flight, and expired leases."""
+        now = utcnow()
+        with self.proxy.sessions.begin() as s:
+            n = s.execute(
+                update(ForwardItem)
+                .where(ForwardItem.state == ForwardState.inflight,
+                       or_(ForwardItem.lease_owner == self.owner, ForwardItem.lease_until < now,
+                           ForwardItem.lease_owner.is_(None)))
+                .values(state=ForwardState.pending, lease_until=None, lease_owner=None, next_attempt_at=now)
+            ).rowcount
+        if n:
+            log.info(kv(event="forward-recovered", rows=n, reason="in flight when the previous run stopped"))
+        return n or 0
+
+    def start(self) -> None:
+        # Send spool files as stored, byte for byte, streamed from disk (no whole dataset in memory).
+        _config.STORE_SEND_CHUNKED_DATASET = True
+        if self.proxy.spool.encrypted:
+            pynetdicom_tuning.decrypt_sent_files(self.proxy.spool.open)
+        self.recover()
+        for node in self.proxy.config.nodes:
+            w = NodeWorker(self, node)
+            self.workers[node] = w
+            w.start()
+
+    def notify(self, nodes: Sequence[str]) -> None:
+        for n in nodes:
+            w = self.workers.get(n)
+            if w is not None:
+                w.wake.set()
+
+    def stop(self, timeout: float = 6.0) -> None:
+        self.stopping.set()
+        for w in self.workers.values():
+            w.wake.set()
+        deadline = time.monotonic() + timeout
+        for w in self.workers.values():
+            w.join(max(0.1, deadline - time.monotonic()))
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,268 @@
+"""Retrieve-through: fetch instances the index knows of but the spool does not hold from a `retrieve`
+node, so that C-MOVE / C-GET (scp/move.py) and prefetch can send them on.
+
+The upstream is asked with C-MOVE whose Move Destination is qrproxy's own AE title (the node must
+know that AE: it connects back to qrproxy's port), or, with `retrieve_method: get` on the node, with
+C-GET on one association (for PACSes that cannot reach back through a firewall). Either way the
+instances arrive through the ordinary C-STORE path (scp/store.py): fsynced into the spool and indexed
+before they count, marked `origin=retrieved` and forwarded nowhere, so a cache fill never loops back
+to the PACS it came from.
+
+One upstream request per (node, level, UIDs) at a time: a second C-MOVE for a study that is being
+retrieved joins the running retrieval instead of asking the PACS again. Waiters learn about arrivals
+from `arrived()` (called by the store SCP after its commit) and, as a fallback that also covers
+instances received by a sibling worker process, by polling the index.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import evt
+from pynetdicom.presentation import StoragePresentationContexts
+from pynetdicom.sop_class import (
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+)
+from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
+from sqlalchemy import select
+
+from qrproxy.index.models import Instance, SpoolObject
+from qrproxy.logs import kv
+from qrproxy.scu.upstream import UpstreamError, associate
+
+if TYPE_CHECKING:
+    from qrproxy.app import Proxy
+
+log = logging.getLogger("qrproxy.retrieve")
+
+QR_SYNTAXES = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
+# What qrproxy offers to store when it retrieves with C-GET: it keeps instances as received, so
+# every common syntax is welcome (the PACS picks the one it holds).
+GET_STORE_SYNTAXES = [
+    "1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.80",
+    "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.91",
+]
+# qrproxy asks upstream in the Study Root model (every PACS supports it; the identifiers it sends
+# carry StudyInstanceUID at every level).
+MOVE_MODEL = StudyRootQueryRetrieveInformationModelMove
+GET_MODEL = StudyRootQueryRetrieveInformationModelGet
+
+
+@dataclass
+class Retrieval:
+    """One upstream C-MOVE / C-GET, shared by every requester waiting for its instances."""
+
+    node: str
+    level: str
+    uids: dict[str, tuple[str, ...]]
+    sop_classes: tuple[str, ...] = ()
+    expected: frozenset[str] = frozenset()  # the SOP Instance UIDs this request should bring
+    classes_known: bool = True  # sop_classes covers every expected instance (C-GET role contexts)
+    done: threading.Event = field(default_factory=threading.Event)
+    error: str | None = None
+    status: int | None = None
+    completed: int = 0
+    failed: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        return (self.node, self.level, tuple(sorted(self.uids.items())))
+
+    def identifier(self) -> Dataset:
+        ds = Dataset()
+        ds.QueryRetrieveLevel = self.level
+        for keyword, values in self.uids.items():
+            setattr(ds, keyword, "\\".join(values))
+        return ds
+
+
+class Retriever:
+    def __init__(self, proxy: Proxy):
+        self.proxy = proxy
+        self._lock = threading.Lock()
+        self._running: dict[tuple[Any, ...], Retrieval] = {}
+        self._arrival = threading.Condition()
+        self._arrivals = 0
+
+    # --- arrivals -----------------------------------------------------------------------------
+
+    def arrived(self) -> None:
+        """Called by the store SCP after an instance is committed: wake every waiter."""
+        with self._arrival:
+            self._arrivals += 1
+            self._arrival.notify_all()
+
+    def _wait_arrival(self, seen: int, timeout: float) -> int:
+        with self._arrival:
+            if self._arrivals == seen:
+                self._arrival.wait(timeout)
+            return self._arrivals
+
+    # --- upstream requests ----------------------------------------------------------------------
+
+    def running_for(self, node: str, sop_uids: Iterable[str]) -> list[tuple[Retrieval, list[str]]]:
+        """Retrievals from `node` in progress that will bring some of `sop_uids`, with those UIDs: a
+        second requester waits for them instead of asking the PACS again."""
+        wanted = set(sop_uids)
+        out = []
+        with self._lock:
+            for r in self._running.values():
+                if r.node != node or r.done.is_set():
+                    continue
+                covered = sorted(wanted & r.expected)
+                if covered:
+                    out.append((r, covered))
+                    wanted -= set(covered)
+        if out:
+            log.info(kv(event="retrieve-joined", node=node, instances=sum(len(c) for _, c in out)))
+        return out
+
+    def fetch(self, node: str, level: str, uids: dict[str, Iterable[str]], sop_classes: Iterable[str] = (),
+              expected: Iterable[str] = (), classes_known: bool = True) -> Retrieval:
+        """Start (or join) the retrieval of `uids` at `level` from `node`; returns at once.
+        `classes_known`: False when the index lacks the SOP class of some expected instance."""
+        r = Retrieval(node, level, {k: tuple(sorted(set(v))) for k, v in uids.items() if v},
+                      tuple(sorted(set(sop_classes))), frozenset(expected), classes_known)
+        with self._lock:
+            running = self._running.get(r.key)
+            if running is not None and not running.done.is_set():
+                log.info(kv(event="retrieve-joined", node=node, level=level, uids=_short(r.uids)))
+                return running
+            self._running[r.key] = r
+        threading.Thread(target=self._run, args=(r,), name=f"retrieve-{node}", daemon=True).start()
+        return r
+
+    def _run(self, r: Retrieval) -> None:
+        node = self.proxy.config.nodes[r.node]
+        method = node.retrieve_method
+        log.info(kv(event="retrieve-start", node=r.node, method=method, level=r.level, uids=_short(r.uids)))
+        try:
+            if method == "get":
+                self._get(r)
+            else:
+                self._move(r)
+        except UpstreamError as exc:
+            r.error = str(exc)
+        except Exception as exc:  # never let a retrieval thread die silently: waiters need an answer
+            log.exception("retrieval from %s failed", r.node)
+            r.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            ms = int((time.monotonic() - r.started) * 1000)
+            level = logging.WARNING if r.error else logging.INFO
+            log.log(level, kv(event="retrieve-done", node=r.node, method=method, level=r.level,
+                              status="-" if r.status is None else f"0x{r.status:04X}", completed=r.completed,
+                              failed=r.failed, ms=ms, error=r.error or "-"))
+            r.done.set()
+            self.arrived()
+            with self._lock:
+                if self._running.get(r.key) is r:
+                    del self._running[r.key]
+
+    def _responses(self, r: Retrieval, responses: Iterator[Any]) -> None:
+        for status, _identifier in responses:
+            code = getattr(status, "Status", None)
+            if code is None:
+                raise UpstreamError(f"{r.node}: retrieve: no response (association lost or timed out)")
+            r.completed = int(getattr(status, "NumberOfCompletedSuboperations", r.completed) or 0)
+            r.failed = int(getattr(status, "NumberOfFailedSuboperations", r.failed) or 0)
+            if code in (0xFF00, 0xFF01):
+                continue
+            r.status = code
+            if code in (0x0000, 0xB000):
+                return
+            comment = getattr(status, "ErrorComment", None)
+            raise UpstreamError(f"{r.node}: retrieve failed with status 0x{code:04X}" + (f" ({comment})" if comment else ""))
+        raise UpstreamError(f"{r.node}: retrieve ended without a final status")
+
+    def _move(self, r: Retrieval) -> None:
+        cfg = self.proxy.config
+        model = MOVE_MODEL
+        with associate(cfg, r.node, [(model, QR_SYNTAXES)]) as assoc:
+            if not any(cx.abstract_syntax == model for cx in assoc.accepted_contexts):
+                raise UpstreamError(f"{r.node}: C-MOVE (Study Root) not accepted")
+            self._responses(r, assoc.send_c_move(r.identifier(), cfg.ae_title, model))
+
+    def _get(self, r: Retrieval) -> None:
+        from qrproxy.scp.store import StoreSCP
+
+        cfg = self.proxy.config
+        model = GET_MODEL
+        # The classes the index knows for these instances; when it knows none (an upstream that
+        # leaves SOPClassUID out of its C-FIND answers), as many storage classes as a context list
+        # holds, so that whatever the PACS sends has a context: accepting more is not a guess.
+        classes = list(r.sop_classes)[:100]
+        if not (r.classes_known and classes):
+            for cx in StoragePresentationContexts:
+                if len(classes) >= 100:
+                    break
+                if str(cx.abstract_syntax) not in classes:
+                    classes.append(str(cx.abstract_syntax))
+        roles = []
+        for uid in classes:
+            item = SCP_SCU_RoleSelectionNegotiation()
+            item.sop_class_uid = uid
+            item.scu_role = False
+            item.scp_role = True
+            roles.append(item)
+        contexts = [(model, QR_SYNTAXES)] + [(uid, GET_STORE_SYNTAXES) for uid in classes]
+        store = StoreSCP(self.proxy)
+        with associate(cfg, r.node, contexts, ext_neg=roles,
+                       evt_handlers=[(evt.EVT_C_STORE, store.handle)]) as assoc:
+            if not any(cx.abstract_syntax == model for cx in assoc.accepted_contexts):
+                raise UpstreamError(f"{r.node}: C-GET (Study Root) not accepted")
+            self._responses(r, assoc.send_c_get(r.identifier(), model))
+
+    # --- waiting ------------------------------------------------------------------------------
+
+    def local_objects(self, sop_uids: Iterable[str]) -> dict[str, tuple[int, str, str, str]]:
+        """{sop_uid: (object_pk, path, sop_class_uid, transfer_syntax_uid)} of the ones held locally."""
+        uids = list(sop_uids)
+        out: dict[str, tuple[int, str, str, str]] = {}
+        with self.proxy.sessions() as s:
+            for i in range(0, len(uids), 500):
+                rows = s.execute(
+                    select(Instance.sop_instance_uid, SpoolObject.id, SpoolObject.path, SpoolObject.sop_class_uid,
+                           SpoolObject.transfer_syntax_uid)
+                    .join(SpoolObject, SpoolObject.id == Instance.object_pk)
+                    .where(Instance.sop_instance_uid.in_(uids[i:i + 500]))
+                )
+                for uid, pk, path, cls, ts in rows:
+                    out[uid] = (pk, path, cls, ts)
+        return out
+
+    def wait_for(self, retrieval: Retrieval, sop_uids: Iterable[str], cancelled: Any = None,
+                 poll: float = 0.5) -> Iterator[tuple[str, tuple[int, str, str, str] | None]]:
+        """Yield (sop_uid, local object) as each instance lands, in arrival order; when the retrieval
+        has ended, (sop_uid, None) for every one that never came. Stops early when `cancelled()`."""
+        waiting = set(sop_uids)
+        seen = -1
+        while waiting:
+            if cancelled is not None and cancelled():
+                return
+            finished = retrieval.done.is_set()
+            found = self.local_objects(waiting)
+            for uid, obj in found.items():
+                waiting.discard(uid)
+                yield uid, obj
+            if finished:
+                for uid in sorted(waiting):
+                    yield uid, None
+                return
+            if not found:
+                seen = self._wait_arrival(seen, poll)
+
+
+def _short(uids: dict[str, tuple[str, ...]]) -> str:
+    parts = []
+    for keyword, values in uids.items():
+        first = values[0] if values else ""
+        parts.append(f"{keyword}={first}" + (f"+{len(values) - 1}" if len(values) > 1 else ""))
+    return ",".join(parts)

@@ -1,0 +1,206 @@
+"""The SCU side: associations from qrproxy to configured nodes.
+
+Every outbound association goes through `associate()` so that timeouts, PDU size, calling AE title
+(impersonation) and TLS (nodes with `tls: true`, see qrproxy/tls.py) are decided in one place.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import (
+    ModalityWorklistInformationFind,
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+    Verification,
+)
+
+from qrproxy.config.schema import Config, Node
+from qrproxy.logs import kv
+from qrproxy.net.tuning import bound_send_queue, keep_responses_from_reactor
+from qrproxy.scp.associations import set_nodelay
+from qrproxy.net.tls import TlsError, handshake_problem, node_client_context
+
+log = logging.getLogger("qrproxy.upstream")
+
+
+class UpstreamError(Exception):
+    """The node could not be reached or refused the association; the message says which."""
+
+
+@dataclass(frozen=True)
+class EchoResult:
+    node: str
+    ok: bool
+    detail: str
+    ms: int
+
+
+def _new_ae(config: Config, node: Node, calling_ae: str | None = None) -> AE:
+    ae = AE(ae_title=calling_ae or config.ae_title)
+    ae.acse_timeout = node.timeout
+    ae.dimse_timeout = node.timeout
+    ae.network_timeout = node.timeout
+    ae.connection_timeout = min(node.timeout, 10.0)
+    ae.maximum_pdu_size = node.max_pdu or config.max_pdu
+    return ae
+
+
+@contextmanager
+def associate(
+    config: Config,
+    name: str,
+    contexts: Sequence[tuple[str, Sequence[str]]],
+    calling_ae: str | None = None,
+    **kwargs: Any,
+) -> Iterator[Any]:
+    """An established association to node `name`, released on exit (aborted if the body raised)."""
+    node = config.nodes[name]
+    ae = _new_ae(config, node, calling_ae)
+    for abstract, syntaxes in contexts:
+        ae.add_requested_context(abstract, list(syntaxes))
+    handlers = list(kwargs.pop("evt_handlers", [])) + [(evt.EVT_CONN_OPEN, set_nodelay)]
+    if node.tls:
+        if config.tls is None:
+            raise UpstreamError(f"{name}: tls: true but no tls: section in the config")
+        try:
+            kwargs["tls_args"] = (node_client_context(config.tls), node.host)
+        except TlsError as exc:
+            raise UpstreamError(f"{name}: tls.{exc.key}: {exc}") from None
+    assoc = ae.associate(node.host, node.port, ae_title=node.ae_title, evt_handlers=handlers, **kwargs)
+    if not assoc.is_established:
+        if assoc.is_rejected:
+            why = "association rejected"
+        elif assoc.is_aborted:
+            why = "association aborted"
+        else:
+            why = "no connection"
+        if node.tls and not assoc.is_rejected:
+            problem = handshake_problem(kwargs["tls_args"][0], node.host, node.port, ae.connection_timeout or 10.0)
+            if problem:
+                why = f"TLS handshake failed: {problem}"
+        raise UpstreamError(f"{name} ({node.ae_title}@{node.host}:{node.port}): {why}")
+    bound_send_queue(assoc, stall=node.timeout)
+    keep_responses_from_reactor(assoc)
+    try:
+        yield assoc
+    except BaseException:
+        assoc.abort()
+        raise
+    else:
+        assoc.release()
+    finally:
+        ae.shutdown()
+
+
+def echo(config: Config, name: str) -> EchoResult:
+    t0 = time.monotonic()
+    try:
+        with associate(config, name, [(Verification, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])]) as assoc:
+            status = assoc.send_c_echo()
+            code = getattr(status, "Status", None)
+            ok = code == 0x0000
+            detail = "ok" if ok else ("no response" if code is None else f"status 0x{code:04X}")
+    except UpstreamError as exc:
+        ok, detail = False, str(exc).split(": ", 1)[-1]
+    ms = int((time.monotonic() - t0) * 1000)
+    return EchoResult(name, ok, detail, ms)
+
+
+FIND_MODELS = {
+    "study": StudyRootQueryRetrieveInformationModelFind,
+    "patient": PatientRootQueryRetrieveInformationModelFind,
+    "worklist": ModalityWorklistInformationFind,
+}
+_FIND_SYNTAXES = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
+
+
+class FindSession:
+    """C-FIND requests over one association (see `find_session`): `find(identifier)` returns the
+    matches of one request, and raises UpstreamError on a failure status, a lost association, no
+    answer within the node's timeout, or when `deadline` (time.monotonic()) or `cancel` is reached."""
+
+    def __init__(self, assoc: Any, name: str, model: str, node_timeout: float, deadline: float | None,
+                 cancel: Any = None):
+        self.assoc, self.name, self.model = assoc, name, model
+        self.node_timeout, self.deadline, self.cancel = node_timeout, deadline, cancel
+        self.requests = 0
+
+    def _check(self) -> float:
+        if self.cancel is not None and self.cancel.is_set():
+            raise UpstreamError(f"{self.name}: C-FIND cancelled (shutting down)")
+        if self.deadline is None:
+            return self.node_timeout
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise UpstreamError(f"{self.name}: C-FIND timed out")
+        return min(self.node_timeout, left)
+
+    def find(self, identifier: Dataset) -> list[Dataset]:
+        try:
+            return self._find(identifier)
+        except (OSError, RuntimeError, ValueError) as exc:  # pynetdicom: encoding, a dead association
+            raise UpstreamError(f"{self.name}: C-FIND: {type(exc).__name__}: {exc}") from exc
+
+    def _find(self, identifier: Dataset) -> list[Dataset]:
+        self.assoc.dimse_timeout = self._check()
+        self.requests += 1
+        out: list[Dataset] = []
+        for status, match in self.assoc.send_c_find(identifier, self.model):
+            code = getattr(status, "Status", None)
+            if code is None:
+                why = "association lost" if not self.assoc.is_established else "no response"
+                if self.deadline is not None and time.monotonic() >= self.deadline:
+                    why = "timed out"
+                raise UpstreamError(f"{self.name}: C-FIND {why}")
+            if code in (0xFF00, 0xFF01):
+                if match is not None:
+                    out.append(match)
+                self.assoc.dimse_timeout = self._check()
+                continue
+            if code == 0x0000:
+                return out
+            comment = getattr(status, "ErrorComment", None)
+            raise UpstreamError(f"{self.name}: C-FIND failed with status 0x{code:04X}"
+                                + (f" ({comment})" if comment else ""))
+        raise UpstreamError(f"{self.name}: C-FIND ended without a final status")
+
+
+@contextmanager
+def find_session(config: Config, name: str, model: str = "study", timeout: float | None = None,
+                 cancel: Any = None) -> Iterator[FindSession]:
+    """One association to node `name` for C-FIND under `model` ("study", "patient", "worklist" or an
+    abstract syntax UID). `timeout` bounds the whole session (each wait also by the node's timeout)."""
+    uid = FIND_MODELS.get(model, model)
+    node = config.nodes[name]
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with associate(config, name, [(uid, _FIND_SYNTAXES)]) as assoc:
+        if not any(cx.abstract_syntax == uid for cx in assoc.accepted_contexts):
+            raise UpstreamError(f"{name} ({node.ae_title}@{node.host}:{node.port}): "
+                                f"C-FIND model {uid} not accepted")
+        yield FindSession(assoc, name, uid, node.timeout, deadline, cancel)
+
+
+def find(config: Config, name: str, model: str, identifier: Dataset, timeout: float | None = None) -> list[Dataset]:
+    """The matches of one C-FIND to node `name` (its own association); UpstreamError on failure."""
+    with find_session(config, name, model, timeout) as session:
+        return session.find(identifier)
+
+
+def echo_all(config: Config) -> list[EchoResult]:
+    results = []
+    for name in config.nodes:
+        r = echo(config, name)
+        level = logging.INFO if r.ok else logging.WARNING
+        node = config.nodes[name]
+        log.log(level, kv(event="node-check", node=name, ae=node.ae_title, addr=f"{node.host}:{node.port}",
+                          result=r.detail, ms=r.ms, **({"tls": "true"} if node.tls else {})))
+        results.append(r)
+    return results
