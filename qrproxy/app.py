@@ -1,5 +1,8 @@
-"""Builds the running proxy from a Config: database, spool folders, the SCP, background jobs.
+"""Builds the running proxy from a Config: database, spool folders, the services, background jobs.
 
+Every service gets the few collaborators it uses, passed here in the order `Proxy.__init__`
+states: shared resources first (engine, sessions, spool), then the services that others lean on
+(forwarder, retriever), then those built on them. No module imports this one but the CLI.
 `Proxy.start()` returns once the port is listening; `stop()` is what SIGTERM calls. Everything the
 proxy runs is started here and stopped here, so shutdown order is in one place.
 """
@@ -10,37 +13,35 @@ import logging
 import multiprocessing
 import os
 import signal
-import socket
-import socketserver
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pynetdicom import AE, evt
-from pynetdicom.transport import ThreadedAssociationServer
 
-from qrproxy.net import tls
-from qrproxy.scu import upstream
-from qrproxy.jobs.commitment import Commitment
 from qrproxy.config.schema import Config
 from qrproxy.index.session import make_engine, make_sessionmaker, upgrade
-from qrproxy.scu.forward import Forwarder
-from qrproxy.ops.web import HttpEndpoint
-from qrproxy.logs import kv
-from qrproxy.store.maintenance import Maintenance
-from qrproxy.ops.metrics import Metrics, disable_multiprocess, enable_multiprocess, worker_exited
-from qrproxy.scu.mpps import MppsRelay
-from qrproxy.jobs.refresh import Refresher
-from qrproxy.store.retention import Retention
-from qrproxy.net.tuning import cheap_context_copies
+from qrproxy.jobs.commitment import Commitment
+from qrproxy.jobs.maintenance import Maintenance
 from qrproxy.jobs.prefetch import Prefetcher
-from qrproxy.scu.retrieve import Retriever
-from qrproxy.scp import commitment, echo, find, move, mpps, mwl, store
-from qrproxy.net.pdu_guard import GuardedRequestHandler, Limits, quiet_peer_errors
+from qrproxy.jobs.refresh import Refresher
+from qrproxy.jobs.retention import Retention
+from qrproxy.logs import kv
+from qrproxy.net import tls
+from qrproxy.net.pdu_guard import Limits, quiet_peer_errors
 from qrproxy.net.pdu_guard import on_established as guard_on_established
+from qrproxy.net.server import ReusePortServer, Server, listen_backlog
+from qrproxy.net.tuning import cheap_context_copies
+from qrproxy.ops.metrics import Metrics, disable_multiprocess, enable_multiprocess, worker_exited
+from qrproxy.ops.web import HttpEndpoint
+from qrproxy.scp import commitment, echo, find, move, mpps, mwl, store
 from qrproxy.scp.access import AccessPolicy
 from qrproxy.scp.associations import AssociationLog, configure_ae_policy
+from qrproxy.scu import upstream
+from qrproxy.scu.forward import Forwarder
+from qrproxy.scu.mpps import MppsRelay
+from qrproxy.scu.retrieve import Arrivals, Retriever
 from qrproxy.store.spool import Spool
 
 log = logging.getLogger("qrproxy")
@@ -48,82 +49,41 @@ log = logging.getLogger("qrproxy")
 GRACE_SECONDS = 4.0  # SIGTERM: time for in-flight associations before they are aborted (exit < 10 s)
 
 
-class Server(ThreadedAssociationServer):
-    """pynetdicom's threaded server, passed to AE.make_server() (the customisation hook pynetdicom
-    offers): with `workers` > 1 it binds with SO_REUSEPORT so the processes share one port and the
-    kernel spreads associations across them (one GIL each). Started and stopped by Proxy itself, so
-    it is not in the AE's own server list."""
-
-    reuse_port = False
-    limits: Any = None  # pdu_guard.Limits, set by Proxy.start before serving
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("request_handler", GuardedRequestHandler)
-        super().__init__(*args, **kwargs)
-
-    def server_bind(self) -> None:
-        if self.reuse_port:
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
-
-    def shutdown(self) -> None:
-        socketserver.BaseServer.shutdown(self)
-        self.server_close()
-
-    # The TLS port (`ssl_context` set): pynetdicom would handshake inside accept(), in the one thread
-    # that accepts for everyone, and drop failures silently. Here accept() only wraps, and the
-    # handshake runs (bounded, logged) in the association's own thread.
-    def get_request(self) -> tuple[Any, Any]:
-        client, address = self.socket.accept()
-        if self.ssl_context:
-            client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
-        return client, address
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        if self.ssl_context and not tls.server_handshake(request, client_address, self.ae.acse_timeout):
-            self.shutdown_request(request)
-            return
-        super().process_request_thread(request, client_address)
-
-
-def listen_backlog(server: Any, max_associations: int) -> None:
-    """Listen again with a backlog for a burst of `max_associations` connects. socketserver listens
-    with 5: in a burst of 150, 17-54 connects waited for the client's SYN retry (1 s, then 3, 7 ...).
-    Calling listen() on a listening socket only changes its backlog (the kernel caps it at
-    net.core.somaxconn)."""
-    server.socket.listen(max(128, 2 * max_associations))
-
-
-class ReusePortServer(Server):
-    reuse_port = True
-
-
 class Proxy:
     def __init__(self, config: Config, worker: int = 0):
         self.config = config
         self.worker = worker
+        # shared resources
         self.engine = make_engine(config.database)
         self.sessions = make_sessionmaker(self.engine)
         self.spool = Spool(config.spool_dir, keys=_spool_keys(config))
-        self.forwarder = Forwarder(self)
         # fsyncs of received files overlap with parsing and indexing (scp/store.py)
         self.io_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fsync")
-        self.maintenance = Maintenance(self)
-        self.refresher = Refresher(self)
-        self.mpps_relay = MppsRelay(self)
-        self.retention = Retention(self) if config.retention is not None else None
-        self.retriever = Retriever(self)
-        self.prefetcher = Prefetcher(self)
-        self.commitment = Commitment(self)
+        # /metrics counters, fed when the http endpoint exists; it is worker 0's, and with several
+        # workers every worker counts into the multiprocess directory it sums (ops/metrics.py)
+        self.metrics = Metrics() if config.http is not None else None
+        # services others lean on
+        self.forwarder = Forwarder(config, self.sessions, self.spool, worker)
+        self.arrivals = Arrivals()
+        self.store_scp = store.StoreSCP(config, self.engine, self.sessions, self.spool, self.io_pool,
+                                        self.forwarder.notify, self.arrivals)
+        self.retriever = Retriever(config, self.sessions, self.arrivals, receive=self.store_scp.handle)
+        # background jobs and the rest of the SCU side
+        self.maintenance = Maintenance(self.spool, self.sessions)
+        self.refresher = Refresher(config, self.sessions)
+        self.mpps_relay = MppsRelay(config, self.sessions)
+        self.retention = Retention(config, self.sessions, self.spool) if config.retention is not None else None
+        self.prefetcher = Prefetcher(config, self.sessions, self.retriever)
+        storage_classes = {uid for uid, _ in store.contexts(config.store.extra_sop_classes)}
+        self.commitment = Commitment(config, self.sessions, self.spool, storage_classes, self.forwarder.notify,
+                                     worker)
+        self.move_scp = move.RetrieveSCP(config, self.sessions, self.spool, self.retriever, self.forwarder)
+        self.assoc_log = AssociationLog(config, self.metrics, worker)
         self.ae: AE | None = None
         self._server: Any = None
         self._tls_server: Any = None
         self._stopping = threading.Event()
-        # /metrics counters, fed when the http endpoint exists; it is worker 0's, and with several
-        # workers every worker counts into the multiprocess directory it sums (qrproxy/metrics.py)
-        self.metrics = Metrics() if config.http is not None else None
         self.http: HttpEndpoint | None = None
-        self.assoc_log = AssociationLog(self)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -137,12 +97,12 @@ class Proxy:
         if prepare:
             self.prepare()
         if self.metrics is not None and self.worker == 0:
-            self.http = HttpEndpoint(self)  # binds now: a taken port fails before anything else starts
+            self.http = HttpEndpoint(self.config, self.engine, self.metrics)  # binds now: a taken port fails before anything else starts
         store.configure_receive(self.spool)
         cheap_context_copies()
         quiet_peer_errors()
         ae = AE(ae_title=self.config.ae_title)
-        configure_ae_policy(ae, self)
+        configure_ae_policy(ae, self.config)
         handlers: list[tuple[Any, Any]] = list(self.assoc_log.handlers())
         for abstract, syntaxes in (echo.contexts() + find.contexts() + mwl.contexts() + mpps.contexts()
                                   + move.contexts()):
@@ -153,10 +113,14 @@ class Proxy:
         for abstract, syntaxes in commitment.contexts():
             # modalities request commitment (default roles); nodes may report with the SCP role
             ae.add_supported_context(abstract, syntaxes, scu_role=True, scp_role=True)
-        for service in (echo, find, store, move):
-            handlers += service.handlers(self)
-        handlers = mwl.handlers(self, handlers) + mpps.handlers(self) + commitment.handlers(self)
-        handlers += AccessPolicy(self.config).handlers()
+        handlers += echo.handlers() + find.handlers(self.config, self.engine, self.sessions)
+        handlers += store.handlers(self.store_scp) + move.handlers(self.move_scp)
+        handlers = mwl.handlers(self.config, self.engine, handlers)
+        handlers += mpps.handlers(self.config, self.sessions, self.mpps_relay)
+        handlers += commitment.handlers(self.config, self.sessions, self.spool, self.commitment)
+        non_storage = {"echo": echo.contexts(), "find": find.contexts(), "worklist": mwl.contexts(),
+                       "mpps": mpps.contexts(), "move": move.contexts(), "commitment": commitment.contexts()}
+        handlers += AccessPolicy(self.config, non_storage).handlers()
         storage_uids = {uid for uid, _ in store.contexts(self.config.store.extra_sop_classes)}
         handlers.append((evt.EVT_ESTABLISHED, guard_on_established, [storage_uids]))
         self.ae = ae
@@ -219,9 +183,6 @@ class Proxy:
                 self.http.reachability.record(results)
         except Exception:  # never fatal: a node check is information, not a precondition
             log.exception("node check failed")
-
-    def notify_forward(self, nodes: list[str]) -> None:
-        self.forwarder.notify(nodes)
 
     def stop(self) -> None:
         if self._stopping.is_set():

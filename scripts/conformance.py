@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
-"""Print the SOP class and transfer syntax tables of README's "DICOM conformance statement" from the
-code that negotiates them, so the README cannot drift from what qrproxy accepts and proposes.
+"""Print the SOP class and transfer syntax tables of docs/conformance.md (the DICOM conformance
+statement) from the code that negotiates them, so the document cannot drift from what qrproxy
+accepts and proposes.
 
     scripts/conformance.py            # print the generated block (Markdown)
-    scripts/conformance.py --write    # replace the block between the markers in README.md
-    scripts/conformance.py --check    # exit 1 when README.md's block differs (tests/test_deploy.py)
+    scripts/conformance.py --write    # replace the block between the markers in docs/conformance.md
+    scripts/conformance.py --check    # exit 1 when docs/conformance.md's block differs (tests/test_deploy.py)
 
 SCP rows come from the same `contexts()` functions qrproxy/app.py registers; SCU rows from the
 constants the SCU modules associate with (upstream, retrieve, forwarder/codec, commitment, MPPS relay).
@@ -140,20 +141,20 @@ def readme_block(text: str) -> str | None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     g = ap.add_mutually_exclusive_group()
-    g.add_argument("--write", action="store_true", help="update README.md between the markers")
-    g.add_argument("--check", action="store_true", help="exit 1 if README.md's block is out of date")
+    g.add_argument("--write", action="store_true", help="update docs/conformance.md between the markers")
+    g.add_argument("--check", action="store_true", help="exit 1 if docs/conformance.md's block is out of date")
     args = ap.parse_args()
     generated = block()
-    readme = ROOT / "README.md"
+    readme = ROOT / "docs" / "conformance.md"
     if args.write or args.check:
         text = readme.read_text(encoding="utf-8")
         current = readme_block(text)
         if current is None:
-            print(f"README.md lacks the markers {BEGIN!r} ... {END!r}", file=sys.stderr)
+            print(f"docs/conformance.md lacks the markers {BEGIN!r} ... {END!r}", file=sys.stderr)
             return 1
         if args.check:
             if current != generated:
-                print("README.md's conformance tables are out of date: run scripts/conformance.py --write",
+                print("docs/conformance.md's conformance tables are out of date: run scripts/conformance.py --write",
                       file=sys.stderr)
                 return 1
             return 0

@@ -239,8 +239,8 @@ def test_memory_deny_write_execute_does_not_break_qrproxy(qrproxy: Any, storescp
     assert "Traceback" not in log and "converted-fallback" not in log, log[-3000:]
 
 
-def test_readme_conformance_tables_match_the_code() -> None:
-    """README's SOP class / transfer syntax tables are what scripts/conformance.py derives from the
+def test_conformance_tables_match_the_code() -> None:
+    """docs/conformance.md's SOP class / transfer syntax tables are what scripts/conformance.py derives from the
     code now; a new SOP class or syntax in the code without `--write` fails here."""
     script = Path(REPO_ROOT) / "scripts" / "conformance.py"
     gen = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=_qrproxy_env(),
@@ -254,12 +254,12 @@ def test_readme_conformance_tables_match_the_code() -> None:
     registered += [u for u, _ in store.contexts()]
     for uid in registered:
         assert f"`{uid}`" in gen.stdout, f"{uid} is accepted by qrproxy but missing from the tables"
-    readme = (Path(REPO_ROOT) / "README.md").read_text(encoding="utf-8")
+    readme = (Path(REPO_ROOT) / "docs" / "conformance.md").read_text(encoding="utf-8")
     begin = readme.index("<!-- conformance:begin")
     start = readme.index("-->", begin) + 3
     end = readme.index("<!-- conformance:end -->")
     assert readme[start:end].strip("\n") + "\n" == gen.stdout, \
-        "README.md's conformance tables differ from the code: run scripts/conformance.py --write"
+        "docs/conformance.md's conformance tables differ from the code: run scripts/conformance.py --write"
     check = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True,
                            env=_qrproxy_env(), timeout=120)
     assert check.returncode == 0, check.stderr

@@ -1,6 +1,6 @@
 """What the index believes (README): C-FIND answers merge into the index, they never overwrite it.
 
-The rules are exercised on the real writers (index.py, refresh._write_study, querythrough.remember,
+The rules are exercised on the real writers (index.py, refresh.write_study, querythrough.remember,
 worklist_index.replace) against SQLite and PostgreSQL; the end-to-end sequence with DCMTK dcmqrscp
 as the upstream that leaves keys out is tests/test_dcmqrscp.py.
 """
@@ -20,8 +20,9 @@ from qrproxy.query import through as querythrough, worklist
 from qrproxy.index.models import Instance, Patient, Series, SpoolObject, Study, WorklistItem
 from qrproxy.index.session import make_engine, make_sessionmaker, upgrade
 from qrproxy.index.dsmerge import fill_missing, is_empty
-from qrproxy.jobs.refresh import _study_header, _write_study
-from qrproxy.index.worklist_items import item_row, replace
+from qrproxy.index.writers import found_study_header
+from qrproxy.jobs.refresh import write_study
+from qrproxy.query.worklist_index import item_row, replace
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 MR = "1.2.840.10008.5.1.4.1.1.4"
@@ -137,7 +138,7 @@ def _hold_locally(sessions: sessionmaker[Session], sop: str, sop_class: str) -> 
 
 def _refresh(sessions: sessionmaker[Session], study: Dataset, series: list[tuple[Dataset, list[Dataset]]]) -> None:
     with sessions.begin() as s:
-        _write_study(s, "PACS", _study_header(study), series)
+        write_study(s, "PACS", found_study_header(study), series)
 
 
 def _row(sessions: sessionmaker[Session], sop: str) -> Any:

@@ -229,7 +229,7 @@ def test_refresher_runs_on_schedule(tmp_path: Path, db_url: str, orthanc: Orthan
     engine = make_engine(cfg.database)
     upgrade(engine)
     sessions = make_sessionmaker(engine)
-    refresher = Refresher(SimpleNamespace(config=cfg, sessions=sessions), first_run_delay=0.1)
+    refresher = Refresher(cfg, sessions, first_run_delay=0.1)
     refresher.start()
     try:
         deadline = time.monotonic() + 90
@@ -255,5 +255,5 @@ def test_a_job_never_overlaps_itself(tmp_path: Path) -> None:
                                     SimpleNamespace(aet="ORTHANC", host="127.0.0.1", dicom_port=9)))
     lock = _job_lock("recent")
     with lock:  # a run in progress
-        r = run_job(SimpleNamespace(config=cfg, sessions=None), cfg.refresh[0])
+        r = run_job(cfg, None, cfg.refresh[0])
     assert r.skipped and not r.ok and "still running" in (r.error or "")

@@ -147,13 +147,11 @@ def test_evicts_least_recently_used_by_size_then_by_age(db_url: str, qrproxy: An
         db.used_at(ub, ago(hours=2))
         db.used_at(uc, ago(hours=1))
         # B is older than C, but C was served since (touch_study, as C-MOVE does): B goes before C.
-        from types import SimpleNamespace
-
         from qrproxy.index.session import make_sessionmaker
-        from qrproxy.store.retention import touch_study
+        from qrproxy.jobs.retention import touch_study
 
         db.used_at(uc, ago(hours=4))
-        assert touch_study(SimpleNamespace(sessions=make_sessionmaker(db.engine)), uc)
+        assert touch_study(make_sessionmaker(db.engine), uc)
         files_a = [proc.dir / "spool" / "objects" / o.path for o in db.objects(ua)]
         assert files_a and all(f.is_file() for f in files_a)
         # A converted copy of one of A's files, where the forwarder caches them (Spool.variant_path).

@@ -148,8 +148,6 @@ def cmd_status(cfg: Config, echo_nodes: bool) -> int:
 
 def cmd_refresh(cfg: Config, name: str | None) -> int:
     """Run refresh jobs now, in this process, against the database itself (no server needed)."""
-    from types import SimpleNamespace
-
     from qrproxy.index.session import make_engine, make_sessionmaker, upgrade
 
     known = [job.name for job in cfg.refresh]
@@ -164,10 +162,10 @@ def cmd_refresh(cfg: Config, name: str | None) -> int:
     engine = make_engine(cfg.database)
     try:
         upgrade(engine)
-        proxy = SimpleNamespace(config=cfg, sessions=make_sessionmaker(engine))
+        sessions = make_sessionmaker(engine)
         failed = False
         for job in jobs:
-            r = _run_when_free(proxy, job)
+            r = _run_when_free(cfg, sessions, job)
             if r.skipped:
                 print(f"{job.name}: skipped: {r.error}")
                 failed = True  # asked to run now, and it did not
@@ -182,7 +180,7 @@ def cmd_refresh(cfg: Config, name: str | None) -> int:
         engine.dispose()
 
 
-def _run_when_free(proxy: object, job: "RefreshJob") -> "RefreshResult":
+def _run_when_free(cfg: Config, sessions: Any, job: "RefreshJob") -> "RefreshResult":
     """Asked to run a job now while the server (or another command) is running it: wait for that
     run to end, then run ours, so the counts printed come from a run that started after the ask."""
     import time
@@ -192,7 +190,7 @@ def _run_when_free(proxy: object, job: "RefreshJob") -> "RefreshResult":
     deadline = time.monotonic() + job.timeout + 30
     said = False
     while True:
-        r = run_job(proxy, job, log_skip=False)
+        r = run_job(cfg, sessions, job, log_skip=False)
         if not (r.skipped and r.error == "running in another process") or time.monotonic() > deadline:
             return r
         if not said:
@@ -332,10 +330,8 @@ def _settle_inflight(sessions: Any, f: Any, action: str, args: argparse.Namespac
 
 def cmd_retention(cfg: Config, args: argparse.Namespace) -> int:
     """One pass in this process, against the database and spool directly (no server needed)."""
-    from types import SimpleNamespace
-
     from qrproxy.index.session import make_engine, make_sessionmaker, upgrade
-    from qrproxy.store.retention import run_pass
+    from qrproxy.jobs.retention import run_pass
     from qrproxy.store.spool import Spool
 
     if cfg.retention is None:
@@ -344,7 +340,6 @@ def cmd_retention(cfg: Config, args: argparse.Namespace) -> int:
     engine = make_engine(cfg.database)
     try:
         upgrade(engine)
-        proxy = SimpleNamespace(config=cfg, sessions=make_sessionmaker(engine), spool=Spool(cfg.spool_dir))
         from qrproxy.progress import Progress
 
         with Progress("retention" + (" (dry run)" if args.dry_run else ""), None, "studies") as bar:
@@ -352,7 +347,8 @@ def cmd_retention(cfg: Config, args: argparse.Namespace) -> int:
                 bar.total = total
                 bar.update(done)
 
-            r = run_pass(proxy, dry_run=args.dry_run, progress=on_study)
+            r = run_pass(cfg, make_sessionmaker(engine), Spool(cfg.spool_dir), dry_run=args.dry_run,
+                         progress=on_study)
         if args.dry_run:
             for p in r.planned:
                 print(f"would evict {p.holding.study_uid} {p.holding.objects} objects {p.holding.bytes} bytes "

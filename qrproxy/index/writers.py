@@ -20,7 +20,7 @@ from qrproxy.index.models import ForwardItem, ForwardState, Instance, Patient, S
 from qrproxy.store.spool import Committed
 
 
-def _s(ds: Dataset, keyword: str, limit: int | None = None) -> str | None:
+def text_of(ds: Dataset, keyword: str, limit: int | None = None) -> str | None:
     value = ds.get(keyword)
     if value is None or value == "":
         return None
@@ -34,7 +34,7 @@ def _s(ds: Dataset, keyword: str, limit: int | None = None) -> str | None:
     return text[:limit] if limit else text
 
 
-def _i(ds: Dataset, keyword: str) -> int | None:
+def int_of(ds: Dataset, keyword: str) -> int | None:
     try:
         v = ds.get(keyword)
         return None if v is None or v == "" else int(v)
@@ -109,40 +109,40 @@ class Header:
 
     @classmethod
     def from_dataset(cls, ds: Dataset) -> Header:
-        name = _s(ds, "PatientName", 324)
+        name = text_of(ds, "PatientName", 324)
         return cls(
-            sop_class_uid=_s(ds, "SOPClassUID", 64) or "",
-            sop_instance_uid=_s(ds, "SOPInstanceUID", 64) or "",
-            study_instance_uid=_s(ds, "StudyInstanceUID", 64),
-            series_instance_uid=_s(ds, "SeriesInstanceUID", 64),
+            sop_class_uid=text_of(ds, "SOPClassUID", 64) or "",
+            sop_instance_uid=text_of(ds, "SOPInstanceUID", 64) or "",
+            study_instance_uid=text_of(ds, "StudyInstanceUID", 64),
+            series_instance_uid=text_of(ds, "SeriesInstanceUID", 64),
             patient={
-                "patient_id": _s(ds, "PatientID", 64) or "",
-                "issuer": _s(ds, "IssuerOfPatientID", 64) or "",
+                "patient_id": text_of(ds, "PatientID", 64) or "",
+                "issuer": text_of(ds, "IssuerOfPatientID", 64) or "",
                 "patient_name": name,
                 "patient_name_norm": normalize_name(name),
-                "birth_date": _s(ds, "PatientBirthDate", 8),
-                "sex": _s(ds, "PatientSex", 16),
+                "birth_date": text_of(ds, "PatientBirthDate", 8),
+                "sex": text_of(ds, "PatientSex", 16),
             },
             study={
-                "study_date": _s(ds, "StudyDate", 8),
-                "study_time": _s(ds, "StudyTime", 16),
-                "accession_number": _s(ds, "AccessionNumber", 16),
-                "study_id": _s(ds, "StudyID", 16),
-                "study_description": _s(ds, "StudyDescription", 64),
-                "referring_physician_name": _s(ds, "ReferringPhysicianName", 324),
+                "study_date": text_of(ds, "StudyDate", 8),
+                "study_time": text_of(ds, "StudyTime", 16),
+                "accession_number": text_of(ds, "AccessionNumber", 16),
+                "study_id": text_of(ds, "StudyID", 16),
+                "study_description": text_of(ds, "StudyDescription", 64),
+                "referring_physician_name": text_of(ds, "ReferringPhysicianName", 324),
                 "identifier": study_sequences(ds),
             },
             series={
-                "modality": _s(ds, "Modality", 16),
-                "series_number": _i(ds, "SeriesNumber"),
-                "series_description": _s(ds, "SeriesDescription", 64),
-                "body_part_examined": _s(ds, "BodyPartExamined", 16),
+                "modality": text_of(ds, "Modality", 16),
+                "series_number": int_of(ds, "SeriesNumber"),
+                "series_description": text_of(ds, "SeriesDescription", 64),
+                "body_part_examined": text_of(ds, "BodyPartExamined", 16),
             },
-            instance={"sop_class_uid": _s(ds, "SOPClassUID", 64), "instance_number": _i(ds, "InstanceNumber")},
+            instance={"sop_class_uid": text_of(ds, "SOPClassUID", 64), "instance_number": int_of(ds, "InstanceNumber")},
         )
 
 
-def _insert(session: Session):  # type: ignore[no-untyped-def]
+def dialect_insert(session: Session):  # type: ignore[no-untyped-def]
     return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
 
 
@@ -170,7 +170,7 @@ def held_locally(session: Session, model: Any, row_id: int) -> bool:
     return session.execute(q.limit(1)).first() is not None
 
 
-def _get_or_create(session: Session, model: Any, key: dict[str, Any], values: dict[str, Any], *,
+def merge_row(session: Session, model: Any, key: dict[str, Any], values: dict[str, Any], *,
                    found: bool = False, always: dict[str, Any] | None = None) -> int:
     """Id of the row with `key`, created with `values` (and `always`) if missing.
 
@@ -185,7 +185,7 @@ def _get_or_create(session: Session, model: Any, key: dict[str, Any], values: di
     extra = {k: v for k, v in (always or {}).items() if v is not None}
     row = session.execute(select(model.id, *[getattr(model, k) for k in names]).where(*where)).first()
     if row is None:
-        stmt = (_insert(session)(model).values(**key, **values, **extra)
+        stmt = (dialect_insert(session)(model).values(**key, **values, **extra)
                 .on_conflict_do_nothing(index_elements=list(key)))
         session.execute(stmt)
         return int(session.execute(select(model.id).where(*where)).scalar_one())
@@ -206,10 +206,10 @@ def _get_or_create(session: Session, model: Any, key: dict[str, Any], values: di
 def upsert_series(session: Session, hdr: Header, source_node: str | None = None, refreshed: bool = False,
                   found: bool = False) -> int | None:
     """Patient -> study -> series rows for `hdr`; the series id, or None when its UIDs are missing.
-    `found`: `hdr` was read from a C-FIND answer (see `_get_or_create`)."""
+    `found`: `hdr` was read from a C-FIND answer (see `merge_row`)."""
     if not (hdr.study_instance_uid and hdr.series_instance_uid):
         return None
-    patient_pk = _get_or_create(
+    patient_pk = merge_row(
         session, Patient, {"patient_id": hdr.patient["patient_id"], "issuer": hdr.patient["issuer"]},
         {k: v for k, v in hdr.patient.items() if k not in ("patient_id", "issuer")},
         found=found, always={"source_node": source_node},
@@ -217,9 +217,9 @@ def upsert_series(session: Session, hdr: Header, source_node: str | None = None,
     always: dict[str, Any] = {"source_node": source_node}
     if refreshed:
         always["refreshed_at"] = utcnow()
-    study_pk = _get_or_create(session, Study, {"study_instance_uid": hdr.study_instance_uid},
+    study_pk = merge_row(session, Study, {"study_instance_uid": hdr.study_instance_uid},
                               dict(hdr.study, patient_pk=patient_pk), found=found, always=always)
-    return _get_or_create(session, Series, {"series_instance_uid": hdr.series_instance_uid},
+    return merge_row(session, Series, {"series_instance_uid": hdr.series_instance_uid},
                           dict(hdr.series, study_pk=study_pk), found=found)
 
 
@@ -228,7 +228,7 @@ _FOUND_INSTANCE_COLUMNS = ("series_pk", "sop_class_uid", "instance_number")
 
 def merge_found_instances(session: Session, rows: list[dict[str, Any]]) -> list[str]:
     """Write instance rows learned from C-FIND answers (sop_instance_uid, series_pk, sop_class_uid,
-    instance_number), merged like `_get_or_create(found=True)`: new instances are inserted, known
+    instance_number), merged like `merge_row(found=True)`: new instances are inserted, known
     ones only gain what they lack, and an instance held in the spool keeps the values read from its
     file (dcmqrscp, for one, leaves SOPClassUID out of its IMAGE-level answers). Returns the UIDs
     the index now holds for these rows."""
@@ -248,7 +248,7 @@ def merge_found_instances(session: Session, rows: list[dict[str, Any]]) -> list[
     new = [{"sop_instance_uid": uid, **{k: r.get(k) for k in _FOUND_INSTANCE_COLUMNS}, "updated_at": now}
            for uid, r in by_uid.items() if uid not in existing]
     for i in range(0, len(new), 500):
-        session.execute(_insert(session)(Instance).on_conflict_do_nothing(index_elements=["sop_instance_uid"]),
+        session.execute(dialect_insert(session)(Instance).on_conflict_do_nothing(index_elements=["sop_instance_uid"]),
                         new[i:i + 500])
     for uid, cur in existing.items():
         local = cur.object_pk is not None
@@ -421,3 +421,31 @@ class IndexWriter:
                 ],
             )
         return Received(object_pk, None, list(destinations), superseded)
+
+
+# --- what an upstream's C-FIND answers say (refresh, query-through) ---------------------------------
+
+
+def found_study_header(match: Dataset) -> Header:
+    """The Header of a STUDY-level C-FIND answer, with the counts only an upstream knows."""
+    hdr = Header.from_dataset(match)
+    hdr.study |= {
+        "modalities_in_study": text_of(match, "ModalitiesInStudy", 128),
+        "number_of_series": int_of(match, "NumberOfStudyRelatedSeries"),
+        "number_of_instances": int_of(match, "NumberOfStudyRelatedInstances"),
+    }
+    return hdr
+
+
+def upsert_found_study(session: Session, hdr: Header, node: str) -> int:
+    """The patient and study rows of a STUDY-level C-FIND answer, merged into what the index holds
+    (merge_row with found=True: nothing the answer leaves out or left empty is erased,
+    and a study held locally keeps the values read from its files)."""
+    patient_pk = merge_row(
+        session, Patient, {"patient_id": hdr.patient["patient_id"], "issuer": hdr.patient["issuer"]},
+        {k: v for k, v in hdr.patient.items() if k not in ("patient_id", "issuer")},
+        found=True, always={"source_node": node},
+    )
+    return merge_row(session, Study, {"study_instance_uid": hdr.study_instance_uid},
+                          dict(hdr.study, patient_pk=patient_pk), found=True,
+                          always={"source_node": node, "refreshed_at": utcnow()})

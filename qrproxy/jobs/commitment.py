@@ -33,27 +33,28 @@ import os
 import socket
 import threading
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import build_role
-from pynetdicom.sop_class import StorageCommitmentPushModel
 from sqlalchemy import func, select, update
 
 from qrproxy.index.models import CommitmentItem, CommitmentRequest, ForwardItem, ForwardState, SpoolObject, utcnow
 from qrproxy.scu.forward import backoff
 from qrproxy.logs import kv
+from qrproxy.scu.commitment import (PROCESSING_FAILURE, SCPM, SYNTAXES, WELL_KNOWN_INSTANCE, CommitmentSCU,
+                                    items_of)
 from qrproxy.scu.upstream import UpstreamError, associate
 
 if TYPE_CHECKING:
-    from qrproxy.app import Proxy
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from qrproxy.config.schema import Config
+    from qrproxy.store.spool import Spool
 
 log = logging.getLogger("qrproxy.commitment")
 
-SCPM = str(StorageCommitmentPushModel)
-WELL_KNOWN_INSTANCE = "1.2.840.10008.1.20.1.1"  # Storage Commitment Push Model SOP Instance
-SYNTAXES = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
-PROCESSING_FAILURE = 0x0110
 NO_SUCH_OBJECT = 0x0112
 CLASS_INSTANCE_CONFLICT = 0x0119
 SOP_CLASS_NOT_SUPPORTED = 0x0122
@@ -81,12 +82,7 @@ def spool_object(session: Any, sop_instance_uid: str) -> SpoolObject | None:
         .order_by(SpoolObject.id.desc()).limit(1)).scalar()
 
 
-def items_of(session: Any, request_pk: int) -> list[CommitmentItem]:
-    return list(session.execute(select(CommitmentItem).where(CommitmentItem.request_pk == request_pk)
-                                .order_by(CommitmentItem.id)).scalars())
-
-
-def decide_local(proxy: Proxy, session: Any, sop_class: str, sop_instance: str, supported: set[str],
+def decide_local(spool: Spool, session: Any, sop_class: str, sop_instance: str, supported: set[str],
                  policy: str) -> Decision:
     """What the spool says about one referenced instance; `pending` under upstream policy when the
     spool holds it (the nodes decide then)."""
@@ -97,7 +93,7 @@ def decide_local(proxy: Proxy, session: Any, sop_class: str, sop_instance: str, 
         return Decision("failed", NO_SUCH_OBJECT, "not in the spool")
     if obj.sop_class_uid != sop_class:
         return Decision("failed", CLASS_INSTANCE_CONFLICT, f"stored as SOP class {obj.sop_class_uid}")
-    if not os.path.exists(proxy.spool.path(obj.path)):
+    if not os.path.exists(spool.path(obj.path)):
         return Decision("failed", PROCESSING_FAILURE, "spool file missing")
     if policy == "upstream":
         return Decision("pending", object_pk=obj.id)
@@ -134,15 +130,16 @@ class OpenAssociation:
 
 
 class Commitment:
-    def __init__(self, proxy: Proxy):
-        from qrproxy.scu.commitment import CommitmentSCU
-        from qrproxy.scp import store
-
-        self.proxy = proxy
-        self.primary = proxy.worker == 0
-        self.owner = f"{socket.gethostname()}:{proxy.config.port}:{proxy.worker}"
-        self.supported = {uid for uid, _ in store.contexts(proxy.config.store.extra_sop_classes)}
-        self.scu = CommitmentSCU(proxy, self)
+    def __init__(self, config: Config, sessions: sessionmaker[Session], spool: Spool, supported: set[str],
+                 notify_forward: Callable[[list[str]], None], worker: int = 0):
+        self.config = config
+        self.sessions = sessions
+        self.spool = spool
+        self.notify_forward = notify_forward  # the forwarder: an instance a node lost is queued again
+        self.primary = worker == 0
+        self.owner = f"{socket.gethostname()}:{config.port}:{worker}"
+        self.supported = supported  # the storage SOP classes qrproxy accepts (scp/store.py)
+        self.scu = CommitmentSCU(config, sessions, on_change=self.notify)
         self.open: dict[str, OpenAssociation] = {}  # transaction UID -> requester's association
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -204,7 +201,7 @@ class Commitment:
     def recover(self) -> int:
         """Reports this proxy was delivering when it stopped (or whose lease ran out) are owed again."""
         now = utcnow()
-        with self.proxy.sessions.begin() as s:
+        with self.sessions.begin() as s:
             n = s.execute(update(CommitmentRequest).where(
                 CommitmentRequest.direction == "in", CommitmentRequest.state == "reporting",
                 (CommitmentRequest.lease_owner == self.owner) | (CommitmentRequest.lease_until < now)
@@ -215,7 +212,7 @@ class Commitment:
         return n or 0
 
     def _run(self) -> None:
-        poll = self.proxy.config.forward.poll
+        poll = self.config.forward.poll
         while not self._stop.is_set():
             self._wake.clear()
             wait = poll
@@ -240,12 +237,12 @@ class Commitment:
         instance)] that need a commitment request to that node."""
         now = utcnow()
         needs: dict[str, set[tuple[str, str]]] = {}
-        with self.proxy.sessions.begin() as s:
+        with self.sessions.begin() as s:
             ids = list(s.execute(select(CommitmentRequest.id).where(
                 CommitmentRequest.direction == "in", CommitmentRequest.state == "pending")
                 .order_by(CommitmentRequest.id).limit(200)).scalars())
         for rid in ids:
-            with self.proxy.sessions.begin() as s:
+            with self.sessions.begin() as s:
                 req = s.get(CommitmentRequest, rid)
                 if req is None or req.state != "pending":
                     continue
@@ -280,14 +277,14 @@ class Commitment:
         obj = spool_object(s, item.sop_instance_uid)
         if obj is None:
             return Decision("failed", NO_SUCH_OBJECT, "no longer in the spool"), None
-        nodes = set(self.proxy.config.nodes_with_role("commitment"))
+        nodes = set(self.config.nodes_with_role("commitment"))
         rows = [r for r in s.execute(select(ForwardItem).where(ForwardItem.object_pk == obj.id)).scalars()
                 if r.node in nodes]
         if not rows:
             return Decision("failed", PROCESSING_FAILURE, "not forwarded to any commitment node"), None
         waiting: list[str] = []
         ask: dict[str, tuple[str, str]] = {}
-        resend = self.proxy.config.commitment.upstream_resend
+        resend = self.config.commitment.upstream_resend
         for row in rows:
             if row.state == ForwardState.held:
                 return Decision("failed", PROCESSING_FAILURE, f"{row.node}: forwarding held: {row.last_error}"), None
@@ -331,7 +328,7 @@ class Commitment:
             last_error=f"commitment failed at {row.node} (0x{out_item.failure_reason or 0:04X}): sending again"))
         log.warning(kv(event="commitment-resend", node=row.node, sop=out_item.sop_instance_uid,
                        reason=f"0x{out_item.failure_reason or 0:04X} {out_item.reason or ''}".strip()))
-        self.proxy.notify_forward([row.node])
+        self.notify_forward([row.node])
 
     # --- delivering -----------------------------------------------------------------------------
 
@@ -340,7 +337,7 @@ class Commitment:
         now = utcnow()
         with self._lock:
             here = set(self.open)
-        with self.proxy.sessions.begin() as s:
+        with self.sessions.begin() as s:
             q = select(CommitmentRequest.id, CommitmentRequest.transaction_uid, CommitmentRequest.next_attempt_at).where(
                 CommitmentRequest.direction == "in", CommitmentRequest.state == "ready").order_by(
                 CommitmentRequest.next_attempt_at).limit(100)
@@ -362,14 +359,14 @@ class Commitment:
 
     def _claim(self, rid: int) -> bool:
         now = utcnow()
-        with self.proxy.sessions.begin() as s:
+        with self.sessions.begin() as s:
             return s.execute(update(CommitmentRequest).where(
                 CommitmentRequest.id == rid, CommitmentRequest.state == "ready").values(
                 state="reporting", lease_owner=self.owner,
                 lease_until=now + dt.timedelta(seconds=LEASE_SECONDS))).rowcount == 1
 
     def _report(self, rid: int, same: bool) -> None:
-        with self.proxy.sessions.begin() as s:
+        with self.sessions.begin() as s:
             req = s.get(CommitmentRequest, rid)
             items = items_of(s, rid)
             s.expunge_all()
@@ -392,7 +389,7 @@ class Commitment:
             what = "no response" if status is None else f"status 0x{status:04X}"
             self._retry(req, path, f"N-EVENT-REPORT {what}")  # type: ignore[arg-type]
             return
-        with self.proxy.sessions.begin() as s:
+        with self.sessions.begin() as s:
             s.execute(update(CommitmentRequest).where(CommitmentRequest.id == rid).values(
                 state="reported", reported_at=utcnow(), lease_owner=None, lease_until=None,
                 report_attempts=req.report_attempts + 1, last_error=None))  # type: ignore[union-attr]
@@ -402,7 +399,7 @@ class Commitment:
                     status=f"0x{status:04X}"))
 
     def _report_new(self, req: CommitmentRequest, event_type: int, info: Dataset) -> int | None:
-        cfg = self.proxy.config
+        cfg = self.config
         if req.node is None or req.node not in cfg.nodes:
             raise UpstreamError(f"requester {req.requester_ae} is not a configured node: no address for the report")
         # qrproxy is the requestor of this association but plays the SCP role (PS3.4 J.3.3)
@@ -415,14 +412,14 @@ class Commitment:
         raise UpstreamError(f"{req.node}: Storage Commitment Push Model not accepted")
 
     def _retry(self, req: CommitmentRequest, path: str, error: str) -> None:
-        cfg = self.proxy.config.commitment
+        cfg = self.config.commitment
         attempts = req.report_attempts + 1
         now = utcnow()
         expired = (now - aware(req.received_at)).total_seconds() >= cfg.report_expire  # type: ignore[operator]
         delay = backoff(attempts, cfg.report_retry_min, cfg.report_retry_max)
         if path == "same-association" or not self.primary:
             delay = 0.0  # the requester left: try a new association at once
-        with self.proxy.sessions.begin() as s:
+        with self.sessions.begin() as s:
             s.execute(update(CommitmentRequest).where(CommitmentRequest.id == req.id).values(
                 state="expired" if expired else "ready", lease_owner=None, lease_until=None,
                 report_attempts=attempts, last_error=f"{path}: {error}"[:500],

@@ -34,12 +34,15 @@ from qrproxy.jobs import refresh
 from qrproxy.scu import upstream
 from qrproxy.config.schema import PrefetchRule
 from qrproxy.index.models import Instance, PrefetchItem, Series, SpoolObject, Study, WorklistItem, utcnow
-from qrproxy.index.writers import _insert
+from qrproxy.index.writers import dialect_insert
 from qrproxy.logs import kv
 from qrproxy.scu.upstream import UpstreamError
 
 if TYPE_CHECKING:
-    from qrproxy.app import Proxy
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from qrproxy.config.schema import Config
+    from qrproxy.scu.retrieve import Retriever
 
 log = logging.getLogger("qrproxy.prefetch")
 
@@ -96,9 +99,11 @@ def choose_priors(matches: list[Dataset], rule: PrefetchRule, exclude: set[str],
 
 
 class Prefetcher:
-    def __init__(self, proxy: Proxy):
-        self.proxy = proxy
-        self.rules = {r.name: r for r in proxy.config.prefetch}
+    def __init__(self, config: Config, sessions: sessionmaker[Session], retriever: Retriever):
+        self.config = config
+        self.sessions = sessions
+        self.retriever = retriever
+        self.rules = {r.name: r for r in config.prefetch}
         self._stop = threading.Event()
         self._scheduler: Any = None
         self._locks = {name: threading.Lock() for name in self.rules}
@@ -158,7 +163,7 @@ class Prefetcher:
     def _plan(self, rule: PrefetchRule, result: PrefetchResult, today: dt.date) -> None:
         first = today.strftime("%Y%m%d")
         last = (today + dt.timedelta(days=rule.days_ahead)).strftime("%Y%m%d")
-        with self.proxy.sessions() as s:
+        with self.sessions() as s:
             rows = s.execute(
                 select(WorklistItem.patient_id, WorklistItem.study_instance_uid, WorklistItem.sps_start_date)
                 .where(WorklistItem.done_at.is_(None), WorklistItem.patient_id.is_not(None),
@@ -180,7 +185,7 @@ class Prefetcher:
             setattr(ident, keyword, "")
         planned: list[dict[str, Any]] = []
         try:
-            with upstream.find_session(self.proxy.config, rule.node, "study", cancel=self._stop) as fs:
+            with upstream.find_session(self.config, rule.node, "study", cancel=self._stop) as fs:
                 for pid, (needed, scheduled) in sorted(patients.items()):
                     ident.PatientID = pid
                     for m in choose_priors(fs.find(ident), rule, scheduled, today):
@@ -193,13 +198,13 @@ class Prefetcher:
         except UpstreamError as exc:
             log.warning(kv(event="prefetch-plan-failed", rule=rule.name, node=rule.node, reason=str(exc)))
         if planned:
-            with self.proxy.sessions.begin() as s:
-                ins = _insert(s)(PrefetchItem).on_conflict_do_nothing(index_elements=["rule", "study_instance_uid"])
+            with self.sessions.begin() as s:
+                ins = dialect_insert(s)(PrefetchItem).on_conflict_do_nothing(index_elements=["rule", "study_instance_uid"])
                 n = s.connection().execute(ins, planned).rowcount  # new rows: known priors are kept
             result.planned = max(0, n or 0)
 
     def _fetch(self, rule: PrefetchRule, result: PrefetchResult, force: bool) -> None:
-        with self.proxy.sessions() as s:
+        with self.sessions() as s:
             due = s.execute(
                 select(PrefetchItem.id).where(PrefetchItem.rule == rule.name,
                                               PrefetchItem.state.in_(["pending", "failed"]),
@@ -220,7 +225,7 @@ class Prefetcher:
         """Fetch one prior; returns the bytes it brought."""
         if not self._claim(item_id):
             return 0  # another process (`qrproxy prefetch` next to the server) is fetching it
-        with self.proxy.sessions() as s:
+        with self.sessions() as s:
             item = s.get(PrefetchItem, item_id)
             if item is None:
                 return 0
@@ -233,11 +238,11 @@ class Prefetcher:
             result.held += 1
             return 0
         try:
-            refresh.learn_studies(self.proxy.config, self.proxy.sessions, rule.node, [uid],
-                                  timeout=self.proxy.config.nodes[rule.node].timeout)
+            refresh.learn_studies(self.config, self.sessions, rule.node, [uid],
+                                  timeout=self.config.nodes[rule.node].timeout)
         except UpstreamError as exc:
             return self._failed(rule, item_id, attempts, f"listing failed: {exc}", result)
-        with self.proxy.sessions() as s:
+        with self.sessions() as s:
             rows = s.execute(
                 select(Instance.sop_instance_uid, Instance.sop_class_uid, Instance.object_pk, Series.body_part_examined)
                 .join(Series, Series.id == Instance.series_pk).join(Study, Study.id == Series.study_pk)
@@ -253,12 +258,12 @@ class Prefetcher:
         missing = [r.sop_instance_uid for r in rows if r.object_pk is None]
         retrieval = None
         if missing:
-            retrieval = self.proxy.retriever.fetch(rule.node, "STUDY", {"StudyInstanceUID": [uid]},
+            retrieval = self.retriever.fetch(rule.node, "STUDY", {"StudyInstanceUID": [uid]},
                                                    {r.sop_class_uid for r in rows if r.sop_class_uid}, missing,
                                                    all(r.sop_class_uid for r in rows if r.object_pk is None))
-            for _ in self.proxy.retriever.wait_for(retrieval, missing, cancelled=self._stop.is_set):
+            for _ in self.retriever.wait_for(retrieval, missing, cancelled=self._stop.is_set):
                 pass
-        with self.proxy.sessions() as s:
+        with self.sessions() as s:
             local, size = s.execute(
                 select(func.count(SpoolObject.id), func.coalesce(func.sum(SpoolObject.size), 0))
                 .join(Instance, Instance.object_pk == SpoolObject.id).join(Series, Series.id == Instance.series_pk)
@@ -268,7 +273,7 @@ class Prefetcher:
                    f"{len(rows) - local} of {len(rows)} instances did not arrive")
             return self._failed(rule, item_id, attempts, why, result)
         pin_until = _day(needed) + dt.timedelta(days=1, seconds=rule.pin) if needed else utcnow() + dt.timedelta(seconds=rule.pin)
-        with self.proxy.sessions.begin() as s:
+        with self.sessions.begin() as s:
             s.execute(update(Study).where(Study.study_instance_uid == uid).values(pinned_until=pin_until))
             s.execute(update(PrefetchItem).where(PrefetchItem.id == item_id).values(
                 state="done", attempts=attempts + 1, instances=local, bytes=size, last_error=None, updated_at=utcnow()))
@@ -284,7 +289,7 @@ class Prefetcher:
         Whoever finishes sets the state (and next attempt); a process killed mid-fetch leaves the
         item to be tried again when the lease runs out."""
         now = utcnow()
-        with self.proxy.sessions.begin() as s:
+        with self.sessions.begin() as s:
             return s.execute(
                 update(PrefetchItem)
                 .where(PrefetchItem.id == item_id, PrefetchItem.state.in_(["pending", "failed"]),
@@ -308,7 +313,7 @@ class Prefetcher:
         values: dict[str, Any] = {"state": state, "attempts": attempts, "last_error": why, "updated_at": utcnow()}
         if next_at is not None:
             values["next_attempt_at"] = next_at
-        with self.proxy.sessions.begin() as s:
+        with self.sessions.begin() as s:
             s.execute(update(PrefetchItem).where(PrefetchItem.id == item_id).values(**values))
 
 

@@ -36,21 +36,15 @@ from sqlalchemy.orm import Session, sessionmaker
 from qrproxy.scu import upstream
 from qrproxy.config.schema import Config, RefreshJob
 from qrproxy.index.models import Instance, Patient, RefreshRun, Series, Study, utcnow
-from qrproxy.index.writers import Header, _get_or_create, _i, _s, merge_found_instances, upsert_series
+from qrproxy.index.columns import IMAGE_KEYS, SERIES_KEYS, STUDY_KEYS
+from qrproxy.index.writers import (Header, found_study_header, int_of, merge_found_instances, text_of, upsert_found_study,
+                                   upsert_series)
 from qrproxy.logs import kv
 from qrproxy.config.tags import parse_tag
 from qrproxy.config.units import is_relative_date, resolve_relative_date
 
 log = logging.getLogger("qrproxy.refresh")
 
-STUDY_KEYS = (
-    "PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate", "StudyTime",
-    "AccessionNumber", "StudyID", "StudyDescription", "ReferringPhysicianName", "ModalitiesInStudy",
-    "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances",
-)
-SERIES_KEYS = ("SeriesInstanceUID", "Modality", "SeriesNumber", "SeriesDescription", "BodyPartExamined",
-               "NumberOfSeriesRelatedInstances")
-IMAGE_KEYS = ("SOPInstanceUID", "SOPClassUID", "InstanceNumber")
 
 # A `running` row older than the job's timeout plus this is a run that died (kill -9), not a run.
 STALE_MARGIN = 60.0
@@ -117,54 +111,30 @@ def _level_identifier(level: str, keys: Iterable[str], **unique: str) -> Dataset
     return ds
 
 
-def _study_header(match: Dataset) -> Header:
-    hdr = Header.from_dataset(match)
-    hdr.study |= {
-        "modalities_in_study": _s(match, "ModalitiesInStudy", 128),
-        "number_of_series": _i(match, "NumberOfStudyRelatedSeries"),
-        "number_of_instances": _i(match, "NumberOfStudyRelatedInstances"),
-    }
-    return hdr
-
-
 # --- writing ----------------------------------------------------------------------------------
 
 
-def _upsert_study(session: Session, hdr: Header, node: str) -> int:
-    """The patient and study rows of a STUDY-level C-FIND answer, merged into what the index holds
-    (index._get_or_create with found=True: nothing the answer leaves out or left empty is erased,
-    and a study held locally keeps the values read from its files)."""
-    patient_pk = _get_or_create(
-        session, Patient, {"patient_id": hdr.patient["patient_id"], "issuer": hdr.patient["issuer"]},
-        {k: v for k, v in hdr.patient.items() if k not in ("patient_id", "issuer")},
-        found=True, always={"source_node": node},
-    )
-    return _get_or_create(session, Study, {"study_instance_uid": hdr.study_instance_uid},
-                          dict(hdr.study, patient_pk=patient_pk), found=True,
-                          always={"source_node": node, "refreshed_at": utcnow()})
-
-
-def _write_study(session: Session, node: str, hdr: Header, series: list[tuple[Dataset, list[Dataset]]]) -> None:
+def write_study(session: Session, node: str, hdr: Header, series: list[tuple[Dataset, list[Dataset]]]) -> None:
     """A study with its complete series and instance lists: merge all into the index, drop what the
     node no longer lists (unless the spool holds a copy). Existing local copies (object_pk) are never
     touched, and values read from them are never replaced by the node's answers."""
-    study_pk = _upsert_study(session, hdr, node)
+    study_pk = upsert_found_study(session, hdr, node)
     kept_series: list[int] = []
     for series_ds, images in series:
         s_hdr = Header.from_dataset(series_ds)
         s_hdr.patient, s_hdr.study, s_hdr.study_instance_uid = hdr.patient, hdr.study, hdr.study_instance_uid
-        s_hdr.series["number_of_instances"] = _i(series_ds, "NumberOfSeriesRelatedInstances")
+        s_hdr.series["number_of_instances"] = int_of(series_ds, "NumberOfSeriesRelatedInstances")
         series_pk = upsert_series(session, s_hdr, source_node=node, refreshed=True, found=True)
         if series_pk is None:
             continue
         kept_series.append(series_pk)
         rows = []
         for image in images:
-            uid = _s(image, "SOPInstanceUID", 64)
+            uid = text_of(image, "SOPInstanceUID", 64)
             if uid:
                 rows.append({"sop_instance_uid": uid, "series_pk": series_pk,
-                             "sop_class_uid": _s(image, "SOPClassUID", 64),
-                             "instance_number": _i(image, "InstanceNumber")})
+                             "sop_class_uid": text_of(image, "SOPClassUID", 64),
+                             "instance_number": int_of(image, "InstanceNumber")})
         listed = set(merge_found_instances(session, rows))
         stale = [pk for pk, uid in session.execute(
             select(Instance.id, Instance.sop_instance_uid)
@@ -182,14 +152,14 @@ def _learn_study(fs: upstream.FindSession, sessions: sessionmaker[Session], node
     series_q = _level_identifier("SERIES", SERIES_KEYS, StudyInstanceUID=hdr.study_instance_uid)
     series = []
     for series_ds in fs.find(series_q):
-        series_uid = _s(series_ds, "SeriesInstanceUID")
+        series_uid = text_of(series_ds, "SeriesInstanceUID")
         if not series_uid:
             continue
         image_q = _level_identifier("IMAGE", IMAGE_KEYS, StudyInstanceUID=hdr.study_instance_uid,
                                     SeriesInstanceUID=series_uid)
         series.append((series_ds, fs.find(image_q)))
     with sessions.begin() as s:
-        _write_study(s, node, hdr, series)
+        write_study(s, node, hdr, series)
 
 
 def learn_studies(config: Config, sessions: sessionmaker[Session], node: str, study_uids: Iterable[str],
@@ -201,11 +171,11 @@ def learn_studies(config: Config, sessions: sessionmaker[Session], node: str, st
     with upstream.find_session(config, node, "study", timeout=timeout) as fs:
         for uid in study_uids:
             matches = [m for m in fs.find(_level_identifier("STUDY", STUDY_KEYS, StudyInstanceUID=uid))
-                       if _s(m, "StudyInstanceUID") == uid]
+                       if text_of(m, "StudyInstanceUID") == uid]
             if not matches:
                 continue
             found += 1
-            _learn_study(fs, sessions, node, _study_header(matches[0]))
+            _learn_study(fs, sessions, node, found_study_header(matches[0]))
     return found
 
 
@@ -273,15 +243,15 @@ def _begin_run(sessions: sessionmaker[Session], job: RefreshJob) -> int | None:
         return run.id
 
 
-def run_job(proxy: Any, job: RefreshJob, cancel: threading.Event | None = None,
+def run_job(config: Config, sessions: sessionmaker[Session], job: RefreshJob, cancel: threading.Event | None = None,
             today: dt.date | None = None, log_skip: bool = True) -> RefreshResult:
-    """Run `job` now, in the calling thread; `proxy` provides `.config` and `.sessions`."""
+    """Run `job` now, in the calling thread."""
     lock = _job_lock(job.name)
     if not lock.acquire(blocking=False):
         log.warning(kv(event="refresh-skipped", job=job.name, reason="previous run still running"))
         return RefreshResult(job.name, skipped=True, error="previous run still running")
     try:
-        run_id = _begin_run(proxy.sessions, job)
+        run_id = _begin_run(sessions, job)
         if run_id is None:
             if log_skip:
                 log.warning(kv(event="refresh-skipped", job=job.name, reason="running in another process"))
@@ -290,14 +260,14 @@ def run_job(proxy: Any, job: RefreshJob, cancel: threading.Event | None = None,
         result = RefreshResult(job.name)
         try:
             run = _run_worklist if job.kind == "worklist" else _run_studies
-            run(proxy.config, proxy.sessions, job, result, cancel, today)
+            run(config, sessions, job, result, cancel, today)
         except upstream.UpstreamError as exc:
             result.error = str(exc)
         except Exception as exc:  # a bug or the database: record it, the scheduler keeps going
             log.exception(kv(event="refresh-failed", job=job.name))
             result.error = f"{type(exc).__name__}: {exc}".splitlines()[0]
         try:
-            with proxy.sessions.begin() as s:
+            with sessions.begin() as s:
                 s.execute(update(RefreshRun).where(RefreshRun.id == run_id).values(
                     finished_at=utcnow(), status="ok" if result.ok else "error", rows=result.rows,
                     error=result.error))
@@ -316,9 +286,9 @@ def _run_studies(config: Config, sessions: sessionmaker[Session], job: RefreshJo
                  cancel: threading.Event | None, today: dt.date | None) -> None:
     identifier = study_identifier(job.query, today)
     with upstream.find_session(config, job.node, "study", timeout=job.timeout, cancel=cancel) as fs:
-        studies = [m for m in fs.find(identifier) if _s(m, "StudyInstanceUID")]
+        studies = [m for m in fs.find(identifier) if text_of(m, "StudyInstanceUID")]
         result.rows = len(studies)
-        headers = [_study_header(m) for m in studies]
+        headers = [found_study_header(m) for m in studies]
         uids = [h.study_instance_uid for h in headers]
         with sessions.begin() as s:
             known: dict[str, int | None] = {}
@@ -335,7 +305,7 @@ def _run_studies(config: Config, sessions: sessionmaker[Session], job: RefreshJo
         if unchanged:
             with sessions.begin() as s:
                 for h in unchanged:
-                    _upsert_study(s, h, job.node)
+                    upsert_found_study(s, h, job.node)
         for h in headers:
             if h.study_instance_uid in unchanged_uids:
                 continue
@@ -356,7 +326,7 @@ def _run_worklist(config: Config, sessions: sessionmaker[Session], job: RefreshJ
     items older than `worklist.keep_days` are pruned. Nothing is written unless the C-FIND completed."""
     from qrproxy.rules import routes as rules
     from qrproxy.query import worklist
-    from qrproxy.index.worklist_items import item_row, prune, replace
+    from qrproxy.query.worklist_index import item_row, prune, replace
 
     identifier = worklist.refresh_identifier(job.query, today)
     with upstream.find_session(config, job.node, "worklist", timeout=job.timeout, cancel=cancel) as fs:
@@ -382,12 +352,13 @@ class Refresher:
     shortly after `start()`. Wire into the server: `start()` after the database is upgraded,
     `stop()` on shutdown (runs in progress are cancelled at their next C-FIND response)."""
 
-    def __init__(self, proxy: Any, first_run_delay: float = 2.0):
-        self.proxy = proxy
+    def __init__(self, config: Config, sessions: sessionmaker[Session], first_run_delay: float = 2.0):
+        self.config = config
+        self.sessions = sessions
         self.first_run_delay = first_run_delay
         self._cancel = threading.Event()
         self._scheduler: Any = None
-        self._jobs = {job.name: job for job in proxy.config.refresh}
+        self._jobs = {job.name: job for job in config.refresh}
 
     def start(self) -> None:
         from apscheduler.schedulers.background import BackgroundScheduler
@@ -410,7 +381,7 @@ class Refresher:
         if self._cancel.is_set():
             return
         try:
-            run_job(self.proxy, self._jobs[name], cancel=self._cancel)
+            run_job(self.config, self.sessions, self._jobs[name], cancel=self._cancel)
         except Exception:  # never let one run kill the schedule
             log.exception(kv(event="refresh-failed", job=name))
 

@@ -72,7 +72,7 @@ C-STORE sub-operations written straight to the socket (C-MOVE / C-GET)
 from __future__ import annotations
 
 import builtins
-import io
+
 import os
 import queue
 import select
@@ -80,10 +80,14 @@ import socket
 import struct
 import threading
 import time
+import tempfile
 import weakref
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
+from pynetdicom import _config
+from pynetdicom.dimse_primitives import N_EVENT_REPORT
+from pynetdicom.dsutils import decode
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.presentation import PresentationContext
 
@@ -523,3 +527,64 @@ def fast_retrieve_pending(assoc: Any) -> None:
 
     dimse.send_msg = send_msg
     dimse._qrproxy_fast_pending = True
+
+
+# --- process-wide pynetdicom settings (its _config module), set by the services that need them --------
+
+
+def stream_sent_datasets() -> None:
+    """Send spool files as stored, byte for byte, streamed from disk (no whole dataset in memory)."""
+    _config.STORE_SEND_CHUNKED_DATASET = True
+
+
+def stream_received_datasets(incoming: str | os.PathLike[str]) -> None:
+    """Received C-STORE data sets go straight to a file in `incoming` (pynetdicom writes them with
+    tempfile, hence tempfile.tempdir), not into memory: the spool then renames that file."""
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    tempfile.tempdir = str(incoming)
+
+
+def log_identifiers(debug: bool) -> None:
+    """pynetdicom decodes and pretty-prints every request and response identifier for its own log
+    unless told not to; that costs more than building the answer. Only with log.dicom_debug."""
+    _config.LOG_REQUEST_IDENTIFIERS = debug
+    _config.LOG_RESPONSE_IDENTIFIERS = debug
+
+
+# --- N-EVENT-REPORTs served on an association qrproxy requested (scu/commitment.py) ------------------
+
+
+def next_message(assoc: Any, timeout: float) -> tuple[int | None, Any]:
+    """(context ID, DIMSE message) the peer sent on an association qrproxy requested, or (None,
+    None) after `timeout`: the reactor never serves requests there (keep_responses_from_reactor), so
+    a node's N-EVENT-REPORT on the N-ACTION's own association is read from the DIMSE queue here."""
+    assoc.dimse_timeout = timeout
+    return assoc.dimse.get_msg(block=True)
+
+
+def event_information(assoc: Any, context_id: int, msg: Any) -> Any:
+    """The Event Information of an N-EVENT-REPORT request, decoded in its context's transfer syntax."""
+    ts = assoc._accepted_cx[context_id].transfer_syntax[0]
+    return decode(msg.EventInformation, ts.is_implicit_VR, ts.is_little_endian)
+
+
+def answer_event_report(assoc: Any, context_id: int, msg: Any, status: int) -> None:
+    rsp = N_EVENT_REPORT()
+    rsp.MessageIDBeingRespondedTo = msg.MessageID
+    rsp.AffectedSOPClassUID = msg.AffectedSOPClassUID
+    rsp.AffectedSOPInstanceUID = msg.AffectedSOPInstanceUID
+    rsp.EventTypeID = msg.EventTypeID
+    rsp.Status = status
+    assoc.dimse.send_msg(rsp, context_id)
+
+
+def set_nodelay(event: Any) -> None:
+    """Disable Nagle on every DICOM socket, both directions. Without it a C-STORE response (one small
+    PDU) waits for the peer's delayed ACK, about 40 ms per instance on Linux. Bound to EVT_CONN_OPEN, so
+    pynetdicom itself stays untouched."""
+    try:
+        sock = event.assoc.dul.socket.socket
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (AttributeError, OSError):
+        pass

@@ -89,7 +89,7 @@ def collect(cfg: Config, echo_nodes: bool = True, engine: Any = None, log_errors
                         .group_by(run_t.job_name)).all())
                     st.queues = queue.depths(s)
                     _collect_worklist(st, s)
-                    from qrproxy.store.retention import summary
+                    from qrproxy.jobs.retention import summary
 
                     st.spool_usage = summary(s)
                     if cfg.prefetch:

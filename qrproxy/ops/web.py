@@ -35,7 +35,9 @@ from qrproxy.ops.metrics import StateCollector, scrape_registry
 from qrproxy.ops.status import Status, collect
 
 if TYPE_CHECKING:
-    from qrproxy.app import Proxy
+    from sqlalchemy.engine import Engine
+
+    from qrproxy.ops.metrics import Metrics
     from qrproxy.config.schema import Config
 
 log = logging.getLogger("qrproxy.http")
@@ -174,16 +176,14 @@ class Health:
 class HttpEndpoint:
     """Binds in __init__ (so a taken port fails `Proxy.start` before anything else runs)."""
 
-    def __init__(self, proxy: Proxy):
-        assert proxy.config.http is not None
-        self.proxy = proxy
-        self.config = proxy.config
+    def __init__(self, config: Config, engine: Engine, metrics: Metrics):
+        assert config.http is not None
+        self.config = config
+        self.engine = engine
         self.started = time.time()
-        self.health = Health(proxy.config)
-        self.reachability = Reachability(proxy.config)
+        self.health = Health(config)
+        self.reachability = Reachability(config)
         self.errors = RecentErrors()
-        metrics = proxy.metrics
-        assert metrics is not None
         self.registry = scrape_registry(metrics)  # several workers: the sum of all (metrics.py)
         self.registry.register(StateCollector(self.snapshot, self.reachability.snapshot, self.started))
         host, port = self.config.http.host, self.config.http.port
@@ -211,7 +211,7 @@ class HttpEndpoint:
     def snapshot(self) -> Status:
         from qrproxy.index.session import read_only
 
-        st = collect(self.config, echo_nodes=False, engine=read_only(self.proxy.engine), log_errors=False)
+        st = collect(self.config, echo_nodes=False, engine=read_only(self.engine), log_errors=False)
         st.recent_errors = list(self.errors.lines)
         return st
 

@@ -63,6 +63,7 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import aliased
 from sqlalchemy.sql.visitors import InternalTraversal
 
+from qrproxy.index.columns import ENTITIES, QR_COLUMNS, SPS, WORKLIST_COLUMNS, Column
 from qrproxy.index.models import Instance, Patient, Series, Study, WorklistItem
 from qrproxy.index.writers import normalize_name
 
@@ -73,7 +74,6 @@ LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
 MODELS = ("patient", "study", "worklist")
 UNIQUE_KEYS = {"PATIENT": "PatientID", "STUDY": "StudyInstanceUID", "SERIES": "SeriesInstanceUID",
                "IMAGE": "SOPInstanceUID"}
-SPS = "ScheduledProcedureStepSequence"
 
 
 class QueryError(Exception):
@@ -538,57 +538,6 @@ def _number(text: str) -> float | None:
 # --- SQL ----------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Col:
-    """Where a key lives in the index: the column, its table's level, and how it is compared."""
-
-    column: Any
-    level: str | None
-    how: str = "text"  # text | pn (normalised PN) | pn_raw (PN as received) | int | modalities
-
-
-_QR_COLUMNS: dict[str, _Col] = {
-    "PatientID": _Col(Patient.patient_id, "PATIENT"),
-    "IssuerOfPatientID": _Col(Patient.issuer, "PATIENT"),
-    "PatientName": _Col(Patient.patient_name_norm, "PATIENT", "pn"),
-    "PatientBirthDate": _Col(Patient.birth_date, "PATIENT"),
-    "PatientSex": _Col(Patient.sex, "PATIENT"),
-    "StudyInstanceUID": _Col(Study.study_instance_uid, "STUDY"),
-    "StudyDate": _Col(Study.study_date, "STUDY"),
-    "StudyTime": _Col(Study.study_time, "STUDY"),
-    "AccessionNumber": _Col(Study.accession_number, "STUDY"),
-    "StudyID": _Col(Study.study_id, "STUDY"),
-    "StudyDescription": _Col(Study.study_description, "STUDY"),
-    "ReferringPhysicianName": _Col(Study.referring_physician_name, "STUDY", "pn_raw"),
-    "ModalitiesInStudy": _Col(Series.modality, "STUDY", "modalities"),
-    "SeriesInstanceUID": _Col(Series.series_instance_uid, "SERIES"),
-    "Modality": _Col(Series.modality, "SERIES"),
-    "SeriesNumber": _Col(Series.series_number, "SERIES", "int"),
-    "SeriesDescription": _Col(Series.series_description, "SERIES"),
-    "BodyPartExamined": _Col(Series.body_part_examined, "SERIES"),
-    "SOPInstanceUID": _Col(Instance.sop_instance_uid, "IMAGE"),
-    "SOPClassUID": _Col(Instance.sop_class_uid, "IMAGE"),
-    "InstanceNumber": _Col(Instance.instance_number, "IMAGE", "int"),
-}
-
-# One worklist row is one scheduled procedure step: the step's keys are columns of the row.
-_WORKLIST_COLUMNS: dict[str, _Col] = {
-    "PatientID": _Col(WorklistItem.patient_id, None),
-    "PatientName": _Col(WorklistItem.patient_name_norm, None, "pn"),
-    "AccessionNumber": _Col(WorklistItem.accession_number, None),
-    "RequestedProcedureID": _Col(WorklistItem.requested_procedure_id, None),
-    "StudyInstanceUID": _Col(WorklistItem.study_instance_uid, None),
-    f"{SPS}.ScheduledStationAETitle": _Col(WorklistItem.scheduled_station_ae, None),
-    f"{SPS}.ScheduledStationName": _Col(WorklistItem.scheduled_station_name, None),
-    f"{SPS}.Modality": _Col(WorklistItem.modality, None),
-    f"{SPS}.ScheduledProcedureStepID": _Col(WorklistItem.sps_id, None),
-    f"{SPS}.ScheduledProcedureStepStartDate": _Col(WorklistItem.sps_start_date, None),
-    f"{SPS}.ScheduledProcedureStepStartTime": _Col(WorklistItem.sps_start_time, None),
-}
-
-_ENTITIES = {"PATIENT": Patient, "STUDY": Study, "SERIES": Series, "IMAGE": Instance}
-
-
 def where_clauses(query: Query, level: str | None = None) -> list[ColumnElement[bool]]:
     """SQL conditions for the keys that are index columns, over Patient/Study/Series/Instance (joined
     by the caller, see `select_matching`) or WorklistItem. `level` (default: the query's) keeps only
@@ -614,7 +563,7 @@ def select_matching(query: Query) -> Select[Any]:
     """SELECT of the query level's rows (worklist items) joined to their parents, with `where_clauses`."""
     if query.model == "worklist":
         return select(WorklistItem).where(*where_clauses(query))
-    entity = _ENTITIES[query.level or "STUDY"]
+    entity = ENTITIES[query.level or "STUDY"]
     stmt = select(entity)
     if entity is Instance:
         stmt = stmt.join(Instance.series)
@@ -625,8 +574,8 @@ def select_matching(query: Query) -> Select[Any]:
     return stmt.where(*where_clauses(query))
 
 
-def _columns(model: str) -> dict[str, _Col]:
-    return _WORKLIST_COLUMNS if model == "worklist" else _QR_COLUMNS
+def _columns(model: str) -> dict[str, Column]:
+    return WORKLIST_COLUMNS if model == "worklist" else QR_COLUMNS
 
 
 def _level_keys(query: Query, level: str | None) -> list[Key]:
@@ -652,7 +601,7 @@ def _translations(query: Query, level: str | None) -> list[tuple[ColumnElement[b
     return out
 
 
-def _translate(key: Key, cols: dict[str, _Col], path: str) -> tuple[ColumnElement[bool] | None, bool]:
+def _translate(key: Key, cols: dict[str, Column], path: str) -> tuple[ColumnElement[bool] | None, bool]:
     """(clause or None, exact): exact means the clause alone decides the key."""
     if not key.active:
         return None, True
@@ -668,7 +617,7 @@ def _translate(key: Key, cols: dict[str, _Col], path: str) -> tuple[ColumnElemen
     return _value_clause(col.column, key, col.how), True
 
 
-def _sequence_translation(key: Key, cols: dict[str, _Col]) -> tuple[ColumnElement[bool] | None, bool]:
+def _sequence_translation(key: Key, cols: dict[str, Column]) -> tuple[ColumnElement[bool] | None, bool]:
     """A sequence whose item keys are columns of the row (the worklist's single step); else Python."""
     assert key.item is not None
     item = key.item
@@ -733,7 +682,7 @@ def _ordered(column: Any, vr: str) -> Any:
     return column if vr == "DA" else BinaryCollation(column)
 
 
-def _combined_translation(c: CombinedRange, cols: dict[str, _Col],
+def _combined_translation(c: CombinedRange, cols: dict[str, Column],
                           prefix: str) -> tuple[ColumnElement[bool] | None, bool]:
     date_col, time_col = cols.get(prefix + c.date), cols.get(prefix + c.time)
     if date_col is None or time_col is None:

@@ -23,8 +23,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from qrproxy.index.models import Patient, Series, Study
 from qrproxy.index.dsmerge import is_empty
 from qrproxy.query.matching import UNIQUE_KEYS
-from qrproxy.index.writers import Header, _get_or_create, _i, _s, merge_found_instances, upsert_series
-from qrproxy.jobs.refresh import IMAGE_KEYS, SERIES_KEYS, STUDY_KEYS, _study_header, _upsert_study
+from qrproxy.index.columns import IMAGE_KEYS, SERIES_KEYS, STUDY_KEYS
+from qrproxy.index.writers import (Header, found_study_header, int_of, merge_found_instances, merge_row, text_of,
+                                   upsert_found_study, upsert_series)
 
 PATIENT_KEYS = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex")
 _LEVEL_KEYS = {
@@ -103,36 +104,36 @@ def remember(sessions: sessionmaker[Session], node: str, level: str, matches: li
                 hdr = Header.from_dataset(m)
                 if not hdr.patient["patient_id"]:
                     continue
-                _get_or_create(s, Patient, {"patient_id": hdr.patient["patient_id"], "issuer": hdr.patient["issuer"]},
+                merge_row(s, Patient, {"patient_id": hdr.patient["patient_id"], "issuer": hdr.patient["issuer"]},
                                {k: v for k, v in hdr.patient.items() if k not in ("patient_id", "issuer")},
                                found=True, always={"source_node": node})
                 written += 1
         elif level == "STUDY":
             for m in matches:
-                hdr = _study_header(m)
+                hdr = found_study_header(m)
                 if not hdr.study_instance_uid:
                     continue
-                _upsert_study(s, hdr, node)
+                upsert_found_study(s, hdr, node)
                 written += 1
         elif level == "SERIES":
             for m in matches:
                 hdr = Header.from_dataset(m)
                 if not (hdr.study_instance_uid and hdr.series_instance_uid) or not _known_study(s, hdr):
                     continue
-                hdr.series["number_of_instances"] = _i(m, "NumberOfSeriesRelatedInstances")
+                hdr.series["number_of_instances"] = int_of(m, "NumberOfSeriesRelatedInstances")
                 if upsert_series(s, hdr, found=True) is not None:  # the study keeps its own source
                     written += 1
         elif level == "IMAGE":
             rows = []
             for m in matches:
-                series_uid, uid = _s(m, "SeriesInstanceUID", 64), _s(m, "SOPInstanceUID", 64)
+                series_uid, uid = text_of(m, "SeriesInstanceUID", 64), text_of(m, "SOPInstanceUID", 64)
                 if not (series_uid and uid):
                     continue
                 series_pk = s.execute(select(Series.id).where(Series.series_instance_uid == series_uid)).scalar()
                 if series_pk is None:
                     continue
-                rows.append({"sop_instance_uid": uid, "series_pk": series_pk, "sop_class_uid": _s(m, "SOPClassUID", 64),
-                             "instance_number": _i(m, "InstanceNumber")})
+                rows.append({"sop_instance_uid": uid, "series_pk": series_pk, "sop_class_uid": text_of(m, "SOPClassUID", 64),
+                             "instance_number": int_of(m, "InstanceNumber")})
             written = len(merge_found_instances(s, rows))
     return written
 

@@ -33,7 +33,7 @@ from pydicom.filewriter import write_dataset
 from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 
-from qrproxy.index.writers import _s, normalize_name
+from qrproxy.index.writers import text_of, normalize_name
 from qrproxy.query.matching import ReturnKey
 from qrproxy.config.tags import parse_tag
 from qrproxy.config.units import is_relative_date, resolve_relative_date
@@ -158,8 +158,8 @@ def _step(ds: Dataset) -> Dataset:
 def item_key(ds: Dataset, encoded: bytes | None = None) -> str:
     """Identity of an item across refreshes: Study Instance UID, Accession Number, Requested Procedure
     ID and Scheduled Procedure Step ID; a content hash when the upstream gives none of them."""
-    parts = [_s(ds, "StudyInstanceUID", 64) or "", _s(ds, "AccessionNumber", 16) or "",
-             _s(ds, "RequestedProcedureID", 16) or "", _s(_step(ds), "ScheduledProcedureStepID", 16) or ""]
+    parts = [text_of(ds, "StudyInstanceUID", 64) or "", text_of(ds, "AccessionNumber", 16) or "",
+             text_of(ds, "RequestedProcedureID", 16) or "", text_of(_step(ds), "ScheduledProcedureStepID", 16) or ""]
     if any(parts):
         return "|".join(parts)[:200]
     return "sha1:" + hashlib.sha1(encoded if encoded is not None else encode(ds)).hexdigest()
@@ -169,17 +169,17 @@ def columns(ds: Dataset) -> dict[str, Any]:
     """The WorklistItem columns that matching.py reads (matching._WORKLIST_COLUMNS)."""
     step = _step(ds)
     return {
-        "patient_id": _s(ds, "PatientID", 64),
-        "patient_name_norm": normalize_name(_s(ds, "PatientName", 324)),
-        "accession_number": _s(ds, "AccessionNumber", 16),
-        "requested_procedure_id": _s(ds, "RequestedProcedureID", 16),
-        "study_instance_uid": _s(ds, "StudyInstanceUID", 64),
-        "scheduled_station_ae": _s(step, "ScheduledStationAETitle", 16),
-        "scheduled_station_name": _s(step, "ScheduledStationName", 16),
-        "modality": _s(step, "Modality", 16),
-        "sps_id": _s(step, "ScheduledProcedureStepID", 16),
-        "sps_start_date": (_s(step, "ScheduledProcedureStepStartDate", 8) or "").replace(".", "")[:8] or None,
-        "sps_start_time": (_s(step, "ScheduledProcedureStepStartTime", 16) or "").replace(":", "")[:16] or None,
+        "patient_id": text_of(ds, "PatientID", 64),
+        "patient_name_norm": normalize_name(text_of(ds, "PatientName", 324)),
+        "accession_number": text_of(ds, "AccessionNumber", 16),
+        "requested_procedure_id": text_of(ds, "RequestedProcedureID", 16),
+        "study_instance_uid": text_of(ds, "StudyInstanceUID", 64),
+        "scheduled_station_ae": text_of(step, "ScheduledStationAETitle", 16),
+        "scheduled_station_name": text_of(step, "ScheduledStationName", 16),
+        "modality": text_of(step, "Modality", 16),
+        "sps_id": text_of(step, "ScheduledProcedureStepID", 16),
+        "sps_start_date": (text_of(step, "ScheduledProcedureStepStartDate", 8) or "").replace(".", "")[:8] or None,
+        "sps_start_time": (text_of(step, "ScheduledProcedureStepStartTime", 16) or "").replace(":", "")[:16] or None,
     }
 
 
@@ -261,8 +261,8 @@ def step_refs(mpps: Dataset) -> list[StepRef]:
     """The scheduled steps an MPPS refers to (PS3.4 F.7.2.1, Scheduled Step Attributes Sequence)."""
     refs = []
     for item in mpps.get("ScheduledStepAttributesSequence") or []:
-        ref = StepRef(_s(item, "StudyInstanceUID", 64), _s(item, "AccessionNumber", 16),
-                      _s(item, "RequestedProcedureID", 16), _s(item, "ScheduledProcedureStepID", 16))
+        ref = StepRef(text_of(item, "StudyInstanceUID", 64), text_of(item, "AccessionNumber", 16),
+                      text_of(item, "RequestedProcedureID", 16), text_of(item, "ScheduledProcedureStepID", 16))
         if ref.study_instance_uid or ref.accession_number:
             refs.append(ref)
     return refs

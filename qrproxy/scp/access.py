@@ -38,7 +38,6 @@ from pynetdicom import evt
 from qrproxy.logs import kv
 
 if TYPE_CHECKING:
-    from qrproxy.app import Proxy
     from qrproxy.config.schema import Config
 
 log = logging.getLogger("qrproxy.assoc")
@@ -71,14 +70,12 @@ def resolve(host: str) -> set[str]:
     return {str(info[4][0]) for info in infos}
 
 
-def service_map() -> dict[str, str]:
-    """Abstract syntax UID -> service name, from the SCP modules' own context lists."""
-    from qrproxy.scp import commitment, echo, find, move, mpps, mwl
-
+def service_map(contexts: dict[str, list[tuple[str, list[str]]]]) -> dict[str, str]:
+    """Abstract syntax UID -> service name, from each SCP module's `contexts()` (given by app.py, so
+    this module needs none of them)."""
     out: dict[str, str] = {}
-    for name, module in (("echo", echo), ("find", find), ("worklist", mwl), ("mpps", mpps),
-                         ("move", move), ("commitment", commitment)):
-        for uid, _ in module.contexts():
+    for name, service_contexts in contexts.items():
+        for uid, _ in service_contexts:
             out[str(uid)] = name
     out[VERIFICATION] = "echo"
     return out  # everything else the SCP supports is a storage SOP class: "store"
@@ -92,7 +89,7 @@ def _peer_ip(assoc: Any) -> str:
 class AccessPolicy:
     """The association-level checks above; built at start, so host names are resolved once."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, contexts: dict[str, list[tuple[str, list[str]]]]):
         self.config = config
         self.addresses: dict[str, set[str]] = {}  # node AE title -> addresses it may call from
         for node in config.nodes.values():
@@ -100,7 +97,7 @@ class AccessPolicy:
             for host in [node.host, *node.addresses]:
                 allowed |= resolve(host)
             self.addresses[node.ae_title] = allowed
-        self.services = service_map()
+        self.services = service_map(contexts)
         self._lock = threading.Lock()
         self._admitted: set[int] = set()  # id() of the associations counted against max_associations
         self.allowed: dict[str, set[str] | None] = {}

@@ -10,20 +10,20 @@ whitelists) are scp/access.py, the size and time limits on what a peer sends pdu
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pynetdicom import evt
 
 from qrproxy.logs import kv
+from qrproxy.net.tuning import set_nodelay
 from qrproxy.scp.access import reject_reason
 
 if TYPE_CHECKING:
-    from qrproxy.app import Proxy
+    from qrproxy.config.schema import Config
 
 log = logging.getLogger("qrproxy.assoc")
 
@@ -48,32 +48,31 @@ class _AssocState:
     services: Counter[str] = field(default_factory=Counter)
 
 
-def set_nodelay(event: Any) -> None:
-    """Disable Nagle on every DICOM socket, both directions. Without it a C-STORE response (one small
-    PDU) waits for the peer's delayed ACK, about 40 ms per instance on Linux. Bound to EVT_CONN_OPEN, so
-    pynetdicom itself stays untouched."""
-    try:
-        sock = event.assoc.dul.socket.socket
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (AttributeError, OSError):
-        pass
-
-
 def called_ae_title(assoc: Any) -> str:
     """The called AE title the peer asked for (pynetdicom keeps our own title in `acceptor.ae_title`)."""
     primitive = getattr(assoc.requestor, "primitive", None)
     return (getattr(primitive, "called_ae_title", None) or "").strip()
 
 
+class Counters(Protocol):
+    """What the association log feeds: ops/metrics.py's Metrics, when http: is on."""
+
+    def association(self, result: str, assoc: Any = None) -> None: ...
+
+    def response(self, event: Any) -> None: ...
+
+    def data_received(self, event: Any) -> None: ...
+
+
 class AssociationLog:
     """Collects what happened on each association and logs it once, when the connection closes."""
 
-    def __init__(self, proxy: Proxy):
-        self.proxy = proxy
+    def __init__(self, config: Config, metrics: Counters | None, worker: int = 0):
+        self.config = config
+        self.worker = worker
         self._lock = threading.Lock()
         self._states: dict[int, _AssocState] = {}
-        self.metrics = getattr(proxy, "metrics", None)  # qrproxy.metrics.Metrics when http: is on
+        self.metrics = metrics  # ops/metrics.py's counters when http: is on
 
     def _state(self, assoc: Any) -> _AssocState:
         with self._lock:
@@ -93,7 +92,7 @@ class AssociationLog:
         calling = event.assoc.requestor.ae_title
         if reason := reject_reason(event.assoc):
             st.result = f"rejected:{reason}"
-        elif self.proxy.config.rejects_unknown_ae and calling not in self.proxy.config.known_calling_ae_titles:
+        elif self.config.rejects_unknown_ae and calling not in self.config.known_calling_ae_titles:
             st.result = "rejected:calling-ae-not-recognized"
         else:
             st.result = "rejected:local-limit-exceeded"
@@ -124,7 +123,7 @@ class AssociationLog:
         if st is None:
             return
         calling = assoc.requestor.ae_title or ""
-        known = calling in self.proxy.config.known_calling_ae_titles
+        known = calling in self.config.known_calling_ae_titles
         services = ",".join(f"{k}:{v}" for k, v in sorted(st.services.items())) or "-"
         level = logging.WARNING if st.result.startswith("rejected") or st.result == "aborted" else logging.INFO
         if st.result == "closed" and not calling:
@@ -140,8 +139,8 @@ class AssociationLog:
             result=st.result,
             ms=int((time.monotonic() - st.started) * 1000),
         )
-        if self.proxy.config.workers > 1:  # which process took it (the kernel spreads connections)
-            fields["worker"] = self.proxy.worker
+        if self.config.workers > 1:  # which process took it (the kernel spreads connections)
+            fields["worker"] = self.worker
         log.log(level, kv(**fields))
 
     def handlers(self) -> list[tuple[Any, Any]]:
@@ -157,8 +156,7 @@ class AssociationLog:
                                               (evt.EVT_DATA_RECV, self.metrics.data_received)])
 
 
-def configure_ae_policy(ae: Any, proxy: Proxy) -> None:
-    cfg = proxy.config
+def configure_ae_policy(ae: Any, cfg: Config) -> None:
     # scp/access.py enforces max_associations exactly; pynetdicom's own count (every acceptor thread
     # alive, closing ones included) is only a far backstop for connections that never associate.
     ae.maximum_associations = max(4 * cfg.max_associations, 1000)

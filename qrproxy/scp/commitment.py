@@ -36,7 +36,11 @@ from qrproxy.scp.responses import Refused
 from qrproxy.scp.responses import status as _status
 
 if TYPE_CHECKING:
-    from qrproxy.app import Proxy
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from qrproxy.config.schema import Config
+    from qrproxy.jobs.commitment import Commitment
+    from qrproxy.store.spool import Spool
 
 log = logging.getLogger("qrproxy.commitment")
 
@@ -46,16 +50,15 @@ PROCESSING_FAILURE = 0x0110
 
 
 class CommitmentSCP:
-    def __init__(self, proxy: Proxy):
-        self.proxy = proxy
-
-    @property
-    def engine(self) -> Any:
-        return self.proxy.commitment
+    def __init__(self, config: Config, sessions: sessionmaker[Session], spool: Spool, engine: Commitment):
+        self.config = config
+        self.sessions = sessions
+        self.spool = spool
+        self.engine = engine  # the transaction thread (jobs/commitment.py): decides and reports
 
     def on_action(self, event: Any) -> tuple[int | Dataset, Dataset | None]:
         t0 = time.monotonic()
-        cfg = self.proxy.config
+        cfg = self.config
         calling = (event.assoc.requestor.ae_title or "").strip()
         line: dict[str, Any] = {"event": "commitment-request", "calling": calling,
                                 "called": called_ae_title(event.assoc)}
@@ -76,7 +79,7 @@ class CommitmentSCP:
             node = found[0]
             policy, deadline = cfg.commitment_policy(node)
             duplicate = False
-            with self.proxy.sessions.begin() as s:
+            with self.sessions.begin() as s:
                 if s.execute(select(CommitmentRequest.id).where(CommitmentRequest.transaction_uid == uid)).first():
                     duplicate = True
                 else:
@@ -86,7 +89,7 @@ class CommitmentSCP:
                                             deadline_at=now + dt.timedelta(seconds=deadline))
                     items = []
                     for sop_class, sop_instance in pairs:
-                        d = decide_local(self.proxy, s, sop_class, sop_instance, self.engine.supported, policy)
+                        d = decide_local(self.spool, s, sop_class, sop_instance, self.engine.supported, policy)
                         items.append(CommitmentItem(sop_class_uid=sop_class[:64], sop_instance_uid=sop_instance[:64],
                                                     state=d.state, failure_reason=d.failure_reason, reason=d.reason))
                     req.items = items
@@ -134,8 +137,8 @@ def contexts() -> list[tuple[str, list[str]]]:
     return [(SCPM, SYNTAXES)]
 
 
-def handlers(proxy: Proxy) -> list[tuple[Any, Any]]:
-    scp = CommitmentSCP(proxy)
+def handlers(config: Config, sessions: sessionmaker[Session], spool: Spool, engine: Commitment) -> list[tuple[Any, Any]]:
+    scp = CommitmentSCP(config, sessions, spool, engine)
     return [(evt.EVT_N_ACTION, scp.on_action), (evt.EVT_N_EVENT_REPORT, scp.on_event_report),
             (evt.EVT_DIMSE_SENT, scp.on_sent), (evt.EVT_RELEASED, scp.on_gone), (evt.EVT_ABORTED, scp.on_gone),
             (evt.EVT_CONN_CLOSE, scp.on_gone)]

@@ -6,13 +6,10 @@ this far is allowed to echo.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pynetdicom import evt
 from pynetdicom.sop_class import Verification
-
-if TYPE_CHECKING:
-    from qrproxy.app import Proxy
 
 TRANSFER_SYNTAXES = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.2"]
 
@@ -25,5 +22,5 @@ def handle_echo(event: Any) -> int:
     return 0x0000
 
 
-def handlers(proxy: Proxy) -> list[tuple[Any, Any]]:
+def handlers() -> list[tuple[Any, Any]]:
     return [(evt.EVT_C_ECHO, handle_echo)]

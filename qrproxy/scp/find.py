@@ -34,7 +34,7 @@ from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
 from pydicom.tag import BaseTag, Tag
-from pynetdicom import _config, evt
+from pynetdicom import evt
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelFind,
@@ -43,8 +43,10 @@ from sqlalchemy import distinct, func, literal_column, select
 from sqlalchemy.orm import aliased
 
 from qrproxy.net import dicomenc
+from qrproxy.net import tuning as pynetdicom_tuning
 from qrproxy.query import hotcache, modes as querymode, through as querythrough
 from qrproxy.scu import upstream
+from qrproxy.index.columns import ENTITIES, QR_COLUMNS
 from qrproxy.index.models import Instance, Patient, Series, Study, utcnow
 from qrproxy.index.session import read_only
 from qrproxy.index.dsmerge import is_empty
@@ -58,8 +60,10 @@ from qrproxy.scp.responses import status as _status
 from qrproxy.scp.associations import called_ae_title
 
 if TYPE_CHECKING:
-    from qrproxy.app import Proxy
+    from sqlalchemy.engine import Engine
+    from sqlalchemy.orm import Session, sessionmaker
 
+    from qrproxy.config.schema import Config
 
 log = logging.getLogger("qrproxy.find")
 
@@ -79,32 +83,6 @@ _IGNORE = pydicom_config.IGNORE
 _QRLEVEL = Tag("QueryRetrieveLevel")
 _CHARSET_TAG = Tag("SpecificCharacterSet")
 _RETRIEVE_AE = Tag("RetrieveAETitle")
-_ENTITIES = {"PATIENT": Patient, "STUDY": Study, "SERIES": Series, "IMAGE": Instance}
-
-# Index columns that answer a key, with the level whose row holds them. PatientName is returned as
-# received (patient_name), matched on its normalised twin in SQL (matching.py).
-_COLUMNS: dict[str, tuple[str, Any]] = {
-    "PatientID": ("PATIENT", Patient.patient_id),
-    "IssuerOfPatientID": ("PATIENT", Patient.issuer),
-    "PatientName": ("PATIENT", Patient.patient_name),
-    "PatientBirthDate": ("PATIENT", Patient.birth_date),
-    "PatientSex": ("PATIENT", Patient.sex),
-    "StudyInstanceUID": ("STUDY", Study.study_instance_uid),
-    "StudyDate": ("STUDY", Study.study_date),
-    "StudyTime": ("STUDY", Study.study_time),
-    "AccessionNumber": ("STUDY", Study.accession_number),
-    "StudyID": ("STUDY", Study.study_id),
-    "StudyDescription": ("STUDY", Study.study_description),
-    "ReferringPhysicianName": ("STUDY", Study.referring_physician_name),
-    "SeriesInstanceUID": ("SERIES", Series.series_instance_uid),
-    "Modality": ("SERIES", Series.modality),
-    "SeriesNumber": ("SERIES", Series.series_number),
-    "SeriesDescription": ("SERIES", Series.series_description),
-    "BodyPartExamined": ("SERIES", Series.body_part_examined),
-    "SOPInstanceUID": ("IMAGE", Instance.sop_instance_uid),
-    "SOPClassUID": ("IMAGE", Instance.sop_class_uid),
-    "InstanceNumber": ("IMAGE", Instance.instance_number),
-}
 
 # Computed keys and the level of the row they describe.
 _COMPUTED = {
@@ -177,7 +155,7 @@ def plan(query: Query, dialect: str) -> tuple[Any, list[_Field]]:
     layout of each response identifier."""
     assert query.level is not None
     depth = LEVELS.index(query.level)
-    entity = _ENTITIES[query.level]
+    entity = ENTITIES[query.level]
     columns: list[Any] = [entity.id]
     fields: list[_Field] = []
     seen: set[int] = set()
@@ -191,10 +169,11 @@ def plan(query: Query, dialect: str) -> tuple[Any, list[_Field]]:
             columns.append(Study.identifier)  # the study's sequences (index.study_sequences)
             col = len(columns) - 1
         if not sequence:
-            where = _COLUMNS.get(keyword)
-            level = where[0] if where else _COMPUTED.get(keyword)
+            known = QR_COLUMNS.get(keyword)  # index/columns.py; PatientName answered as received
+            answer = known.answer if known is not None else None
+            level = known.level if answer is not None and known is not None else _COMPUTED.get(keyword)
             if level is not None and LEVELS.index(level) <= depth:
-                columns.append(where[1] if where else _computed(keyword, dialect))
+                columns.append(answer if answer is not None else _computed(keyword, dialect))
                 col = len(columns) - 1
         fields.append(_Field(Tag(tag), keyword, _vr(vr), col, sequence, children))
 
@@ -215,7 +194,7 @@ def _value(field: _Field, raw: Any) -> Any:
     if field.vr in ("IS", "US", "UL", "SS", "SL"):
         return int(raw)
     if isinstance(raw, str) and "\\" in raw:
-        return raw.split("\\")  # multi-valued strings are stored backslash-joined (index._s)
+        return raw.split("\\")  # multi-valued strings are stored backslash-joined (index.text_of)
     return raw
 
 
@@ -329,15 +308,15 @@ def query_node(config: Any, role: str = "query") -> str | None:
 
 
 class FindSCP:
-    def __init__(self, proxy: Proxy):
-        self.proxy = proxy
-        self.config = proxy.config
-        self.ae_title = proxy.config.ae_title
-        self.engine = read_only(proxy.engine)
-        self.dialect = proxy.engine.dialect.name
-        self.node = query_node(proxy.config)
-        self.hot = hotcache.HotCache(ttl=proxy.config.query.cache_ttl, probe=hotcache.version_probe(proxy.engine))
-        hotcache.watch(proxy.engine)
+    def __init__(self, config: Config, engine: Engine, sessions: sessionmaker[Session]):
+        self.config = config
+        self.sessions = sessions  # writes: query-through answers remembered in the index
+        self.ae_title = config.ae_title
+        self.engine = read_only(engine)
+        self.dialect = engine.dialect.name
+        self.node = query_node(config)
+        self.hot = hotcache.HotCache(ttl=config.query.cache_ttl, probe=hotcache.version_probe(engine))
+        hotcache.watch(engine)
 
     def cache_rows(self, query: Query) -> tuple[list[Any], list[_Field], dt.datetime | None]:
         """Every local row matching `query` (the read transaction ended before this returns), the
@@ -388,7 +367,7 @@ class FindSCP:
         return ask
 
     def _remember(self, level: str) -> Any:
-        node, sessions = self.node, self.proxy.sessions
+        node, sessions = self.node, self.sessions
 
         def remember(matches: list[Dataset]) -> int:
             return querythrough.remember(sessions, node, level, matches)  # type: ignore[arg-type]
@@ -519,11 +498,7 @@ def contexts() -> list[tuple[str, list[str]]]:
     return [(str(uid), TRANSFER_SYNTAXES) for uid in MODELS]
 
 
-def handlers(proxy: Proxy) -> list[tuple[Any, Any]]:
-    # pynetdicom decodes and pretty-prints every request and response identifier for its own log
-    # unless told not to; that costs more than building the answer. Only with log.dicom_debug.
-    debug = proxy.config.log.dicom_debug
-    _config.LOG_REQUEST_IDENTIFIERS = debug
-    _config.LOG_RESPONSE_IDENTIFIERS = debug
-    scp = FindSCP(proxy)
+def handlers(config: Config, engine: Engine, sessions: sessionmaker[Session]) -> list[tuple[Any, Any]]:
+    pynetdicom_tuning.log_identifiers(config.log.dicom_debug)
+    scp = FindSCP(config, engine, sessions)
     return [(evt.EVT_C_FIND, scp.handle)]

@@ -55,14 +55,19 @@ from qrproxy.index.models import Instance, Patient, Series, SpoolObject, Study, 
 from qrproxy.scu.forward import EXPLICIT_LITTLE, Job, candidates
 from qrproxy.logs import kv
 from qrproxy.net.tuning import FastStore, fast_retrieve_pending, keep_responses_from_reactor
-from qrproxy.store.retention import touch_study
+from qrproxy.jobs.retention import touch_study
 from qrproxy.scu.retrieve import Retrieval
 from qrproxy.store.spool import dcmread
 from qrproxy.scu.upstream import UpstreamError
 from qrproxy.scp.associations import set_nodelay
 
 if TYPE_CHECKING:
-    from qrproxy.app import Proxy
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from qrproxy.config.schema import Config
+    from qrproxy.scu.forward import Forwarder
+    from qrproxy.scu.retrieve import Retriever
+    from qrproxy.store.spool import Spool
 
 log = logging.getLogger("qrproxy.move")
 
@@ -148,10 +153,10 @@ def _stand_in(item: Item, sop_class: str, transfer_syntax: str) -> Dataset:
     return ds
 
 
-def _fast_store(assoc: Any, proxy: Proxy) -> FastStore:
+def _fast_store(assoc: Any, spool: Spool) -> FastStore:
     fast = getattr(assoc, "_qrproxy_fast_store", None)
     if fast is None:
-        fast = FastStore(assoc, proxy.spool.open)
+        fast = FastStore(assoc, spool.open)
         assoc._qrproxy_fast_store = fast
     return fast
 
@@ -171,9 +176,13 @@ def _offers(target: str | None, received: str) -> tuple[str, ...]:
 
 
 class RetrieveSCP:
-    def __init__(self, proxy: Proxy):
-        self.proxy = proxy
-        self.cfg = proxy.config
+    def __init__(self, config: Config, sessions: sessionmaker[Session], spool: Spool, retriever: Retriever,
+                 forwarder: Forwarder):
+        self.cfg = config
+        self.sessions = sessions
+        self.spool = spool
+        self.retriever = retriever  # instances held only upstream
+        self.forwarder = forwarder  # its converted variants and mutated copies, shared with forwarding
         self._plan_lock = threading.Lock()
 
     # --- what to send -----------------------------------------------------------------------------
@@ -194,7 +203,7 @@ class RetrieveSCP:
                    "SeriesInstanceUID": Series.series_instance_uid, "SOPInstanceUID": Instance.sop_instance_uid}
         for keyword, values in target.keys.items():
             q = q.where(columns[keyword].in_(values))
-        with self.proxy.sessions() as s:
+        with self.sessions() as s:
             rows = s.execute(q).all()
         return [Item(r[0], r[6] or r[1], r[2], r[3], (r[4], r[5], r[6], r[7]) if r[4] is not None else None)
                 for r in rows]
@@ -210,7 +219,7 @@ class RetrieveSCP:
         have: dict[str, int] = {}
         for i in items:
             have[i.study_uid] = have.get(i.study_uid, 0) + 1
-        with self.proxy.sessions() as s:
+        with self.sessions() as s:
             counts = dict(s.execute(select(Study.study_instance_uid, Study.number_of_instances)
                                     .where(Study.study_instance_uid.in_(wanted))).all())
         out = []
@@ -248,7 +257,7 @@ class RetrieveSCP:
         refuses only when it knows nothing (the sub-operation count would be a guess)."""
         # Touched before the instance rows are read: a retention pass racing this request either
         # sees the use and keeps the study, or has already cleared object_pk (retrieve through).
-        with self.proxy.sessions.begin() as s:
+        with self.sessions.begin() as s:
             for uid in target.keys.get("StudyInstanceUID", ()):
                 touch_study(s, uid)
         items = self._resolve(target)
@@ -261,7 +270,7 @@ class RetrieveSCP:
             else:
                 studies = self._incomplete_studies(target, items)
             if studies:
-                n = refresh.learn_studies(self.cfg, self.proxy.sessions, node, studies,
+                n = refresh.learn_studies(self.cfg, self.sessions, node, studies,
                                           timeout=self.cfg.nodes[node].timeout)
                 log.info(kv(event="retrieve-listed", request=what, node=node, studies=len(studies), known=n))
                 items = self._resolve(target)
@@ -282,13 +291,13 @@ class RetrieveSCP:
             return []
         if node is None:
             return [(None, [i.sop_uid for i in remote])]
-        retriever = self.proxy.retriever
+        retriever = self.retriever
         out: list[tuple[Retrieval | None, list[str]]] = list(retriever.running_for(node, [i.sop_uid for i in remote]))
         joined = {uid for _, uids in out for uid in uids}
         remote = [i for i in remote if i.sop_uid not in joined]
         if not remote:
             return out
-        with self.proxy.sessions() as s:
+        with self.sessions() as s:
             series_uids = sorted({i.series_uid for i in remote})
             partly_local = set(s.execute(
                 select(Series.series_instance_uid).join(Instance, Instance.series_pk == Series.id)
@@ -324,7 +333,7 @@ class RetrieveSCP:
         if not any(not i.sop_class for i in remote):
             return
         t0 = time.monotonic()
-        landed = self.proxy.retriever.local_objects([i.sop_uid for i in remote])
+        landed = self.retriever.local_objects([i.sop_uid for i in remote])
         for i in remote:
             obj = landed.get(i.sop_uid)
             if obj is not None:
@@ -340,7 +349,7 @@ class RetrieveSCP:
             wanted = [u for u in uids if u in unknown]
             if retrieval is None or not wanted:
                 continue
-            for uid, obj in self.proxy.retriever.wait_for(retrieval, wanted, cancelled=lambda: event.is_cancelled):
+            for uid, obj in self.retriever.wait_for(retrieval, wanted, cancelled=lambda: event.is_cancelled):
                 if obj is not None:
                     unknown[uid].obj, unknown[uid].sop_class = obj, obj[2]
                     learnt += 1
@@ -354,7 +363,7 @@ class RetrieveSCP:
         """The data set to send for a local item, or its stand-in (logged) when it cannot be sent."""
         assert item.obj is not None
         pk, relpath, sop_class, ts = item.obj
-        spool = self.proxy.spool
+        spool = self.spool
         usable = [t for t in _offers(target, ts) if t in accepted.get(sop_class, ())]
         why = None
         path: Any = None
@@ -366,7 +375,7 @@ class RetrieveSCP:
                 path = spool.path(relpath)  # native to native: pynetdicom re-encodes on the fly
             else:
                 job = Job(0, pk, relpath, sop_class, item.sop_uid, ts, None, 0)
-                converted, result = self.proxy.forwarder.variant(job, usable[0]).result()
+                converted, result = self.forwarder.variant(job, usable[0]).result()
                 if result.ok and result.transfer_syntax in accepted.get(sop_class, ()):
                     path, held = converted, str(result.transfer_syntax)
                 elif ts in usable:
@@ -375,7 +384,7 @@ class RetrieveSCP:
                     why = f"cannot convert to a syntax the destination accepted: {result.reason}"
             if path is not None:
                 spool.verify(path)
-                ds = self.proxy.forwarder.mutated(path, node, calling, item.sop_uid)
+                ds = self.forwarder.mutated(path, node, calling, item.sop_uid)
                 if ds is not None:
                     return ds
                 if fast is None:
@@ -393,11 +402,11 @@ class RetrieveSCP:
         fast_retrieve_pending(event.assoc)
         assoc = store_assoc()
         accepted = _accepted(assoc, role) if assoc is not None else {}
-        fast = _fast_store(assoc, self.proxy) if assoc is not None else None
+        fast = _fast_store(assoc, self.spool) if assoc is not None else None
         target = TARGETS.get(self.cfg.nodes[node].transfer_syntax) if node else None
         # Instances that landed since the plan was made (another move retrieved them) are local now.
         pending = {i.sop_uid: i for i in items if i.obj is None}
-        for uid, obj in self.proxy.retriever.local_objects(pending).items():
+        for uid, obj in self.retriever.local_objects(pending).items():
             pending[uid].obj = obj
         local = [i for i in items if i.obj is not None]
         remote = [i for i in items if i.obj is None]
@@ -434,7 +443,7 @@ class RetrieveSCP:
                     log.warning(kv(event="sub-operation-failed", sop=uid, reason="no local copy and no retrieve node"))
                     yield PENDING, _placeholder(by_uid[uid])
                 continue
-            for uid, obj in self.proxy.retriever.wait_for(retrieval, uids, cancelled=lambda: event.is_cancelled):
+            for uid, obj in self.retriever.wait_for(retrieval, uids, cancelled=lambda: event.is_cancelled):
                 item = by_uid[uid]
                 if obj is None:
                     stats["unavailable"] += 1
@@ -458,7 +467,7 @@ class RetrieveSCP:
         studies = sorted({i.study_uid for i in items})
         now = utcnow()
         try:
-            with self.proxy.sessions.begin() as s:
+            with self.sessions.begin() as s:
                 # Least-recently-used order for retention: a study someone retrieves stays local longer.
                 for uid in studies:
                     touch_study(s, uid, now)
@@ -554,6 +563,5 @@ def contexts() -> list[tuple[str, list[str]]]:
     return [(uid, TRANSFER_SYNTAXES) for uid in list(MOVE_MODELS) + list(GET_MODELS)]
 
 
-def handlers(proxy: Proxy) -> list[tuple[Any, Any]]:
-    scp = RetrieveSCP(proxy)
+def handlers(scp: RetrieveSCP) -> list[tuple[Any, Any]]:
     return [(evt.EVT_C_MOVE, scp.handle_move), (evt.EVT_C_GET, scp.handle_get)]

@@ -26,15 +26,18 @@ from sqlalchemy import select
 
 from qrproxy.query import worklist
 from qrproxy.index.models import MppsMessage, MppsStep
-from qrproxy.index.writers import _s
+from qrproxy.index.writers import text_of
 from qrproxy.logs import kv
-from qrproxy.index.worklist_items import mark_done
+from qrproxy.query.worklist_index import mark_done
 from qrproxy.scp.responses import Refused
 from qrproxy.scp.responses import status as _status
 from qrproxy.scp.associations import called_ae_title
 
 if TYPE_CHECKING:
-    from qrproxy.app import Proxy
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from qrproxy.config.schema import Config
+    from qrproxy.scu.mpps import MppsRelay
 
 log = logging.getLogger("qrproxy.mpps")
 
@@ -67,9 +70,10 @@ def _refusal(exc: Exception, line: dict[str, Any], what: str) -> Dataset:
 
 
 class MppsSCP:
-    def __init__(self, proxy: Proxy):
-        self.proxy = proxy
-        self.nodes = list(proxy.config.nodes_with_role("mpps"))
+    def __init__(self, config: Config, sessions: sessionmaker[Session], relay: MppsRelay | None):
+        self.sessions = sessions
+        self.relay = relay  # forwards the messages to `mpps` nodes (worker 0 runs it)
+        self.nodes = list(config.nodes_with_role("mpps"))
 
     def _enqueue(self, session: Any, step_pk: int, operation: str, uid: str, payload: bytes, calling: str) -> None:
         for node in self.nodes:
@@ -77,9 +81,8 @@ class MppsSCP:
                                     payload=payload, calling_ae=calling[:16] or None))
 
     def _notify(self) -> None:
-        relay = getattr(self.proxy, "mpps_relay", None)
-        if relay is not None and self.nodes:
-            relay.notify()
+        if self.relay is not None and self.nodes:
+            self.relay.notify()
 
     def on_create(self, event: Any) -> tuple[int | Dataset, Dataset | None]:
         t0 = time.monotonic()
@@ -94,7 +97,7 @@ class MppsSCP:
             if state != "IN PROGRESS":
                 raise Refused(INVALID_VALUE, f"PerformedProcedureStepStatus {state!r}: must be IN PROGRESS")
             payload = worklist.encode(ds)
-            with self.proxy.sessions.begin() as s:
+            with self.sessions.begin() as s:
                 if s.execute(select(MppsStep.id).where(MppsStep.sop_instance_uid == uid)).first() is not None:
                     raise Refused(DUPLICATE, "MPPS instance exists already")
                 step = MppsStep(sop_instance_uid=uid, calling_ae=calling[:16] or None, status=state,
@@ -123,7 +126,7 @@ class MppsSCP:
             new_state = str(mods.get("PerformedProcedureStepStatus", "") or "").strip().upper()
             if new_state and new_state not in STATUSES:
                 raise Refused(INVALID_VALUE, f"PerformedProcedureStepStatus {new_state!r} unknown")
-            with self.proxy.sessions.begin() as s:
+            with self.sessions.begin() as s:
                 step = s.execute(select(MppsStep).where(MppsStep.sop_instance_uid == uid)).scalar()
                 if step is None:
                     raise Refused(NO_SUCH_INSTANCE, "no such MPPS instance")
@@ -148,14 +151,14 @@ class MppsSCP:
 
 def _refs(ds: Dataset) -> dict[str, Any]:
     first = (ds.get("ScheduledStepAttributesSequence") or [Dataset()])[0]
-    return {"study_instance_uid": _s(first, "StudyInstanceUID", 64), "accession_number": _s(first, "AccessionNumber", 16),
-            "patient_id": _s(ds, "PatientID", 64)}
+    return {"study_instance_uid": text_of(first, "StudyInstanceUID", 64), "accession_number": text_of(first, "AccessionNumber", 16),
+            "patient_id": text_of(ds, "PatientID", 64)}
 
 
 def contexts() -> list[tuple[str, list[str]]]:
     return [(MPPS, TRANSFER_SYNTAXES)]
 
 
-def handlers(proxy: Proxy) -> list[tuple[Any, Any]]:
-    scp = MppsSCP(proxy)
+def handlers(config: Config, sessions: sessionmaker[Session], relay: MppsRelay | None) -> list[tuple[Any, Any]]:
+    scp = MppsSCP(config, sessions, relay)
     return [(evt.EVT_N_CREATE, scp.on_create), (evt.EVT_N_SET, scp.on_set)]

@@ -45,7 +45,9 @@ from qrproxy.scp.responses import status as _status
 from qrproxy.scp.associations import called_ae_title
 
 if TYPE_CHECKING:
-    from qrproxy.app import Proxy
+    from sqlalchemy.engine import Engine
+
+    from qrproxy.config.schema import Config
 
 log = logging.getLogger("qrproxy.mwl")
 
@@ -60,16 +62,15 @@ ITEM_ANSWERS = 20000  # encoded answers kept per (item content, return keys): a 
 
 
 class WorklistFindSCP:
-    def __init__(self, proxy: Proxy):
-        self.proxy = proxy
-        self.config = proxy.config
-        self.engine = read_only(proxy.engine)
+    def __init__(self, config: Config, engine: Engine):
+        self.config = config
+        self.engine = read_only(engine)
         nodes = list(self.config.nodes_with_role("worklist"))
         self.node: str | None = nodes[0] if nodes else None
         # A modality polls the same worklist query every minute or so: the encoded answer is kept
         # until a commit touches worklist_items (hotcache's engine events) or query.cache_ttl ends.
-        self.hot = hotcache.HotCache(ttl=proxy.config.query.cache_ttl, probe=hotcache.version_probe(proxy.engine))
-        hotcache.watch(proxy.engine)
+        self.hot = hotcache.HotCache(ttl=config.query.cache_ttl, probe=hotcache.version_probe(engine))
+        hotcache.watch(engine)
         self.answers_by_item: LRUCache[Any, bytes] = LRUCache(maxsize=ITEM_ANSWERS)
         self._items_lock = threading.Lock()  # cachetools caches are not thread-safe
 
@@ -222,10 +223,10 @@ def contexts() -> list[tuple[str, list[str]]]:
     return [(MWL_FIND, TRANSFER_SYNTAXES)]
 
 
-def handlers(proxy: Proxy, others: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
+def handlers(config: Config, engine: Engine, others: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
     """`others` with its EVT_C_FIND handler wrapped: pynetdicom calls one handler per intervention
     event, so MWL requests are routed here by their SOP Class and the rest go to the Q/R handler."""
-    scp = WorklistFindSCP(proxy)
+    scp = WorklistFindSCP(config, engine)
     out = []
     for event, handler in others:
         if event is evt.EVT_C_FIND:

@@ -20,15 +20,15 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
+from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 
 from sqlalchemy.exc import IntegrityError
 
@@ -38,12 +38,18 @@ from qrproxy.index.writers import Header, IndexWriter
 from qrproxy.logs import kv
 from qrproxy.rules.routes import route
 from qrproxy.store.spool import Committed, Spool, fsync_file
-from qrproxy.index.worklist_items import close_on_store
+from qrproxy.query.worklist_index import close_on_store
 from qrproxy.scp.responses import status as _status
 from qrproxy.scp.associations import called_ae_title
 
 if TYPE_CHECKING:
-    from qrproxy.app import Proxy
+    from concurrent.futures import Executor
+
+    from sqlalchemy.engine import Engine
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from qrproxy.config.schema import Config
+    from qrproxy.scu.retrieve import Arrivals
 
 log = logging.getLogger("qrproxy.store")
 
@@ -110,8 +116,7 @@ STORE_SYNTAXES = ["1.2.840.10008.1.2.1"] + [ts for ts in ALL_TRANSFER_SYNTAXES i
 
 
 def configure_receive(spool: Spool) -> None:
-    _config.STORE_RECV_CHUNKED_DATASET = True
-    tempfile.tempdir = str(spool.incoming)
+    pynetdicom_tuning.stream_received_datasets(spool.incoming)
     if spool.encrypted:
         pynetdicom_tuning.encrypt_received_files(spool.open_incoming_writer)
         kid, _ = spool.keys.current()  # type: ignore[union-attr]
@@ -126,9 +131,15 @@ def _unlink(path: Path) -> None:
 
 
 class StoreSCP:
-    def __init__(self, proxy: Proxy):
-        self.proxy = proxy
-        self.cfg = proxy.config
+    def __init__(self, config: Config, engine: Engine, sessions: sessionmaker[Session], spool: Spool, io_pool: Executor,
+                 notify_forward: Callable[[list[str]], None], arrivals: Arrivals):
+        self.cfg = config
+        self.sessions = sessions
+        self.spool = spool
+        self.io_pool = io_pool  # fsyncs of received files overlap with parsing and indexing
+        self.notify_forward = notify_forward  # the forwarder: new queue rows for these nodes
+        self.arrivals = arrivals  # retrievals waiting for instances (scu/retrieve.py)
+        self.engine = engine
         self.index = IndexWriter()
 
     def _ignored(self, calling: str, sop_class: str) -> bool:
@@ -199,7 +210,7 @@ class StoreSCP:
                         action="ignored", sop_class=sop_class))
             return 0x0000
 
-        spool = self.proxy.spool
+        spool = self.spool
         try:
             free = spool.free_bytes()
         except OSError:
@@ -212,7 +223,7 @@ class StoreSCP:
             # pynetdicom closes its file only after this handler: write the final chunk now.
             pynetdicom_tuning.finish_received_file(path)
         # The file's fsync runs in a worker thread while this one parses, routes and hashes it.
-        sync = self.proxy.io_pool.submit(fsync_file, path)
+        sync = self.io_pool.submit(fsync_file, path)
         try:
             # Parsed and routed while open: deferred values (defer_size) are read from this handle.
             with spool.open(path) as f:
@@ -242,7 +253,7 @@ class StoreSCP:
             spool.place(path, final)
 
             def record() -> Any:
-                with self.proxy.sessions.begin() as session:
+                with self.sessions.begin() as session:
                     return self.index.record_received(session, hdr, committed, ts, sender, called, peer,
                                                       destinations, origin="retrieved" if source else "received")
 
@@ -269,14 +280,14 @@ class StoreSCP:
         else:
             action = "superseded-previous" if rec.superseded else "stored"
             if rec.enqueued:
-                self.proxy.notify_forward(rec.enqueued)
+                self.notify_forward(rec.enqueued)
         if source:
             action += f" (retrieved from {source})"
-            self.proxy.retriever.arrived()
+            self.arrivals.arrived()
         log.info(kv(event="c-store", calling=calling, called=called, sop=sop_instance, status="0x0000",
                     action=action, to=",".join(rec.enqueued) or "-", route=decision.route or "-",
                     bytes=committed.size, ms=int((time.monotonic() - t0) * 1000)))
-        close_on_store(self.proxy, hdr)  # worklist.remove_on_store: the study arrived, its item is done
+        close_on_store(self.cfg.worklist.remove_on_store, self.engine, self.sessions, hdr)  # worklist.remove_on_store: the study arrived, its item is done
         return 0x0000
 
     def on_close(self, event: Any) -> None:
@@ -292,6 +303,5 @@ class StoreSCP:
             log.info(kv(event="c-store-partial-removed", calling=event.assoc.requestor.ae_title))
 
 
-def handlers(proxy: Proxy) -> list[tuple[Any, Any]]:
-    scp = StoreSCP(proxy)
+def handlers(scp: StoreSCP) -> list[tuple[Any, Any]]:
     return [(evt.EVT_C_STORE, scp.handle), (evt.EVT_CONN_CLOSE, scp.on_close)]

@@ -16,33 +16,47 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
+from pynetdicom.sop_class import StorageCommitmentPushModel
 from pynetdicom.dimse_primitives import N_EVENT_REPORT
-from pynetdicom.dsutils import decode
 from sqlalchemy import select, update
 
-from qrproxy.jobs.commitment import PROCESSING_FAILURE, SCPM, SYNTAXES, WELL_KNOWN_INSTANCE, items_of
+from qrproxy.net import tuning as pynetdicom_tuning
 from qrproxy.index.models import CommitmentItem, CommitmentRequest, utcnow
 from qrproxy.scu.forward import backoff
 from qrproxy.logs import kv
 from qrproxy.scu.upstream import UpstreamError, associate
 
 if TYPE_CHECKING:
-    from qrproxy.app import Proxy
-    from qrproxy.jobs.commitment import Commitment
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from qrproxy.config.schema import Config
 
 log = logging.getLogger("qrproxy.commitment")
+
+SCPM = str(StorageCommitmentPushModel)
+WELL_KNOWN_INSTANCE = "1.2.840.10008.1.20.1.1"  # Storage Commitment Push Model SOP Instance
+SYNTAXES = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
+PROCESSING_FAILURE = 0x0110
+
+
+def items_of(session: Any, request_pk: int) -> list[CommitmentItem]:
+    return list(session.execute(select(CommitmentItem).where(CommitmentItem.request_pk == request_pk)
+                                .order_by(CommitmentItem.id)).scalars())
+
 
 REPORT_WAIT = 2.0  # seconds a node may take to answer on the N-ACTION's own association
 
 
 class CommitmentSCU:
-    def __init__(self, proxy: Proxy, engine: Commitment):
-        self.proxy = proxy
-        self.engine = engine
+    def __init__(self, config: Config, sessions: sessionmaker[Session], on_change: Callable[[], None]):
+        self.config = config
+        self.sessions = sessions
+        self.on_change = on_change  # the transaction thread (jobs/commitment.py) looks again
         self._backoff_until: dict[str, float] = {}
         self._failures: dict[str, int] = {}
 
@@ -54,12 +68,12 @@ class CommitmentSCU:
     # --- the database side ----------------------------------------------------------------------
 
     def create(self, needs: dict[str, list[tuple[str, str]]]) -> None:
-        batch = self.proxy.config.commitment.upstream_batch
+        batch = self.config.commitment.upstream_batch
         for node, pairs in needs.items():
             for i in range(0, len(pairs), batch):
-                with self.proxy.sessions.begin() as s:
+                with self.sessions.begin() as s:
                     req = CommitmentRequest(transaction_uid=generate_uid(), direction="out", node=node,
-                                            requester_ae=self.proxy.config.ae_title, state="new")
+                                            requester_ae=self.config.ae_title, state="new")
                     req.items = [CommitmentItem(sop_class_uid=c, sop_instance_uid=u, state="pending")
                                  for c, u in pairs[i:i + batch]]
                     s.add(req)
@@ -67,8 +81,8 @@ class CommitmentSCU:
     def expire(self) -> None:
         """A node that has not reported within `upstream_wait` is asked again (commitment.py sees the
         items expired and asks for them in a new transaction)."""
-        limit = utcnow() - dt.timedelta(seconds=self.proxy.config.commitment.upstream_wait)
-        with self.proxy.sessions.begin() as s:
+        limit = utcnow() - dt.timedelta(seconds=self.config.commitment.upstream_wait)
+        with self.sessions.begin() as s:
             ids = list(s.execute(select(CommitmentRequest.id).where(
                 CommitmentRequest.direction == "out", CommitmentRequest.state == "requested",
                 CommitmentRequest.received_at < limit)).scalars())
@@ -88,13 +102,13 @@ class CommitmentSCU:
         failed = {str(r.get("ReferencedSOPInstanceUID", "")): int(r.get("FailureReason", PROCESSING_FAILURE) or
                                                                    PROCESSING_FAILURE)
                   for r in info.get("FailedSOPSequence", None) or []}
-        with self.proxy.sessions.begin() as s:
+        with self.sessions.begin() as s:
             req = s.execute(select(CommitmentRequest).where(CommitmentRequest.transaction_uid == uid,
                                                             CommitmentRequest.direction == "out")).scalar()
             if req is None:
                 log.warning(kv(event="commitment-report-unknown", calling=calling_ae, transaction=uid, via=via))
                 return PROCESSING_FAILURE, "unknown Transaction UID"
-            node = self.proxy.config.nodes.get(req.node or "")
+            node = self.config.nodes.get(req.node or "")
             if node is None or node.ae_title != calling_ae.strip():
                 log.warning(kv(event="commitment-report-refused", calling=calling_ae, transaction=uid, node=req.node))
                 return PROCESSING_FAILURE, "transaction belongs to another node"
@@ -116,14 +130,14 @@ class CommitmentSCU:
             node_name = req.node
         log.info(kv(event="commitment-upstream-report", node=node_name, transaction=uid, via=via,
                     event_type=event_type, committed=counts["committed"], failed=counts["failed"]))
-        self.engine.notify()
+        self.on_change()
         return 0x0000, ""
 
     # --- the wire side --------------------------------------------------------------------------
 
     def send_new(self) -> float:
         """Send the N-ACTIONs not yet answered; returns seconds until a node in backoff is due."""
-        with self.proxy.sessions.begin() as s:
+        with self.sessions.begin() as s:
             rows = s.execute(select(CommitmentRequest.id, CommitmentRequest.node).where(
                 CommitmentRequest.direction == "out", CommitmentRequest.state == "new")
                 .order_by(CommitmentRequest.id).limit(100)).all()
@@ -136,14 +150,14 @@ class CommitmentSCU:
             if left > 0:
                 wait = min(wait, left)
                 continue
-            if node not in self.proxy.config.nodes:
+            if node not in self.config.nodes:
                 continue
             try:
                 self._send(node, ids)
                 self._failures[node] = 0
             except UpstreamError as exc:
                 fails = self._failures[node] = self._failures.get(node, 0) + 1
-                cfg = self.proxy.config.forward
+                cfg = self.config.forward
                 delay = backoff(fails, cfg.retry_min, cfg.retry_max)
                 self._backoff_until[node] = time.monotonic() + delay
                 wait = min(wait, delay)
@@ -153,12 +167,12 @@ class CommitmentSCU:
 
     def _send(self, node: str, ids: list[int]) -> None:
         asked: set[str] = set()
-        with associate(self.proxy.config, node, [(SCPM, SYNTAXES)]) as assoc:
+        with associate(self.config, node, [(SCPM, SYNTAXES)]) as assoc:
             if not any(cx.abstract_syntax == SCPM for cx in assoc.accepted_contexts):
                 self._refused(ids, "the node does not accept Storage Commitment Push Model")
                 return
             for rid in ids:
-                with self.proxy.sessions.begin() as s:
+                with self.sessions.begin() as s:
                     req = s.get(CommitmentRequest, rid)
                     if req is None or req.state != "new":
                         continue
@@ -183,7 +197,7 @@ class CommitmentSCU:
                 if code != 0x0000:
                     self._refused([rid], f"N-ACTION status 0x{int(code):04X}", int(code))
                     continue
-                with self.proxy.sessions.begin() as s:
+                with self.sessions.begin() as s:
                     s.execute(update(CommitmentRequest).where(CommitmentRequest.id == rid,
                                                               CommitmentRequest.state == "new")
                               .values(state="requested", received_at=utcnow()))
@@ -193,45 +207,37 @@ class CommitmentSCU:
 
     def _refused(self, ids: list[int], why: str, code: int = PROCESSING_FAILURE) -> None:
         """The node will not commit these: their items fail (and count toward upstream_resend)."""
-        with self.proxy.sessions.begin() as s:
+        with self.sessions.begin() as s:
             s.execute(update(CommitmentRequest).where(CommitmentRequest.id.in_(ids)).values(
                 state="done", reported_at=utcnow(), last_error=why))
             s.execute(update(CommitmentItem).where(CommitmentItem.request_pk.in_(ids)).values(
                 state="failed", failure_reason=code if code in (0x0110, 0x0112, 0x0119, 0x0122) else PROCESSING_FAILURE,
                 reason=why))
         log.warning(kv(event="commitment-request-refused", transactions=len(ids), reason=why))
-        self.engine.notify()
+        self.on_change()
 
     def _await_reports(self, assoc: Any, node: str, asked: set[str]) -> None:
         """Serve N-EVENT-REPORTs the node sends on this association for up to REPORT_WAIT seconds
         (qrproxy's associations keep the reactor away from the DIMSE queue, pynetdicom_tuning)."""
-        calling = self.proxy.config.nodes[node].ae_title
+        calling = self.config.nodes[node].ae_title
         deadline = time.monotonic() + REPORT_WAIT
         while asked and assoc.is_established and time.monotonic() < deadline:
-            assoc.dimse_timeout = max(0.05, min(0.25, deadline - time.monotonic()))
-            cx_id, msg = assoc.dimse.get_msg(block=True)
+            cx_id, msg = pynetdicom_tuning.next_message(assoc, max(0.05, min(0.25, deadline - time.monotonic())))
             if msg is None:
                 asked = self._still_open(asked)
                 continue
             if not isinstance(msg, N_EVENT_REPORT) or msg.EventInformation is None:
                 log.warning(kv(event="commitment-unexpected-message", node=node, message=type(msg).__name__))
                 continue
-            ts = assoc._accepted_cx[cx_id].transfer_syntax[0]
-            info = decode(msg.EventInformation, ts.is_implicit_VR, ts.is_little_endian)
+            info = pynetdicom_tuning.event_information(assoc, cx_id, msg)
             status, _ = self.record_report(calling, int(msg.EventTypeID or 0), info, "same-association")
-            rsp = N_EVENT_REPORT()
-            rsp.MessageIDBeingRespondedTo = msg.MessageID
-            rsp.AffectedSOPClassUID = msg.AffectedSOPClassUID
-            rsp.AffectedSOPInstanceUID = msg.AffectedSOPInstanceUID
-            rsp.EventTypeID = msg.EventTypeID
-            rsp.Status = status
-            assoc.dimse.send_msg(rsp, cx_id)
+            pynetdicom_tuning.answer_event_report(assoc, cx_id, msg, status)
             asked.discard(str(info.get("TransactionUID", "")))
-        assoc.dimse_timeout = self.proxy.config.nodes[node].timeout
+        assoc.dimse_timeout = self.config.nodes[node].timeout
 
     def _still_open(self, asked: set[str]) -> set[str]:
         """Drop the transactions already reported on another association."""
-        with self.proxy.sessions.begin() as s:
+        with self.sessions.begin() as s:
             return set(s.execute(select(CommitmentRequest.transaction_uid).where(
                 CommitmentRequest.transaction_uid.in_(asked), CommitmentRequest.state == "requested")).scalars())
 

@@ -41,7 +41,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pynetdicom import _config
 from sqlalchemy import or_, select, update
 
 from qrproxy.net import tuning as pynetdicom_tuning
@@ -56,7 +55,10 @@ from qrproxy.index.uidmap import DbPseudonyms
 from qrproxy.scu.upstream import UpstreamError, associate
 
 if TYPE_CHECKING:
-    from qrproxy.app import Proxy
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from qrproxy.config.schema import Config
+    from qrproxy.store.spool import Spool
 
 log = logging.getLogger("qrproxy.forward")
 
@@ -100,7 +102,9 @@ class NodeWorker(threading.Thread):
     def __init__(self, forwarder: Forwarder, node: str):
         super().__init__(name=f"forward-{node}", daemon=True)
         self.fw = forwarder
-        self.proxy = forwarder.proxy
+        self.config = forwarder.config
+        self.sessions = forwarder.sessions
+        self.spool = forwarder.spool
         self.node = node
         self.wake = threading.Event()
         self.backoff_until = 0.0
@@ -113,9 +117,9 @@ class NodeWorker(threading.Thread):
     # --- queue operations (each its own short transaction) ---------------------------------------
 
     def claim(self) -> list[Job]:
-        cfg = self.proxy.config.forward
+        cfg = self.config.forward
         now = utcnow()
-        with self.proxy.sessions.begin() as s:
+        with self.sessions.begin() as s:
             q = (
                 select(ForwardItem.id)
                 .where(ForwardItem.node == self.node, ForwardItem.state == ForwardState.pending,
@@ -149,9 +153,9 @@ class NodeWorker(threading.Thread):
                 note: str | None = None) -> None:
         if not (sent or unclaim or failed):
             return
-        cfg = self.proxy.config.forward
+        cfg = self.config.forward
         now = utcnow()
-        with self.proxy.sessions.begin() as s:
+        with self.sessions.begin() as s:
             if sent:
                 s.execute(update(ForwardItem).where(ForwardItem.id.in_(sent))
                           .values(state=ForwardState.sent, sent_at=now, lease_until=None, lease_owner=None,
@@ -203,7 +207,7 @@ class NodeWorker(threading.Thread):
                 return self._assoc
         self._close()
         contexts = [(sop, [ts]) for sop, ts in sorted(pairs)]
-        ctx = associate(self.proxy.config, self.node, contexts, calling_ae=calling)
+        ctx = associate(self.config, self.node, contexts, calling_ae=calling)
         self._assoc = ctx.__enter__()
         self._assoc_ctx = ctx
         self._assoc_key = key
@@ -222,12 +226,12 @@ class NodeWorker(threading.Thread):
                 jobs = self.claim()
             except Exception:
                 log.exception("claim failed for node %s", self.node)
-                self.fw.stopping.wait(self.proxy.config.forward.poll)
+                self.fw.stopping.wait(self.config.forward.poll)
                 continue
             if not jobs:
                 if self._assoc is not None and time.monotonic() - self._idle_since > 5.0:
                     self._close()
-                self.wake.wait(self.proxy.config.forward.poll if self._assoc is None else 1.0)
+                self.wake.wait(self.config.forward.poll if self._assoc is None else 1.0)
                 self.wake.clear()
                 continue
             self._send_batch(jobs)
@@ -235,7 +239,7 @@ class NodeWorker(threading.Thread):
         self._close()
 
     def _send_batch(self, jobs: list[Job]) -> None:
-        node_cfg = self.proxy.config.nodes[self.node]
+        node_cfg = self.config.nodes[self.node]
         by_calling: dict[str | None, list[Job]] = {}
         for job in jobs:
             calling = (job.calling_ae or None) if node_cfg.impersonate else None
@@ -293,7 +297,7 @@ class NodeWorker(threading.Thread):
             self.node_failures = 0
             ms = (time.monotonic() - t0) * 1000
             log.info(kv(event="forwarded", node=self.node, count=len(done), ms=int(ms),
-                        calling=calling or self.proxy.config.ae_title))
+                        calling=calling or self.config.ae_title))
         return done
 
     def _plan(self, assoc: Any, jobs: list[Job], target: str | None) -> dict[int, Any]:
@@ -322,7 +326,7 @@ class NodeWorker(threading.Thread):
         if kind == "refused":
             return None, plan[1]
         if kind == "original":
-            return self.proxy.spool.path(job.path), None
+            return self.spool.path(job.path), None
         _, future, usable, accepted = plan
         path, result = future.result()
         if result.ok and result.transfer_syntax in accepted.get(job.sop_class_uid, ()):
@@ -336,7 +340,7 @@ class NodeWorker(threading.Thread):
         if job.transfer_syntax_uid in usable:
             log.info(kv(event="conversion-skipped", node=self.node, sop=job.sop_instance_uid,
                         sent=job.transfer_syntax_uid, reason=result.reason))
-            return self.proxy.spool.path(job.path), None
+            return self.spool.path(job.path), None
         return None, f"permanent: cannot convert to a syntax the node accepted: {result.reason}"
 
     def _send_one(self, assoc: Any, job: Job, plan: Any) -> tuple[str, str, int | None] | None:
@@ -352,9 +356,9 @@ class NodeWorker(threading.Thread):
         try:
             # Every chunk authenticated before the first byte goes out: a damaged file is held here,
             # not discovered half-way through a transfer the peer would then see aborted.
-            self.proxy.spool.verify(path)
+            self.spool.verify(path)
         except (CryptoError, OSError) as exc:
-            if plan[0] == "convert" and path != self.proxy.spool.path(job.path):
+            if plan[0] == "convert" and path != self.spool.path(job.path):
                 # A damaged converted copy is only a damaged cache entry: made again next attempt.
                 self.fw.forget_variant(job, plan[2][0], path)
                 return ("transient", f"transient: converted copy unusable ({exc}); converting again", None)
@@ -393,7 +397,7 @@ class NodeWorker(threading.Thread):
         return (kind, reason, int(status))
 
     def _node_down(self, reason: str, jobs: Sequence[Job]) -> None:
-        cfg = self.proxy.config.forward
+        cfg = self.config.forward
         self.node_failures += 1
         wait = backoff(self.node_failures, cfg.retry_min, cfg.retry_max)
         self.backoff_until = time.monotonic() + wait
@@ -461,15 +465,17 @@ def convert_variant(src: str, dest: str, ts: str, keys: KeySource | None = None)
 
 
 class Forwarder:
-    def __init__(self, proxy: Proxy):
-        self.proxy = proxy
+    def __init__(self, config: Config, sessions: sessionmaker[Session], spool: Spool, worker: int = 0):
+        self.config = config
+        self.sessions = sessions
+        self.spool = spool
         # Leases are per worker process: a restarted worker reclaims its own rows at once, and never
         # those of a sibling that is still sending them.
-        self.owner = f"{socket.gethostname()}:{proxy.config.port}:{proxy.worker}"
+        self.owner = f"{socket.gethostname()}:{config.port}:{worker}"
         self.stopping = threading.Event()
         self.workers: dict[str, NodeWorker] = {}
-        self.has_store_mutations = any(m.on == "store" for m in proxy.config.mutations)
-        self.pseudonyms = DbPseudonyms(proxy.sessions)
+        self.has_store_mutations = any(m.on == "store" for m in config.mutations)
+        self.pseudonyms = DbPseudonyms(sessions)
         self.pool: ProcessPoolExecutor | None = None
         self._variants: dict[tuple[int, str], Future[Any]] = {}
         self._variants_lock = threading.Lock()
@@ -481,12 +487,12 @@ class Forwarder:
         with self._variants_lock:
             fut = self._variants.get(key)
             if fut is None:
-                src = self.proxy.spool.path(job.path)
-                dest = self.proxy.spool.variant_path(job.path, ts)
+                src = self.spool.path(job.path)
+                dest = self.spool.variant_path(job.path, ts)
                 if self.pool is None:
                     self.pool = ProcessPoolExecutor(max_workers=os.cpu_count() or 1,
                                                     mp_context=multiprocessing.get_context("spawn"))
-                fut = self.pool.submit(convert_variant, str(src), str(dest), ts, self.proxy.spool.keys)
+                fut = self.pool.submit(convert_variant, str(src), str(dest), ts, self.spool.keys)
                 self._variants[key] = fut
                 if len(self._variants) > 4096:
                     for k in list(self._variants)[:2048]:
@@ -501,7 +507,7 @@ class Forwarder:
         if not self.has_store_mutations:
             return None
         header = dcmread(path, stop_before_pixels=True)
-        muts = mutations_for(self.proxy.config, "store", node, header, calling_ae or "")
+        muts = mutations_for(self.config, "store", node, header, calling_ae or "")
         if not muts:
             return None
         dataset = dcmread(path)
@@ -521,7 +527,7 @@ class Forwarder:
     def recover(self) -> int:
         """Put back to pending what a previous run of this proxy left in flight, and expired leases."""
         now = utcnow()
-        with self.proxy.sessions.begin() as s:
+        with self.sessions.begin() as s:
             n = s.execute(
                 update(ForwardItem)
                 .where(ForwardItem.state == ForwardState.inflight,
@@ -534,12 +540,11 @@ class Forwarder:
         return n or 0
 
     def start(self) -> None:
-        # Send spool files as stored, byte for byte, streamed from disk (no whole dataset in memory).
-        _config.STORE_SEND_CHUNKED_DATASET = True
-        if self.proxy.spool.encrypted:
-            pynetdicom_tuning.decrypt_sent_files(self.proxy.spool.open)
+        pynetdicom_tuning.stream_sent_datasets()
+        if self.spool.encrypted:
+            pynetdicom_tuning.decrypt_sent_files(self.spool.open)
         self.recover()
-        for node in self.proxy.config.nodes:
+        for node in self.config.nodes:
             w = NodeWorker(self, node)
             self.workers[node] = w
             w.start()

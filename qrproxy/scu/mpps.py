@@ -31,7 +31,9 @@ from qrproxy.logs import kv
 from qrproxy.scu.upstream import UpstreamError, associate
 
 if TYPE_CHECKING:
-    from qrproxy.app import Proxy
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from qrproxy.config.schema import Config
 
 log = logging.getLogger("qrproxy.mpps")
 
@@ -55,9 +57,10 @@ def outcome(operation: str, status: int | None) -> str:
 
 
 class MppsRelay:
-    def __init__(self, proxy: Proxy):
-        self.proxy = proxy
-        self.nodes = list(proxy.config.nodes_with_role("mpps"))
+    def __init__(self, config: Config, sessions: sessionmaker[Session]):
+        self.config = config
+        self.sessions = sessions
+        self.nodes = list(config.nodes_with_role("mpps"))
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -82,7 +85,7 @@ class MppsRelay:
             self._thread = None
 
     def _run(self) -> None:
-        poll = self.proxy.config.forward.poll
+        poll = self.config.forward.poll
         while not self._stop.is_set():
             self._wake.clear()
             wait = poll
@@ -100,7 +103,7 @@ class MppsRelay:
             self._wake.wait(max(0.05, wait))
 
     def _pending(self, node: str) -> list[MppsMessage]:
-        with self.proxy.sessions.begin() as s:
+        with self.sessions.begin() as s:
             return list(s.execute(select(MppsMessage).where(MppsMessage.node == node,
                                                             MppsMessage.state == ForwardState.pending)
                                   .order_by(MppsMessage.id).limit(BATCH)).scalars())
@@ -114,7 +117,7 @@ class MppsRelay:
         first_due = _left(messages[0])
         if first_due > 0:
             return first_due
-        cfg = self.proxy.config
+        cfg = self.config
         node_cfg = cfg.nodes[node]
         calling = messages[0].calling_ae if node_cfg.impersonate else None
         try:
@@ -149,7 +152,7 @@ class MppsRelay:
     def _behind_held(self, msg: MppsMessage) -> bool:
         """Hold a message whose step has an earlier message held on this node (the node refused
         that one, so it could not apply this one either)."""
-        with self.proxy.sessions.begin() as s:
+        with self.sessions.begin() as s:
             held = s.execute(select(MppsMessage.last_error).where(
                 MppsMessage.step_pk == msg.step_pk, MppsMessage.node == msg.node, MppsMessage.id < msg.id,
                 MppsMessage.state == ForwardState.held).limit(1)).first()
@@ -176,11 +179,11 @@ class MppsRelay:
 
     def _record(self, msg: MppsMessage, status: int, comment: str | None) -> bool:
         """Write the node's answer; True when the message was delivered."""
-        cfg = self.proxy.config.forward
+        cfg = self.config.forward
         kind = outcome(msg.operation, status)
         reason = f"N-{msg.operation.upper()} status 0x{status:04X}" + (f" ({comment})" if comment else "")
         now = utcnow()
-        with self.proxy.sessions.begin() as s:
+        with self.sessions.begin() as s:
             if kind == "sent":
                 s.execute(update(MppsMessage).where(MppsMessage.id == msg.id).values(
                     state=ForwardState.sent, sent_at=now, last_status=status, attempts=msg.attempts + 1))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +38,9 @@ from qrproxy.logs import kv
 from qrproxy.scu.upstream import UpstreamError, associate
 
 if TYPE_CHECKING:
-    from qrproxy.app import Proxy
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from qrproxy.config.schema import Config
 
 log = logging.getLogger("qrproxy.retrieve")
 
@@ -84,15 +86,13 @@ class Retrieval:
         return ds
 
 
-class Retriever:
-    def __init__(self, proxy: Proxy):
-        self.proxy = proxy
-        self._lock = threading.Lock()
-        self._running: dict[tuple[Any, ...], Retrieval] = {}
+class Arrivals:
+    """A count of instances committed to the spool, that waiters for a retrieval watch. The store
+    SCP calls `arrived()`; the Retriever waits; neither needs the other to exist first."""
+
+    def __init__(self) -> None:
         self._arrival = threading.Condition()
         self._arrivals = 0
-
-    # --- arrivals -----------------------------------------------------------------------------
 
     def arrived(self) -> None:
         """Called by the store SCP after an instance is committed: wake every waiter."""
@@ -100,11 +100,22 @@ class Retriever:
             self._arrivals += 1
             self._arrival.notify_all()
 
-    def _wait_arrival(self, seen: int, timeout: float) -> int:
+    def wait(self, seen: int, timeout: float) -> int:
         with self._arrival:
             if self._arrivals == seen:
                 self._arrival.wait(timeout)
             return self._arrivals
+
+
+class Retriever:
+    def __init__(self, config: Config, sessions: sessionmaker[Session], arrivals: Arrivals,
+                 receive: Callable[[Any], Any]):
+        self.config = config
+        self.sessions = sessions
+        self.arrivals = arrivals
+        self.receive = receive  # the store SCP's C-STORE handler, for the sub-operations of a C-GET
+        self._lock = threading.Lock()
+        self._running: dict[tuple[Any, ...], Retrieval] = {}
 
     # --- upstream requests ----------------------------------------------------------------------
 
@@ -141,7 +152,7 @@ class Retriever:
         return r
 
     def _run(self, r: Retrieval) -> None:
-        node = self.proxy.config.nodes[r.node]
+        node = self.config.nodes[r.node]
         method = node.retrieve_method
         log.info(kv(event="retrieve-start", node=r.node, method=method, level=r.level, uids=_short(r.uids)))
         try:
@@ -183,7 +194,7 @@ class Retriever:
         raise UpstreamError(f"{r.node}: retrieve ended without a final status")
 
     def _move(self, r: Retrieval) -> None:
-        cfg = self.proxy.config
+        cfg = self.config
         model = MOVE_MODEL
         with associate(cfg, r.node, [(model, QR_SYNTAXES)]) as assoc:
             if not any(cx.abstract_syntax == model for cx in assoc.accepted_contexts):
@@ -191,9 +202,7 @@ class Retriever:
             self._responses(r, assoc.send_c_move(r.identifier(), cfg.ae_title, model))
 
     def _get(self, r: Retrieval) -> None:
-        from qrproxy.scp.store import StoreSCP
-
-        cfg = self.proxy.config
+        cfg = self.config
         model = GET_MODEL
         # The classes the index knows for these instances; when it knows none (an upstream that
         # leaves SOPClassUID out of its C-FIND answers), as many storage classes as a context list
@@ -213,9 +222,8 @@ class Retriever:
             item.scp_role = True
             roles.append(item)
         contexts = [(model, QR_SYNTAXES)] + [(uid, GET_STORE_SYNTAXES) for uid in classes]
-        store = StoreSCP(self.proxy)
         with associate(cfg, r.node, contexts, ext_neg=roles,
-                       evt_handlers=[(evt.EVT_C_STORE, store.handle)]) as assoc:
+                       evt_handlers=[(evt.EVT_C_STORE, self.receive)]) as assoc:
             if not any(cx.abstract_syntax == model for cx in assoc.accepted_contexts):
                 raise UpstreamError(f"{r.node}: C-GET (Study Root) not accepted")
             self._responses(r, assoc.send_c_get(r.identifier(), model))
@@ -226,7 +234,7 @@ class Retriever:
         """{sop_uid: (object_pk, path, sop_class_uid, transfer_syntax_uid)} of the ones held locally."""
         uids = list(sop_uids)
         out: dict[str, tuple[int, str, str, str]] = {}
-        with self.proxy.sessions() as s:
+        with self.sessions() as s:
             for i in range(0, len(uids), 500):
                 rows = s.execute(
                     select(Instance.sop_instance_uid, SpoolObject.id, SpoolObject.path, SpoolObject.sop_class_uid,
@@ -257,7 +265,7 @@ class Retriever:
                     yield uid, None
                 return
             if not found:
-                seen = self._wait_arrival(seen, poll)
+                seen = self.arrivals.wait(seen, poll)
 
 
 def _short(uids: dict[str, tuple[str, ...]]) -> str:

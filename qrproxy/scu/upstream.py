@@ -24,8 +24,7 @@ from pynetdicom.sop_class import (
 
 from qrproxy.config.schema import Config, Node
 from qrproxy.logs import kv
-from qrproxy.net.tuning import bound_send_queue, keep_responses_from_reactor
-from qrproxy.scp.associations import set_nodelay
+from qrproxy.net.tuning import bound_send_queue, keep_responses_from_reactor, set_nodelay
 from qrproxy.net.tls import TlsError, handshake_problem, node_client_context
 
 log = logging.getLogger("qrproxy.upstream")

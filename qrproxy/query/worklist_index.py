@@ -16,12 +16,13 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from sqlalchemy import and_, delete, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
 
 from qrproxy.query import worklist
 from qrproxy.index.dsmerge import fill_missing
 from qrproxy.index.models import WorklistItem, utcnow
-from qrproxy.index.writers import _insert
+from qrproxy.index.writers import dialect_insert
 from qrproxy.logs import kv
 from qrproxy.query.matching import QueryError, matches_in_python, parse_query, residual_keys, select_matching
 
@@ -90,7 +91,7 @@ def replace(session: Session, node: str, identifier: Dataset, rows: list[dict[st
     result.updated = len(known)
     result.new = len(unique) - len(known)
     if unique:
-        ins = _insert(session)(WorklistItem)
+        ins = dialect_insert(session)(WorklistItem)
         stmt = ins.on_conflict_do_update(index_elements=["source_node", "item_key"],
                                          set_={k: ins.excluded[k] for k in _UPDATED})
         values = list(unique.values())
@@ -159,18 +160,17 @@ _seen_lock = threading.Lock()
 _SEEN_MAX = 4096
 
 
-def close_on_store(proxy: Any, hdr: Any) -> int:
+def close_on_store(mode: str, engine: Engine, sessions: sessionmaker[Session], hdr: Any) -> int:
     """After a C-STORE committed: with `worklist.remove_on_store` (study | accession), the first
     instance of a study marks the open items of that study done. Later instances of the same study
     cost a dictionary lookup; a study without open items costs one read. Never raises: the
     instance is stored, this is bookkeeping."""
-    mode = proxy.config.worklist.remove_on_store
     if mode == "off":
         return 0
     value = hdr.study_instance_uid if mode == "study" else hdr.study.get("accession_number")
     if not value:
         return 0
-    key = (str(proxy.engine.url), mode, value)
+    key = (str(engine.url), mode, value)
     with _seen_lock:
         if key in _seen:
             return 0
@@ -180,11 +180,11 @@ def close_on_store(proxy: Any, hdr: Any) -> int:
     try:
         from qrproxy.index.session import read_only
 
-        with Session(read_only(proxy.engine)) as s:
+        with Session(read_only(engine)) as s:
             ids = open_items_for_study(s, mode, hdr.study_instance_uid, hdr.study.get("accession_number"))
         if not ids:
             return 0
-        with proxy.sessions.begin() as s:
+        with sessions.begin() as s:
             s.execute(update(WorklistItem).where(WorklistItem.id.in_(ids), WorklistItem.done_at.is_(None))
                       .values(done_at=utcnow(), done_reason=f"stored ({mode})", status="done"))
         log.info(kv(event="worklist-done", reason=f"stored-{mode}", study=hdr.study_instance_uid, items=len(ids)))

@@ -22,17 +22,19 @@ from qrproxy.index.models import ForwardItem, ForwardState, SpoolObject
 from qrproxy.logs import kv
 
 if TYPE_CHECKING:
-    from qrproxy.app import Proxy
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from qrproxy.store.spool import Spool
 
 log = logging.getLogger("qrproxy.maintenance")
 
 STALE_INCOMING = 3600.0
 
 
-def sweep_incoming(proxy: Proxy, max_age: float = STALE_INCOMING) -> int:
+def sweep_incoming(spool: Spool, max_age: float = STALE_INCOMING) -> int:
     now = time.time()
     removed = 0
-    for entry in os.scandir(proxy.spool.incoming):
+    for entry in os.scandir(spool.incoming):
         try:
             if entry.is_file() and now - entry.stat().st_mtime > max_age:
                 os.unlink(entry.path)
@@ -44,12 +46,12 @@ def sweep_incoming(proxy: Proxy, max_age: float = STALE_INCOMING) -> int:
     return removed
 
 
-def remove_orphans(proxy: Proxy, min_age: float = 60.0) -> int:
+def remove_orphans(spool: Spool, sessions: sessionmaker[Session], min_age: float = 60.0) -> int:
     """Delete objects/ files that no row references (older than `min_age`, so a C-STORE between its
     rename and its commit is left alone)."""
     now = time.time()
     removed = 0
-    objects = proxy.spool.objects
+    objects = spool.objects
     for fan in sorted(os.scandir(objects), key=lambda e: e.name):
         if not fan.is_dir():
             continue
@@ -62,7 +64,7 @@ def remove_orphans(proxy: Proxy, min_age: float = 60.0) -> int:
                 continue
         if not names:
             continue
-        with proxy.sessions() as s:
+        with sessions() as s:
             known = set(s.execute(select(SpoolObject.path).where(SpoolObject.path.in_(list(names)))).scalars())
         for rel, full in names.items():
             if rel not in known:
@@ -77,13 +79,13 @@ def remove_orphans(proxy: Proxy, min_age: float = 60.0) -> int:
     return removed
 
 
-def drop_superseded(proxy: Proxy) -> int:
+def drop_superseded(spool: Spool, sessions: sessionmaker[Session]) -> int:
     """Delete superseded copies that no destination still owes."""
     owed = exists().where(
         and_(ForwardItem.object_pk == SpoolObject.id,
              ForwardItem.state.in_([ForwardState.pending, ForwardState.inflight, ForwardState.held]))
     )
-    with proxy.sessions.begin() as s:
+    with sessions.begin() as s:
         rows = s.execute(
             select(SpoolObject.id, SpoolObject.path).where(SpoolObject.origin == "superseded", ~owed).limit(1000)
         ).all()
@@ -91,26 +93,30 @@ def drop_superseded(proxy: Proxy) -> int:
             return 0
         s.execute(delete(SpoolObject).where(SpoolObject.id.in_([r.id for r in rows])))
     for r in rows:
-        proxy.spool.remove(r.path)
+        spool.remove(r.path)
     log.info(kv(event="superseded-removed", files=len(rows)))
     return len(rows)
 
 
 class Maintenance(threading.Thread):
-    def __init__(self, proxy: Proxy, every: float = 3600.0):
+    def __init__(self, spool: Spool, sessions: sessionmaker[Session], every: float = 3600.0):
         super().__init__(name="maintenance", daemon=True)
-        self.proxy = proxy
+        self.spool = spool
+        self.sessions = sessions
         self.every = every
         self.stopping = threading.Event()
 
     def run_once(self) -> None:
-        for task in (remove_orphans, sweep_incoming, drop_superseded):
+        tasks = (("remove_orphans", lambda: remove_orphans(self.spool, self.sessions)),
+                 ("sweep_incoming", lambda: sweep_incoming(self.spool)),
+                 ("drop_superseded", lambda: drop_superseded(self.spool, self.sessions)))
+        for name, task in tasks:
             if self.stopping.is_set():
                 return
             try:
-                task(self.proxy)
+                task()
             except Exception:
-                log.exception("maintenance task %s failed", task.__name__)
+                log.exception("maintenance task %s failed", name)
 
     def run(self) -> None:
         while not self.stopping.is_set():

@@ -30,9 +30,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import delete, exists, func, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from qrproxy.config.schema import Config
+from qrproxy.store.spool import Spool
 from qrproxy.index.models import (
     CommitmentItem, CommitmentRequest, ForwardItem, ForwardState, SpoolObject, Study, utcnow,
 )
@@ -58,10 +59,10 @@ def _latest(*values: dt.datetime | None) -> dt.datetime | None:
 # --- the API for the services that use a study ------------------------------------------------
 
 
-def touch_study(session_or_proxy: Any, study_uid: str, when: dt.datetime | None = None) -> bool:
+def touch_study(session_or_sessions: Any, study_uid: str, when: dt.datetime | None = None) -> bool:
     """Record that `study_uid` was used now (C-MOVE/C-GET serving it): it becomes the most recently
-    used study for retention. Given a Session, runs in the caller's transaction; given the proxy
-    (anything with `sessions`), commits its own. Returns False when the index has no such study.
+    used study for retention. Given a Session, runs in the caller's transaction; given a
+    sessionmaker, commits its own. Returns False when the index has no such study.
 
     Call it (committed) before reading the study's instance rows to serve them: a retention pass
     that planned the study before the touch sees the touch when it re-checks and skips it; one that
@@ -74,9 +75,9 @@ def touch_study(session_or_proxy: Any, study_uid: str, when: dt.datetime | None 
         .values(last_access_at=when or utcnow(), updated_at=Study.updated_at)
         .execution_options(synchronize_session=False)
     )
-    if isinstance(session_or_proxy, Session):
-        return bool(session_or_proxy.execute(stmt).rowcount)
-    with session_or_proxy.sessions.begin() as s:
+    if isinstance(session_or_sessions, Session):
+        return bool(session_or_sessions.execute(stmt).rowcount)
+    with session_or_sessions.begin() as s:
         return bool(s.execute(stmt).rowcount)
 
 
@@ -268,11 +269,11 @@ class PassResult:
     planned: list[Planned] = field(default_factory=list)
 
 
-def _evict_rows(proxy: Any, h: Holding, now: dt.datetime) -> list[Any]:
+def _evict_rows(sessions: sessionmaker[Session], h: Holding, now: dt.datetime) -> list[Any]:
     """The database half of an eviction, in one transaction: re-check, delete the spool_objects rows
     (instances.object_pk goes NULL, sent forward rows go with them). Raises _Skip to roll back."""
     so = SpoolObject
-    with proxy.sessions.begin() as s:
+    with sessions.begin() as s:
         lock = select(Study.last_access_at, Study.pinned_until).where(Study.id == h.study_pk)
         if s.get_bind().dialect.name == "postgresql":
             lock = lock.with_for_update()  # a concurrent touch_study waits for us, or we for it
@@ -308,17 +309,17 @@ def _evict_rows(proxy: Any, h: Holding, now: dt.datetime) -> list[Any]:
     return list(objects)
 
 
-def evict_study(proxy: Any, p: Planned, now: dt.datetime) -> Evicted | str:
+def evict_study(sessions: sessionmaker[Session], spool: Spool, p: Planned, now: dt.datetime) -> Evicted | str:
     """Evict one planned study: DB first (one transaction, conditions re-checked), then files.
     Returns what was evicted, or why it was skipped."""
     h = p.holding
     try:
-        objects = _evict_rows(proxy, h, now)
+        objects = _evict_rows(sessions, h, now)
     except _Skip as why:
         return str(why)
     for o in objects:
         try:
-            proxy.spool.remove(o.path)
+            spool.remove(o.path)
         except OSError as exc:  # left for maintenance.remove_orphans
             log.warning(kv(event="evict-unlink-failed", path=o.path, error=exc))
     size = sum(o.size for o in objects)
@@ -327,22 +328,22 @@ def evict_study(proxy: Any, p: Planned, now: dt.datetime) -> Evicted | str:
     return Evicted(h.study_uid, size, len(objects), p.reason, p.node)
 
 
-def run_pass(proxy: Any, dry_run: bool = False, now: dt.datetime | None = None,
+def run_pass(config: Config, sessions: sessionmaker[Session], spool: Spool, dry_run: bool = False, now: dt.datetime | None = None,
              progress: Callable[[int, int], None] | None = None) -> PassResult:
     """One retention pass: plan from what is held now, then evict (unless `dry_run`). `progress`
     is called with (studies done, studies planned) after each eviction (`qrproxy retention run`)."""
     now = now or utcnow()
     result = PassResult()
-    if proxy.config.retention is None:
+    if config.retention is None:
         return result
-    with proxy.sessions() as s:
+    with sessions() as s:
         held = holdings(s, now)
         total = int(s.execute(select(func.coalesce(func.sum(SpoolObject.size), 0))).scalar_one())
     try:
-        free: int | None = proxy.spool.free_bytes()
+        free: int | None = spool.free_bytes()
     except OSError:
         free = None
-    pl = plan(proxy.config, held, total, free, now)
+    pl = plan(config, held, total, free, now)
     result.planned, result.short = pl.evict, pl.short
     if progress is not None:
         progress(0 if not dry_run else len(pl.evict), len(pl.evict))
@@ -351,7 +352,7 @@ def run_pass(proxy: Any, dry_run: bool = False, now: dt.datetime | None = None,
     for i, p in enumerate(pl.evict):
         if progress is not None and i:
             progress(i, len(pl.evict))
-        outcome = evict_study(proxy, p, now)
+        outcome = evict_study(sessions, spool, p, now)
         if isinstance(outcome, Evicted):
             result.evicted.append(outcome)
         else:
@@ -367,17 +368,19 @@ def run_pass(proxy: Any, dry_run: bool = False, now: dt.datetime | None = None,
 class Retention(threading.Thread):
     """Runs a pass at start and then every `retention.every` (worker 0 only; app.py)."""
 
-    def __init__(self, proxy: Any):
+    def __init__(self, config: Config, sessions: sessionmaker[Session], spool: Spool):
         super().__init__(name="retention", daemon=True)
-        self.proxy = proxy
+        self.config = config
+        self.sessions = sessions
+        self.spool = spool
         self.stopping = threading.Event()
 
     def run(self) -> None:
-        ret = self.proxy.config.retention
+        ret = self.config.retention
         assert ret is not None
         while not self.stopping.is_set():
             try:
-                r = run_pass(self.proxy)
+                r = run_pass(self.config, self.sessions, self.spool)
                 if r.evicted:
                     log.info(kv(event="retention-pass", evicted=len(r.evicted),
                                 bytes=sum(e.bytes for e in r.evicted), skipped=len(r.skipped)))
