@@ -248,7 +248,7 @@ def test_dcmqrscp_bug_report_sequence(db_url: str, dcmqrscp_factory: Any, stores
         elif ds.PixelData != b_sent[uid].PixelData:
             problems.append(f"{uid} arrived at storescp with different pixel data")
 
-    # once retrieved, qrproxy knows the class from the files (README: what the index believes)
+    # once retrieved, qrproxy knows the class from the files (docs/dicom.md: what the index believes)
     if not any("C-MOVE of the dcmqrscp-only" in p for p in problems):
         after = image_answers(proc.port, "QRPROXY", b_uid, b_series)
         unknown = {uid for uid in b_sent if str(after.get(uid, Dataset()).get("SOPClassUID", "")) != CT}

@@ -29,7 +29,7 @@ J2K = "1.2.840.10008.1.2.4.90"
 
 
 def key_id(path: Path) -> str:
-    """The key id in an encrypted spool file's header (layout: README "Encryption at rest")."""
+    """The key id in an encrypted spool file's header (layout: docs/operations.md "Encryption at rest")."""
     data = path.read_bytes()[:300]
     assert data[:8] == MAGIC, f"{path} does not start with the encryption magic: {data[:16]!r}"
     n = data[10]

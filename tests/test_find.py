@@ -6,7 +6,7 @@ qrproxy's index either by a refresh job from that Orthanc (`qrproxy refresh`) or
 level, values encoded in the query's Specific Character Set) against both, and the matched sets (by the
 level's unique key) and the decoded values of the returned keys must agree. The expected matches are
 also written down per query, so that both peers agreeing on a wrong answer still fails. Shapes where
-Orthanc is no valid reference (README "Query matching", matching.py's docstring) are checked against
+Orthanc is no valid reference (docs/dicom.md "Query matching", matching.py's docstring) are checked against
 the generated data only (DOCUMENTED, the Japanese IR 13 test, sequence matching); the hierarchical
 refusals are asserted explicitly below. C-CANCEL and failure statuses are checked with a pynetdicom
 SCU, which sees the status codes themselves.
@@ -259,7 +259,7 @@ QUERIES = [
 ]
 
 # Shapes where Orthanc 1.10 is not a valid reference (it deviates from PS3.4, or qrproxy deliberately
-# answers differently: matching.py's docstring, README "Query matching"): checked against the set derived
+# answers differently: matching.py's docstring, docs/dicom.md "Query matching"): checked against the set derived
 # from the generated data above, on qrproxy only.
 DOCUMENTED = [
     # trailing empty components are ignored (Orthanc: no match)
@@ -323,7 +323,7 @@ def findscu(port: int, aec: str, root: str, level: str, keys: dict[str, str], ou
 
 
 def _answer_charset(request_charset: Any, ds: Dataset) -> str:
-    """The Specific Character Set qrproxy must answer `ds` in (README "Query matching"): the request's
+    """The Specific Character Set qrproxy must answer `ds` in (docs/dicom.md "Query matching"): the request's
     own when it is one single-valued set the answer encoder knows and every text value of the row
     fits it, else ISO_IR 192. Computed from the decoded values pydicom read, not from qrproxy."""
     from qrproxy.net.dicomenc import CODECS

@@ -7,7 +7,7 @@ C-FIND data sets with huge element lengths, bad VRs, broken character sets and s
 thousands deep. After every few cases a real association (pynetdicom C-ECHO) must still succeed; at
 the end the process is alive, its log has no traceback, and its resident memory stayed bounded.
 
-Cases per family: QRPROXY_FUZZ_EXAMPLES (default 40); a longer run, see README "Security and limits":
+Cases per family: QRPROXY_FUZZ_EXAMPLES (default 40); a longer run, see docs/operations.md "Security and limits":
     QRPROXY_FUZZ_EXAMPLES=20000 .venv/bin/python -m pytest tests/test_fuzz.py
 """
 

@@ -1,4 +1,4 @@
-"""What the index believes (README): C-FIND answers merge into the index, they never overwrite it.
+"""What the index believes (docs/dicom.md): C-FIND answers merge into the index, they never overwrite it.
 
 The rules are exercised on the real writers (index.py, refresh.write_study, querythrough.remember,
 worklist_index.replace) against SQLite and PostgreSQL; the end-to-end sequence with DCMTK dcmqrscp

@@ -1,5 +1,5 @@
 """Hardened input handling as a peer sees it: calling AE bound to its node's address, per-service
-whitelists, per-peer association cap, idle timeout, maximum PDU and data set size (README "Security
+whitelists, per-peer association cap, idle timeout, maximum PDU and data set size (docs/operations.md "Security
 and limits"). Peers are DCMTK tools, pynetdicom associations from other loopback addresses, and raw
 sockets (tests/fuzz/pdus.py) for what no well-behaved tool sends."""
 

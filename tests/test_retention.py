@@ -1,4 +1,4 @@
-"""Retention: local copies evicted under `retention` limits (README "Retention").
+"""Retention: local copies evicted under `retention` limits (docs/operations.md "Retention").
 
 Studies are stored through a real qrproxy with DCMTK storescu; time is moved by rewriting the
 studies' received_at / last_access_at in the database (never by sleeping); one-shot passes run

@@ -316,7 +316,7 @@ def test_findscu_through_qrproxy_matches_wlmscpfs(db_url: str, worklist_scp: Wor
     out = refresh(proxy)
     assert f"rows {len(ALL) - 1}, new items 0, updated {len(ALL) - 1}, removed 1, ok" in out, out
     # the refresh ran in the CLI's process: on PostgreSQL the server's answer cache sees that write
-    # after at most query.cache_ttl (README "How answers are produced fast")
+    # after at most query.cache_ttl (docs/dicom.md "How answers are produced fast")
     deadline = time.monotonic() + 30
     while "A004" in (seen := by_accession(findscu(proxy.port, "QRPROXY", BASE, tmp_path / "q"))):
         assert time.monotonic() < deadline, f"A004 still answered 30 s after the refresh removed it: {sorted(seen)}"
@@ -530,5 +530,5 @@ def test_findscu_through_qrproxy_matches_orthanc_worklists(db_url: str, orthanc_
     assert not problems, "\n".join(problems)
 
 
-# Shapes where Orthanc's worklist plugin answers differently from wlmscpfs (and qrproxy); see README.
+# Shapes where Orthanc's worklist plugin answers differently from wlmscpfs (and qrproxy); see docs/dicom.md.
 ORTHANC_DIFFERS: set[str] = set()

@@ -130,7 +130,7 @@ def _pydantic_problems(exc: ValidationError, fname: str, lines: dict, data: dict
                 path.append(part)
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see README 'Configuration')"
+            msg = "unknown key (check the spelling; see docs/configuration.md)"
         elif err["type"] == "missing":
             msg = f"missing required key {err['loc'][-1]!r}"
             path = path[: len(path)]

@@ -88,7 +88,7 @@ class Node(_Strict):
     retrieve_method: Literal["move", "get"] = "move"
     commitment: Annotated[NodeCommitment | None, BeforeValidator(_policy_shorthand)] = None
     # Further source addresses (IPs or host names) this node's AE title may call from, besides
-    # `host` (README "Security and limits": bind_ae_to_host).
+    # `host` (docs/operations.md "Security and limits": bind_ae_to_host).
     addresses: list[str] = Field(default_factory=list)
 
     @field_validator("roles")
@@ -122,7 +122,7 @@ class Route(_Strict):
 
 
 class Anonymize(_Strict):
-    """Options of the PS3.15 Annex E Basic Profile (README "Anonymization")."""
+    """Options of the PS3.15 Annex E Basic Profile (docs/configuration.md "Anonymization")."""
 
     retain_uids: bool = False          # Retain UIDs Option
     retain_dates: bool = False         # Retain Longitudinal Temporal Information, Full Dates Option
@@ -170,7 +170,7 @@ class MapValues(_Strict):
 
 
 class Mutation(_Strict):
-    """Applied in this order: anonymize, generate_uid, set, map, replace, remove (README "Mutations")."""
+    """Applied in this order: anonymize, generate_uid, set, map, replace, remove (docs/configuration.md "Mutations")."""
 
     name: str
     on: Literal["worklist", "store", "query"]
@@ -185,7 +185,7 @@ class Mutation(_Strict):
 
 
 class Encryption(_Strict):
-    """Spool encryption at rest (README "Encryption at rest"). The key file itself is checked by
+    """Spool encryption at rest (docs/operations.md "Encryption at rest"). The key file itself is checked by
     `load_config(..., check_key_file=True)` (serve, check): it must exist, be mode 0600 or stricter
     and hold valid keys; `qrproxy keys new` creates it."""
 
@@ -205,19 +205,19 @@ class Tls(_Strict):
 
 
 class StoreSettings(_Strict):
-    """C-STORE reception (README "Store and forward")."""
+    """C-STORE reception (docs/dicom.md "Store and forward")."""
 
     min_free_space: Size = 1_000_000_000
     # Calling AE title (or "*") -> SOP Class UIDs answered Success but not stored, as the Clara adapter does.
     ignore_sop_classes: dict[str, list[str]] = Field(default_factory=dict)
     extra_sop_classes: list[str] = Field(default_factory=list)
-    # A C-STORE data set larger than this is cut off with A-ABORT as it arrives (README "Security
+    # A C-STORE data set larger than this is cut off with A-ABORT as it arrives (docs/operations.md "Security
     # and limits"); 0: no limit.
     max_dataset_size: Size = 4_000_000_000
 
 
 class ServiceAccess(_Strict):
-    """Who may use one service (README "Security and limits")."""
+    """Who may use one service (docs/operations.md "Security and limits")."""
 
     allowed_calling_ae_titles: list[AETitle] = Field(default_factory=list)
 
@@ -247,7 +247,7 @@ class ForwardSettings(_Strict):
 
 
 class CommitmentSettings(_Strict):
-    """Storage commitment (README "Storage commitment")."""
+    """Storage commitment (docs/dicom.md "Storage commitment")."""
 
     # local: committed once durably in the spool; upstream: once every `commitment` node it was
     # forwarded to has confirmed it through its own storage commitment.
@@ -262,7 +262,7 @@ class CommitmentSettings(_Strict):
 
 
 class WorklistSettings(_Strict):
-    """Worklist items in the cache (README "Modality worklist")."""
+    """Worklist items in the cache (docs/dicom.md "Modality worklist")."""
 
     # Items scheduled more than this many days before today are deleted (at each worklist refresh).
     keep_days: int = Field(default=2, ge=0, le=3650)
@@ -271,14 +271,14 @@ class WorklistSettings(_Strict):
 
 
 class RetentionLimits(_Strict):
-    """Limits for the local copies of the studies that came from one node (README "Retention")."""
+    """Limits for the local copies of the studies that came from one node (docs/operations.md "Retention")."""
 
     max_bytes: Size | None = None
     max_age: Duration | None = None
 
 
 class Retention(_Strict):
-    """Eviction of local copies (README "Retention"). Absent: nothing is ever evicted."""
+    """Eviction of local copies (docs/operations.md "Retention"). Absent: nothing is ever evicted."""
 
     max_bytes: Size | None = None     # total of the spool's objects
     max_age: Duration | None = None   # since the study was last received or served
@@ -289,7 +289,7 @@ class Retention(_Strict):
 
 
 class PrefetchRule(_Strict):
-    """Priors of patients on the cached worklist, fetched ahead of time (README "Prefetch")."""
+    """Priors of patients on the cached worklist, fetched ahead of time (docs/dicom.md "Prefetch")."""
 
     name: str
     node: str  # asked with C-FIND for the patient's studies, and retrieved from (role retrieve)

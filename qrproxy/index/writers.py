@@ -153,7 +153,7 @@ UPSTREAM_COUNTS = frozenset({"number_of_series", "number_of_instances", "modalit
 
 def held_locally(session: Session, model: Any, row_id: int) -> bool:
     """Whether an instance at or under this index row has a copy in the spool: then the row's values
-    were read from that file, which outranks what any C-FIND answer says (README "What the index
+    were read from that file, which outranks what any C-FIND answer says (docs/dicom.md "What the index
     believes")."""
     q = select(Instance.id).where(Instance.object_pk.is_not(None))
     if model is Instance:

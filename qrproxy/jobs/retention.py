@@ -1,4 +1,4 @@
-"""Retention: evicting local copies of studies under the `retention` limits (README "Retention").
+"""Retention: evicting local copies of studies under the `retention` limits (docs/operations.md "Retention").
 
 What goes is a study's local copy: its spool files (and their converted variants) and their
 spool_objects rows. The index rows (patient, study, series, instance) stay, with

@@ -12,7 +12,7 @@ class pynetdicom's AssociationServer takes as a parameter) and follows the PDU a
 bytes it passes up, a few integer updates per recv() call. When a limit is crossed it writes an
 A-ABORT PDU itself, logs `event=association-aborted reason=...`, shuts the connection down and
 returns end-of-stream, which pynetdicom handles as a closed transport (Evt17): the association ends,
-store.on_close removes a partial C-STORE file, the slot is freed. Limits (README "Security and
+store.on_close removes a partial C-STORE file, the slot is freed. Limits (docs/operations.md "Security and
 limits"):
 
 - P-DATA-TF PDU longer than the maximum length qrproxy announced (`max_pdu`, plus one PDV item

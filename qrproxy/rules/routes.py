@@ -3,7 +3,7 @@
 Pure so that `qrproxy rules test FILE.dcm` shows exactly what `serve` would do, and so that tests can
 cover every case without a network.
 
-Routing semantics (README "Routing"):
+Routing semantics (docs/configuration.md "Routing"):
 - default destinations come from the called AE title: qrproxy's own `ae_title` (or any title that is
   not an alias) means every node with role `store`; a node's `ae_title` or `QRP_<ae_title>` means
   that node only;

@@ -1,6 +1,6 @@
 """Where a mutation or a `when` reads and writes: a tag, possibly inside sequence items.
 
-Grammar (README "Mutations"): a keyword or `gggg,eeee`, optionally preceded by sequence steps
+Grammar (docs/configuration.md "Mutations"): a keyword or `gggg,eeee`, optionally preceded by sequence steps
 `Sequence[n].` (item n, from 0) or `Sequence[*].` (every item; a bare `Sequence.` means the same):
 
     PatientID

@@ -5,7 +5,7 @@ EVT_REQUESTED to send an A-ABORT or A-ASSOCIATE-RJ"); `AccessPolicy.on_requested
 same three steps pynetdicom's own rejection takes (acse.send_reject, EVT_REJECTED, kill), so the
 association log and everything bound to EVT_REJECTED see it like any other rejection.
 
-Checks, in order (README "Security and limits"):
+Checks, in order (docs/operations.md "Security and limits"):
 
 0. global cap: more than `max_associations` associations at once -> rejected-transient /
    service-provider (presentation) / local-limit-exceeded (0x02, 0x03, 0x02), counted here exactly
