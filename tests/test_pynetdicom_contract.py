@@ -43,7 +43,8 @@ def test_installed_version_is_the_pinned_one() -> None:
 @pytest.mark.parametrize("name", ["STORE_SEND_CHUNKED_DATASET", "STORE_RECV_CHUNKED_DATASET",
                                   "LOG_REQUEST_IDENTIFIERS", "LOG_RESPONSE_IDENTIFIERS"])
 def test_config_flags(name: str) -> None:
-    """forwarder.py, scp/store.py, scp/find.py set these process-wide flags."""
+    """net/tuning.py sets these process-wide flags (stream_sent_datasets, stream_received_datasets,
+    log_identifiers)."""
     assert hasattr(_config, name)
 
 
@@ -52,14 +53,14 @@ def _source(obj: Any) -> str:
 
 
 def test_dul_send_queue_contract() -> None:
-    """pynetdicom_tuning._SendQueue replaces DULServiceProvider.to_provider_queue: the DUL must put
+    """net/tuning.py _SendQueue replaces DULServiceProvider.to_provider_queue: the DUL must put
     with a plain put() and read the head as `.queue[0]`, both of which the subclass keeps."""
     init = _source(DULServiceProvider.__init__)
     assert "self.to_provider_queue" in init and "queue.Queue()" in init
     assert "self.to_provider_queue.put(primitive)" in _source(DULServiceProvider.send_pdu)
     assert "to_provider_queue.queue[0]" in _source(DULServiceProvider._process_recv_primitive)
     assert "_kill_thread" in init
-    assert hasattr(DULServiceProvider, "peek_next_pdu")  # commitment.py
+    assert hasattr(DULServiceProvider, "peek_next_pdu")  # net/tuning.release_pending
     assert issubclass(DULServiceProvider, __import__("threading").Thread)  # dul.is_alive()
     q: queue.Queue[Any] = queue.Queue()
     assert hasattr(q, "queue") and hasattr(q, "mutex") and hasattr(q, "not_full")
@@ -69,22 +70,23 @@ def test_dul_send_queue_contract() -> None:
                                   "is_requestor", "accepted_contexts", "dimse_timeout", "send_c_store",
                                   "abort", "kill", "_handle_no_response", "_check_received_status"])
 def test_association_members(name: str) -> None:
-    """pynetdicom_tuning (FastStore, _SendQueue, keep_responses_from_reactor), forwarder.py."""
+    """net/tuning.py (FastStore, _SendQueue, keep_responses_from_reactor, reject) and the public
+    attributes scu/forward.py reads."""
     assoc = Association(pynetdicom.AE(), "requestor")
     assert hasattr(assoc, name), name
 
 
 def test_dimse_and_acse_members() -> None:
-    """keep_responses_from_reactor and commitment_scu call get_msg(block=...) and send_msg(primitive,
-    context_id); fast_retrieve_pending wraps send_msg; scp/access.py calls ACSE.send_reject(result,
-    source, diagnostic)."""
+    """net/tuning.py: keep_responses_from_reactor, next_message and answer_event_report call
+    get_msg(block=...) and send_msg(primitive, context_id); fast_retrieve_pending wraps send_msg;
+    reject (scp/access.py's rejections) calls ACSE.send_reject(result, source, diagnostic)."""
     assert "block" in inspect.signature(DIMSEServiceProvider.get_msg).parameters
     assert list(inspect.signature(DIMSEServiceProvider.send_msg).parameters)[1:3] == ["primitive", "context_id"]
     assert list(inspect.signature(ACSE.send_reject).parameters)[1:4] == ["result", "source", "diagnostic"]
 
 
 def test_received_and_sent_files_go_through_patchable_names() -> None:
-    """pynetdicom_tuning.encrypt_received_files replaces dimse_messages.NamedTemporaryFile;
+    """net/tuning.encrypt_received_files replaces dimse_messages.NamedTemporaryFile;
     decrypt_sent_files shadows `open` in dimse_messages and dsutils."""
     assert "NamedTemporaryFile" in vars(dimse_messages)
     assert "open(" in _source(dsutils.split_dataset)
@@ -92,9 +94,9 @@ def test_received_and_sent_files_go_through_patchable_names() -> None:
 
 
 def test_transport_hooks() -> None:
-    """app.Server subclasses ThreadedAssociationServer (server_bind, get_request,
+    """net/server.Server subclasses ThreadedAssociationServer (server_bind, get_request,
     process_request_thread, socket.listen for the backlog); pdu_guard subclasses RequestHandler and
-    wraps AssociationSocket.socket; scp/associations.set_nodelay reads assoc.dul.socket.socket."""
+    wraps AssociationSocket.socket; net/tuning.set_nodelay reads assoc.dul.socket.socket."""
     for name in ("server_bind", "get_request", "process_request_thread", "shutdown", "active_associations"):
         assert hasattr(ThreadedAssociationServer, name), name
     assert hasattr(RequestHandler, "handle")
@@ -102,7 +104,7 @@ def test_transport_hooks() -> None:
 
 
 def test_presentation_context_copy_fields() -> None:
-    """pynetdicom_tuning.cheap_context_copies gives PresentationContext a __deepcopy__ that copies
+    """net/tuning.cheap_context_copies gives PresentationContext a __deepcopy__ that copies
     its fields; it must still be a plain object whose transfer syntaxes live in _transfer_syntax."""
     cx = PresentationContext()
     cx.abstract_syntax = "1.2.840.10008.1.1"

@@ -43,6 +43,7 @@ from sqlalchemy import func, select, update
 from qrproxy.index.models import CommitmentItem, CommitmentRequest, ForwardItem, ForwardState, SpoolObject, utcnow
 from qrproxy.scu.forward import backoff
 from qrproxy.logs import kv
+from qrproxy.net import tuning as pynetdicom_tuning
 from qrproxy.scu.commitment import (PROCESSING_FAILURE, SCPM, SYNTAXES, WELL_KNOWN_INSTANCE, CommitmentSCU,
                                     items_of)
 from qrproxy.scu.upstream import UpstreamError, associate
@@ -169,15 +170,7 @@ class Commitment:
             entry = self.open.get(transaction_uid)
         if entry is None or not entry.response_sent.is_set():
             return None
-        assoc = entry.assoc
-        try:
-            # peek, never take: the reactor must still see and answer an A-RELEASE-RQ
-            pending = assoc.dul.peek_next_pdu()
-            if not assoc.is_established or type(pending).__name__ in ("A_RELEASE", "A_ABORT", "A_P_ABORT"):
-                return None
-        except Exception:
-            return None
-        return assoc
+        return None if pynetdicom_tuning.release_pending(entry.assoc) else entry.assoc
 
     # --- lifecycle ------------------------------------------------------------------------------
 

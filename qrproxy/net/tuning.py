@@ -85,7 +85,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
-from pynetdicom import _config
+from pynetdicom import _config, evt
 from pynetdicom.dimse_primitives import N_EVENT_REPORT
 from pynetdicom.dsutils import decode
 from pynetdicom.pdu_primitives import P_DATA
@@ -588,3 +588,22 @@ def set_nodelay(event: Any) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except (AttributeError, OSError):
         pass
+
+
+def reject(assoc: Any, result: int, source: int, diagnostic: int) -> None:
+    """Answer an A-ASSOCIATE-RQ with A-ASSOCIATE-RJ from an EVT_REQUESTED handler, in the three steps
+    pynetdicom's own rejection takes (acse.send_reject, EVT_REJECTED, kill), so the association
+    log and everything bound to EVT_REJECTED see it like any other rejection."""
+    assoc.acse.send_reject(result, source, diagnostic)
+    evt.trigger(assoc, evt.EVT_REJECTED, {})
+    assoc.kill()
+
+
+def release_pending(assoc: Any) -> bool:
+    """Whether the peer has asked to end the association (an A-RELEASE-RQ or A-ABORT waits unread)
+    or it is gone. Peeks, never takes: the reactor must still see and answer an A-RELEASE-RQ."""
+    try:
+        pending = assoc.dul.peek_next_pdu()
+        return not assoc.is_established or type(pending).__name__ in ("A_RELEASE", "A_ABORT", "A_P_ABORT")
+    except Exception:
+        return True

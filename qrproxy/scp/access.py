@@ -1,9 +1,9 @@
 """Who may associate, from where, and for which service; decided when the A-ASSOCIATE-RQ arrives.
 
 pynetdicom lets an EVT_REQUESTED handler answer the request itself (association.py: "User used
-EVT_REQUESTED to send an A-ABORT or A-ASSOCIATE-RJ"); `AccessPolicy.on_requested` does so in the
-same three steps pynetdicom's own rejection takes (acse.send_reject, EVT_REJECTED, kill), so the
-association log and everything bound to EVT_REJECTED see it like any other rejection.
+EVT_REQUESTED to send an A-ABORT or A-ASSOCIATE-RJ"); `AccessPolicy.on_requested` does so through
+net/tuning.reject, the same three steps pynetdicom's own rejection takes, so the association log
+and everything bound to EVT_REJECTED see it like any other rejection.
 
 Checks, in order (docs/operations.md "Security and limits"):
 
@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from pynetdicom import evt
 
 from qrproxy.logs import kv
+from qrproxy.net import tuning as pynetdicom_tuning
 
 if TYPE_CHECKING:
     from qrproxy.config.schema import Config
@@ -117,9 +118,7 @@ class AccessPolicy:
                        peer=f"{assoc.requestor.address}:{assoc.requestor.port}", **fields))
         _REJECT_REASONS[assoc] = reason
         assoc.requestor.ae_title = calling  # as pynetdicom's negotiation would, for the association log
-        assoc.acse.send_reject(*rsd)
-        evt.trigger(assoc, evt.EVT_REJECTED, {})
-        assoc.kill()
+        pynetdicom_tuning.reject(assoc, *rsd)
 
     def on_requested(self, event: Any) -> None:
         assoc = event.assoc
