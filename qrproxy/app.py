@@ -97,7 +97,8 @@ class Proxy:
         if prepare:
             self.prepare()
         if self.metrics is not None and self.worker == 0:
-            self.http = HttpEndpoint(self.config, self.engine, self.metrics)  # binds now: a taken port fails before anything else starts
+            # binds now: a taken port fails before anything else starts
+            self.http = HttpEndpoint(self.config, self.engine, self.metrics)
         store.configure_receive(self.spool)
         cheap_context_copies()
         quiet_peer_errors()

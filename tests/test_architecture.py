@@ -200,3 +200,13 @@ def test_each_package_says_what_it_owns(name: str) -> None:
     doc = ast.get_docstring(ast.parse(MODULES[name].read_text())) or ""
     assert len(doc.split()) >= 15 and "import" in doc, (
         f"{name}/__init__.py: the docstring says what the package owns and what it may import")
+
+
+def test_every_package_ships_in_the_wheel() -> None:
+    """pyproject lists packages by name (migrations/ is mapped into the wheel as qrproxy.migrations):
+    a new subpackage missing there installs without its modules."""
+    import tomllib
+
+    listed = set(tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    present = {name for name, path in MODULES.items() if path.name == "__init__.py"}
+    assert present <= listed, f"packages missing from pyproject.toml [tool.setuptools] packages: {present - listed}"
