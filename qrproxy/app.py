@@ -29,8 +29,9 @@ from qrproxy.jobs.refresh import Refresher
 from qrproxy.jobs.retention import Retention
 from qrproxy.logs import kv
 from qrproxy.net import tls
-from qrproxy.net.pdu_guard import Limits, quiet_peer_errors
+from qrproxy.net.pdu_guard import Limits
 from qrproxy.net.pdu_guard import on_established as guard_on_established
+from qrproxy.net.pdu_guard import quiet_peer_errors
 from qrproxy.net.server import ReusePortServer, Server, listen_backlog
 from qrproxy.net.tuning import cheap_context_copies
 from qrproxy.ops.metrics import Metrics, disable_multiprocess, enable_multiprocess, worker_exited

@@ -19,7 +19,7 @@ import yaml
 from pydantic import ValidationError
 from sqlalchemy.engine import make_url
 
-from qrproxy.config.schema import Config, ROUTE_AE_KEYS
+from qrproxy.config.schema import ROUTE_AE_KEYS, Config
 from qrproxy.config.tags import parse_tag
 from qrproxy.config.units import is_relative_date
 

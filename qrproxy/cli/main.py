@@ -14,8 +14,8 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from qrproxy import __version__
-from qrproxy.config.schema import Config
 from qrproxy.cli.load import ConfigError, load_config
+from qrproxy.config.schema import Config
 
 if TYPE_CHECKING:
     from qrproxy.config.schema import RefreshJob
@@ -233,8 +233,8 @@ def cmd_prefetch(cfg: Config, name: str | None, now: bool) -> int:
 def cmd_queue(cfg: Config, args: argparse.Namespace) -> int:
     import json
 
-    from qrproxy.ops import queue_actions as queue
     from qrproxy.index.session import make_engine, make_sessionmaker
+    from qrproxy.ops import queue_actions as queue
 
     f = queue.Filter(node=args.node, state=args.state, study=args.study, ids=args.ids)
     if args.node and args.node not in cfg.nodes:
@@ -392,9 +392,9 @@ def cmd_rules_test(cfg: Config, args: argparse.Namespace) -> int:
 
     from pydicom.errors import InvalidDicomError
 
+    from qrproxy.index.uidmap import MemoryPseudonyms
     from qrproxy.rules.anonymize import AnonymizeError
     from qrproxy.rules.routes import apply_mutations, describe, diff, mutations_for
-    from qrproxy.index.uidmap import MemoryPseudonyms
 
     try:
         datasets = _read_datasets(args.file)

@@ -32,8 +32,8 @@ import logging
 import os
 import socket
 import threading
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pydicom.dataset import Dataset
@@ -41,11 +41,10 @@ from pynetdicom import build_role
 from sqlalchemy import func, select, update
 
 from qrproxy.index.models import CommitmentItem, CommitmentRequest, ForwardItem, ForwardState, SpoolObject, utcnow
-from qrproxy.scu.forward import backoff
 from qrproxy.logs import kv
 from qrproxy.net import tuning as pynetdicom_tuning
-from qrproxy.scu.commitment import (PROCESSING_FAILURE, SCPM, SYNTAXES, WELL_KNOWN_INSTANCE, CommitmentSCU,
-                                    items_of)
+from qrproxy.scu.commitment import PROCESSING_FAILURE, SCPM, SYNTAXES, WELL_KNOWN_INSTANCE, CommitmentSCU, items_of
+from qrproxy.scu.forward import backoff
 from qrproxy.scu.upstream import UpstreamError, associate
 
 if TYPE_CHECKING:

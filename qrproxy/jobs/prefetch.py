@@ -30,12 +30,12 @@ from typing import TYPE_CHECKING, Any
 from pydicom.dataset import Dataset
 from sqlalchemy import func, select, update
 
-from qrproxy.jobs import refresh
-from qrproxy.scu import upstream
 from qrproxy.config.schema import PrefetchRule
 from qrproxy.index.models import Instance, PrefetchItem, Series, SpoolObject, Study, WorklistItem, utcnow
 from qrproxy.index.writers import dialect_insert
+from qrproxy.jobs import refresh
 from qrproxy.logs import kv
+from qrproxy.scu import upstream
 from qrproxy.scu.upstream import UpstreamError
 
 if TYPE_CHECKING:

@@ -33,15 +33,19 @@ from pydicom.dataset import Dataset
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from qrproxy.scu import upstream
 from qrproxy.config.schema import Config, RefreshJob
-from qrproxy.index.models import Instance, Patient, RefreshRun, Series, Study, utcnow
-from qrproxy.index.columns import IMAGE_KEYS, SERIES_KEYS, STUDY_KEYS
-from qrproxy.index.writers import (Header, found_study_header, int_of, merge_found_instances, text_of, upsert_found_study,
-                                   upsert_series)
-from qrproxy.logs import kv
 from qrproxy.config.tags import parse_tag
 from qrproxy.config.units import is_relative_date, resolve_relative_date
+from qrproxy.index.columns import IMAGE_KEYS, SERIES_KEYS, STUDY_KEYS
+from qrproxy.index.models import Instance, Patient, RefreshRun, Series, Study, utcnow
+from qrproxy.index.writers import (Header, found_study_header, int_of, merge_found_instances, text_of,
+                                   upsert_found_study, upsert_series)
+from qrproxy.logs import kv
+from qrproxy.query import worklist
+from qrproxy.query.matching import QueryError, parse_query, residual_keys, select_matching
+from qrproxy.query.worklist_index import item_row, prune, replace
+from qrproxy.rules import routes as rules
+from qrproxy.scu import upstream
 
 log = logging.getLogger("qrproxy.refresh")
 
@@ -183,8 +187,6 @@ def _remove_vanished(session: Session, job: RefreshJob, identifier: Dataset, see
     """Delete the studies of `job.node` that the same query selects in the index but the node no
     longer listed, unless one of their instances has a local copy. 0 when the query cannot be
     decided exactly in SQL (nothing is removed on a guess)."""
-    from qrproxy.query.matching import QueryError, parse_query, residual_keys, select_matching
-
     try:
         query = parse_query(identifier, "STUDY", "study")
     except QueryError as exc:
@@ -324,10 +326,6 @@ def _run_worklist(config: Config, sessions: sessionmaker[Session], job: RefreshJ
     """MWL C-FIND to the job's node; every answer (one item per scheduled step, `on: worklist`
     mutations applied) replaces the node's items inside the query's window in one transaction, then
     items older than `worklist.keep_days` are pruned. Nothing is written unless the C-FIND completed."""
-    from qrproxy.rules import routes as rules
-    from qrproxy.query import worklist
-    from qrproxy.query.worklist_index import item_row, prune, replace
-
     identifier = worklist.refresh_identifier(job.query, today)
     with upstream.find_session(config, job.node, "worklist", timeout=job.timeout, cancel=cancel) as fs:
         answers = fs.find(identifier)

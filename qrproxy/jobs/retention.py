@@ -33,11 +33,10 @@ from sqlalchemy import delete, exists, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from qrproxy.config.schema import Config
-from qrproxy.store.spool import Spool
-from qrproxy.index.models import (
-    CommitmentItem, CommitmentRequest, ForwardItem, ForwardState, SpoolObject, Study, utcnow,
-)
+from qrproxy.index.models import (CommitmentItem, CommitmentRequest, ForwardItem, ForwardState, SpoolObject, Study,
+                                  utcnow)
 from qrproxy.logs import kv
+from qrproxy.store.spool import Spool
 
 log = logging.getLogger("qrproxy.retention")
 

@@ -72,15 +72,14 @@ C-STORE sub-operations written straight to the socket (C-MOVE / C-GET)
 from __future__ import annotations
 
 import builtins
-
 import os
 import queue
 import select
 import socket
 import struct
+import tempfile
 import threading
 import time
-import tempfile
 import weakref
 from collections.abc import Callable
 from typing import Any, BinaryIO

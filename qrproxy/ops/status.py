@@ -13,8 +13,16 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from qrproxy.scu import upstream
 from qrproxy.config.schema import Config
+from qrproxy.index import models
+from qrproxy.index.session import make_engine
+from qrproxy.jobs.commitment import pending_summary
+from qrproxy.jobs.prefetch import summary as prefetch_summary
+from qrproxy.jobs.refresh import last_runs
+from qrproxy.jobs.retention import summary
+from qrproxy.ops import queue_actions as queue
+from qrproxy.scu import mpps as mpps_relay
+from qrproxy.scu import upstream
 
 
 @dataclass
@@ -53,9 +61,6 @@ def collect(cfg: Config, echo_nodes: bool = True, engine: Any = None, log_errors
     its own, disposed at the end. `log_errors`: read the latest WARNING/ERROR lines from `log.file`."""
     from alembic.runtime.migration import MigrationContext
 
-    from qrproxy.index import models
-    from qrproxy.index.session import make_engine
-
     st = Status(cfg)
     own_engine = engine is None
     if engine is None:
@@ -74,11 +79,7 @@ def collect(cfg: Config, echo_nodes: bool = True, engine: Any = None, log_errors
                     st.counts[label] = conn.execute(select(func.count()).select_from(model)).scalar_one()
                 from sqlalchemy.orm import Session
 
-                from qrproxy.ops import queue_actions as queue
-
                 with Session(conn) as s:
-                    from qrproxy.jobs.refresh import last_runs
-
                     for name, run in last_runs(s, [job.name for job in cfg.refresh]).items():
                         st.refresh_runs[name] = {"started_at": run.started_at, "finished_at": run.finished_at,
                                                  "status": run.status, "rows": run.rows, "error": run.error}
@@ -89,14 +90,10 @@ def collect(cfg: Config, echo_nodes: bool = True, engine: Any = None, log_errors
                         .group_by(run_t.job_name)).all())
                     st.queues = queue.depths(s)
                     _collect_worklist(st, s)
-                    from qrproxy.jobs.retention import summary
 
                     st.spool_usage = summary(s)
                     if cfg.prefetch:
-                        from qrproxy.jobs.prefetch import summary as prefetch_summary
-
                         st.prefetch = prefetch_summary(s)
-                    from qrproxy.jobs.commitment import pending_summary
 
                     st.commitment, st.commitment_open, st.commitment_out = pending_summary(s)
                     st.oldest = queue.oldest_pending(s)
@@ -250,9 +247,6 @@ def _render_spool_usage(st: Status) -> list[str]:
 
 
 def _collect_worklist(st: Status, s: Any) -> None:
-    from qrproxy.scu import mpps as mpps_relay
-    from qrproxy.index import models
-
     item = models.WorklistItem
     st.worklist = {"open": s.execute(select(func.count()).select_from(item).where(item.done_at.is_(None))).scalar_one(),
                    "done": s.execute(select(func.count()).select_from(item).where(item.done_at.is_not(None))).scalar_one()}

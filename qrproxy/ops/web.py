@@ -29,16 +29,17 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from qrproxy import __version__
-from qrproxy.scu import upstream
+from qrproxy.index.session import read_only
 from qrproxy.logs import kv
 from qrproxy.ops.metrics import StateCollector, scrape_registry
 from qrproxy.ops.status import Status, collect
+from qrproxy.scu import upstream
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
 
-    from qrproxy.ops.metrics import Metrics
     from qrproxy.config.schema import Config
+    from qrproxy.ops.metrics import Metrics
 
 log = logging.getLogger("qrproxy.http")
 
@@ -209,8 +210,6 @@ class HttpEndpoint:
         self.health.close()
 
     def snapshot(self) -> Status:
-        from qrproxy.index.session import read_only
-
         st = collect(self.config, echo_nodes=False, engine=read_only(self.engine), log_errors=False)
         st.recent_errors = list(self.errors.lines)
         return st

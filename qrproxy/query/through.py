@@ -20,12 +20,12 @@ from pydicom.dataset import Dataset
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from qrproxy.index.models import Patient, Series, Study
-from qrproxy.index.dsmerge import is_empty
-from qrproxy.query.matching import UNIQUE_KEYS
 from qrproxy.index.columns import IMAGE_KEYS, SERIES_KEYS, STUDY_KEYS
+from qrproxy.index.dsmerge import is_empty
+from qrproxy.index.models import Patient, Series, Study
 from qrproxy.index.writers import (Header, found_study_header, int_of, merge_found_instances, merge_row, text_of,
                                    upsert_found_study, upsert_series)
+from qrproxy.query.matching import UNIQUE_KEYS
 
 PATIENT_KEYS = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex")
 _LEVEL_KEYS = {

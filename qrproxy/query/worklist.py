@@ -33,10 +33,10 @@ from pydicom.filewriter import write_dataset
 from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 
-from qrproxy.index.writers import text_of, normalize_name
-from qrproxy.query.matching import ReturnKey
 from qrproxy.config.tags import parse_tag
 from qrproxy.config.units import is_relative_date, resolve_relative_date
+from qrproxy.index.writers import normalize_name, text_of
+from qrproxy.query.matching import ReturnKey
 
 SPS = "ScheduledProcedureStepSequence"
 

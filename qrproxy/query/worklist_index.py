@@ -19,11 +19,12 @@ from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from qrproxy.query import worklist
 from qrproxy.index.dsmerge import fill_missing
 from qrproxy.index.models import WorklistItem, utcnow
+from qrproxy.index.session import read_only
 from qrproxy.index.writers import dialect_insert
 from qrproxy.logs import kv
+from qrproxy.query import worklist
 from qrproxy.query.matching import QueryError, matches_in_python, parse_query, residual_keys, select_matching
 
 log = logging.getLogger("qrproxy.worklist")
@@ -178,8 +179,6 @@ def close_on_store(mode: str, engine: Engine, sessions: sessionmaker[Session], h
         while len(_seen) > _SEEN_MAX:
             _seen.popitem(last=False)
     try:
-        from qrproxy.index.session import read_only
-
         with Session(read_only(engine)) as s:
             ids = open_items_for_study(s, mode, hdr.study_instance_uid, hdr.study.get("accession_number"))
         if not ids:

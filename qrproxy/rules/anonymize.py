@@ -29,6 +29,8 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
 
+from qrproxy.config.tags import tag_label
+
 if TYPE_CHECKING:
     from qrproxy.config.schema import Anonymize
 
@@ -231,8 +233,6 @@ def _mark(ds: Dataset, options: Anonymize, keep: frozenset[int]) -> None:
     if options.keep_private:
         text.append("Private attributes kept")
     if keep:
-        from qrproxy.config.tags import tag_label
-
         text.append(("Kept: " + ", ".join(tag_label(t).split(" ")[0] for t in sorted(keep)))[:64])
     ds.PatientIdentityRemoved = "YES"
     ds.DeidentificationMethod = [t[:64] for t in text]

@@ -20,8 +20,8 @@ from typing import Any
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 
-from qrproxy.rules.anonymize import Pseudonyms, anonymize
 from qrproxy.config.schema import Mutation
+from qrproxy.rules.anonymize import Pseudonyms, anonymize
 from qrproxy.rules.tagpath import TagPath, element_text, parse_path
 from qrproxy.rules.templates import parse_template
 

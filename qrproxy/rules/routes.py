@@ -22,8 +22,11 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
-from qrproxy.rules.anonymize import Pseudonyms
 from qrproxy.config.schema import Config, Mutation, Route
+from qrproxy.config.tags import tag_label
+from qrproxy.index.uidmap import MemoryPseudonyms
+from qrproxy.rules.anonymize import Pseudonyms
+from qrproxy.rules.mutations import apply_one
 from qrproxy.rules.tagpath import element_text as _text
 from qrproxy.rules.tagpath import parse_path
 
@@ -116,13 +119,9 @@ def apply_mutations(ds: Dataset, mutations: Iterable[Mutation], pseudonyms: Pseu
     Procedure Step Sequence). Only anonymize can raise (AnonymizeError): an instance that cannot be
     anonymized must not be sent.
     """
-    from qrproxy.rules.mutations import apply_one
-
     changes: list[str] = []
     for m in mutations:
         if m.anonymize is not None and pseudonyms is None:
-            from qrproxy.index.uidmap import MemoryPseudonyms
-
             pseudonyms = MemoryPseudonyms()
         changes += apply_one(ds, m, pseudonyms, on or m.on)
     return changes
@@ -140,8 +139,6 @@ def describe(cfg: Config, ds: Dataset, calling_ae: str, called_ae: str) -> dict[
 
 def _flat(ds: Dataset, prefix: str = "") -> dict[str, str]:
     """Every element as `label -> shown value`, items of sequences as `Seq[i].`, for diffs."""
-    from qrproxy.config.tags import tag_label
-
     out: dict[str, str] = {}
     for elem in ds:
         label = prefix + tag_label(int(elem.tag))

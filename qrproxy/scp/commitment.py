@@ -28,8 +28,8 @@ from pydicom.dataset import Dataset
 from pynetdicom import evt
 from sqlalchemy import select
 
-from qrproxy.jobs.commitment import SCPM, SYNTAXES, decide_local
 from qrproxy.index.models import CommitmentItem, CommitmentRequest, utcnow
+from qrproxy.jobs.commitment import SCPM, SYNTAXES, decide_local
 from qrproxy.logs import kv
 from qrproxy.scp.associations import called_ae_title
 from qrproxy.scp.responses import Refused

@@ -28,36 +28,35 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pydicom import config as pydicom_config
-from pydicom.dataelem import DataElement
 from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
 from pydicom.tag import BaseTag, Tag
 from pynetdicom import evt
-from pynetdicom.sop_class import (
-    PatientRootQueryRetrieveInformationModelFind,
-    StudyRootQueryRetrieveInformationModelFind,
-)
+from pynetdicom.sop_class import (PatientRootQueryRetrieveInformationModelFind,
+                                  StudyRootQueryRetrieveInformationModelFind)
 from sqlalchemy import distinct, func, literal_column, select
 from sqlalchemy.orm import aliased
 
-from qrproxy.net import dicomenc
-from qrproxy.net import tuning as pynetdicom_tuning
-from qrproxy.query import hotcache, modes as querymode, through as querythrough
-from qrproxy.scu import upstream
 from qrproxy.index.columns import ENTITIES, QR_COLUMNS
+from qrproxy.index.dsmerge import is_empty
 from qrproxy.index.models import Instance, Patient, Series, Study, utcnow
 from qrproxy.index.session import read_only
-from qrproxy.index.dsmerge import is_empty
 from qrproxy.index.writers import STUDY_SEQUENCES, read_sequences
 from qrproxy.logs import kv
-from qrproxy.query.matching import (
-    LEVELS, UNIQUE_KEYS, Query, QueryError, matches_in_python, parse_query, residual_keys, select_matching,
-)
+from qrproxy.net import dicomenc
+from qrproxy.net import tuning as pynetdicom_tuning
+from qrproxy.query import hotcache
+from qrproxy.query import modes as querymode
+from qrproxy.query import through as querythrough
+from qrproxy.query.matching import (LEVELS, UNIQUE_KEYS, Query, QueryError, matches_in_python, parse_query,
+                                    residual_keys, select_matching)
 from qrproxy.scp import pending
-from qrproxy.scp.responses import status as _status
 from qrproxy.scp.associations import called_ae_title
+from qrproxy.scp.responses import status as _status
+from qrproxy.scu import upstream
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine

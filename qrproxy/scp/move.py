@@ -38,28 +38,27 @@ from typing import TYPE_CHECKING, Any
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
 from pynetdicom import build_context, evt
-from pynetdicom.sop_class import (
-    PatientRootQueryRetrieveInformationModelGet,
-    PatientRootQueryRetrieveInformationModelMove,
-    StudyRootQueryRetrieveInformationModelGet,
-    StudyRootQueryRetrieveInformationModelMove,
-)
+from pynetdicom.sop_class import (PatientRootQueryRetrieveInformationModelGet,
+                                  PatientRootQueryRetrieveInformationModelMove,
+                                  StudyRootQueryRetrieveInformationModelGet,
+                                  StudyRootQueryRetrieveInformationModelMove)
 from sqlalchemy import select
 
-from qrproxy.jobs import refresh
-from qrproxy.rules.anonymize import AnonymizeError
-from qrproxy.store.codec import TARGETS
 from qrproxy.config.schema import Node
-from qrproxy.store.crypto import CryptoError
 from qrproxy.index.models import Instance, Patient, Series, SpoolObject, Study, utcnow
-from qrproxy.scu.forward import EXPLICIT_LITTLE, Job, candidates
+from qrproxy.jobs import refresh
+from qrproxy.jobs.retention import touch_study
 from qrproxy.logs import kv
 from qrproxy.net.tuning import FastStore, fast_retrieve_pending, keep_responses_from_reactor
-from qrproxy.jobs.retention import touch_study
-from qrproxy.scu.retrieve import Retrieval
-from qrproxy.store.spool import dcmread
-from qrproxy.scu.upstream import UpstreamError
+from qrproxy.rules.anonymize import AnonymizeError
 from qrproxy.scp.associations import set_nodelay
+from qrproxy.scu import upstream
+from qrproxy.scu.forward import EXPLICIT_LITTLE, Job, candidates
+from qrproxy.scu.retrieve import Retrieval
+from qrproxy.scu.upstream import UpstreamError
+from qrproxy.store.codec import TARGETS
+from qrproxy.store.crypto import CryptoError
+from qrproxy.store.spool import dcmread
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
@@ -237,8 +236,6 @@ class RetrieveSCP:
         return next(iter(nodes), None)
 
     def _learn_patients(self, node: str, patient_ids: tuple[str, ...]) -> list[str]:
-        from qrproxy.scu import upstream
-
         uids: list[str] = []
         ident = Dataset()
         ident.QueryRetrieveLevel = "STUDY"

@@ -24,14 +24,14 @@ from pynetdicom import evt
 from pynetdicom.sop_class import ModalityPerformedProcedureStep
 from sqlalchemy import select
 
-from qrproxy.query import worklist
 from qrproxy.index.models import MppsMessage, MppsStep
 from qrproxy.index.writers import text_of
 from qrproxy.logs import kv
+from qrproxy.query import worklist
 from qrproxy.query.worklist_index import mark_done
+from qrproxy.scp.associations import called_ae_title
 from qrproxy.scp.responses import Refused
 from qrproxy.scp.responses import status as _status
-from qrproxy.scp.associations import called_ae_title
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker

@@ -30,19 +30,20 @@ from pynetdicom import evt
 from pynetdicom.sop_class import ModalityWorklistInformationFind
 from sqlalchemy import select
 
-from qrproxy.net import dicomenc
-from qrproxy.query import hotcache, modes as querymode, worklist
-from qrproxy.rules import routes as rules
-from qrproxy.scu import upstream
 from qrproxy.index.models import WorklistItem
 from qrproxy.index.session import read_only
 from qrproxy.logs import kv
-from qrproxy.query.matching import (
-    Query, QueryError, matches_in_python, parse_query, residual_keys, select_matching,
-)
+from qrproxy.net import dicomenc
+from qrproxy.query import hotcache
+from qrproxy.query import modes as querymode
+from qrproxy.query import worklist
+from qrproxy.query.matching import (Query, QueryError, matches_in_python, parse_query, residual_keys,
+                                    select_matching)
+from qrproxy.rules import routes as rules
 from qrproxy.scp import pending
-from qrproxy.scp.responses import status as _status
 from qrproxy.scp.associations import called_ae_title
+from qrproxy.scp.responses import status as _status
+from qrproxy.scu import upstream
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine

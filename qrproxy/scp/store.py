@@ -29,18 +29,17 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
-
 from sqlalchemy.exc import IntegrityError
 
-from qrproxy.net import tuning as pynetdicom_tuning
-from qrproxy.store.crypto import CryptoError
 from qrproxy.index.writers import Header, IndexWriter
 from qrproxy.logs import kv
-from qrproxy.rules.routes import route
-from qrproxy.store.spool import Committed, Spool, fsync_file
+from qrproxy.net import tuning as pynetdicom_tuning
 from qrproxy.query.worklist_index import close_on_store
-from qrproxy.scp.responses import status as _status
+from qrproxy.rules.routes import route
 from qrproxy.scp.associations import called_ae_title
+from qrproxy.scp.responses import status as _status
+from qrproxy.store.crypto import CryptoError
+from qrproxy.store.spool import Committed, Spool, fsync_file
 
 if TYPE_CHECKING:
     from concurrent.futures import Executor

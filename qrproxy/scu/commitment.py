@@ -21,14 +21,14 @@ from typing import TYPE_CHECKING, Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
-from pynetdicom.sop_class import StorageCommitmentPushModel
 from pynetdicom.dimse_primitives import N_EVENT_REPORT
+from pynetdicom.sop_class import StorageCommitmentPushModel
 from sqlalchemy import select, update
 
-from qrproxy.net import tuning as pynetdicom_tuning
 from qrproxy.index.models import CommitmentItem, CommitmentRequest, utcnow
-from qrproxy.scu.forward import backoff
 from qrproxy.logs import kv
+from qrproxy.net import tuning as pynetdicom_tuning
+from qrproxy.scu.forward import backoff
 from qrproxy.scu.upstream import UpstreamError, associate
 
 if TYPE_CHECKING:

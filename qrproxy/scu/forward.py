@@ -36,23 +36,23 @@ import random
 import socket
 import threading
 import time
-from concurrent.futures import Future, ProcessPoolExecutor
 from collections.abc import Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import or_, select, update
 
+from qrproxy.index.models import ForwardItem, ForwardState, SpoolObject, utcnow
+from qrproxy.index.uidmap import DbPseudonyms
+from qrproxy.logs import kv
 from qrproxy.net import tuning as pynetdicom_tuning
+from qrproxy.rules.anonymize import AnonymizeError
+from qrproxy.rules.routes import apply_mutations, mutations_for
+from qrproxy.scu.upstream import UpstreamError, associate
 from qrproxy.store.codec import TARGETS
 from qrproxy.store.crypto import CryptoError, KeySource
-from qrproxy.index.models import ForwardItem, ForwardState, SpoolObject, utcnow
-from qrproxy.logs import kv
-from qrproxy.rules.anonymize import AnonymizeError
 from qrproxy.store.spool import dcmread
-from qrproxy.rules.routes import apply_mutations, mutations_for
-from qrproxy.index.uidmap import DbPseudonyms
-from qrproxy.scu.upstream import UpstreamError, associate
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker

@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, Any
 from pynetdicom.sop_class import ModalityPerformedProcedureStep
 from sqlalchemy import select, update
 
-from qrproxy.query import worklist
 from qrproxy.index.models import ForwardState, MppsMessage, utcnow
-from qrproxy.scu.forward import backoff, classify
 from qrproxy.logs import kv
+from qrproxy.query import worklist
+from qrproxy.scu.forward import backoff, classify
 from qrproxy.scu.upstream import UpstreamError, associate
 
 if TYPE_CHECKING:

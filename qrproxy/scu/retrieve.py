@@ -25,12 +25,10 @@ from typing import TYPE_CHECKING, Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import evt
-from pynetdicom.presentation import StoragePresentationContexts
-from pynetdicom.sop_class import (
-    StudyRootQueryRetrieveInformationModelGet,
-    StudyRootQueryRetrieveInformationModelMove,
-)
 from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
+from pynetdicom.presentation import StoragePresentationContexts
+from pynetdicom.sop_class import (StudyRootQueryRetrieveInformationModelGet,
+                                  StudyRootQueryRetrieveInformationModelMove)
 from sqlalchemy import select
 
 from qrproxy.index.models import Instance, SpoolObject

@@ -15,17 +15,13 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import (
-    ModalityWorklistInformationFind,
-    PatientRootQueryRetrieveInformationModelFind,
-    StudyRootQueryRetrieveInformationModelFind,
-    Verification,
-)
+from pynetdicom.sop_class import (ModalityWorklistInformationFind, PatientRootQueryRetrieveInformationModelFind,
+                                  StudyRootQueryRetrieveInformationModelFind, Verification)
 
 from qrproxy.config.schema import Config, Node
 from qrproxy.logs import kv
-from qrproxy.net.tuning import bound_send_queue, keep_responses_from_reactor, set_nodelay
 from qrproxy.net.tls import TlsError, handshake_problem, node_client_context
+from qrproxy.net.tuning import bound_send_queue, keep_responses_from_reactor, set_nodelay
 
 log = logging.getLogger("qrproxy.upstream")
 

@@ -42,18 +42,9 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate, encapsulate_extended
 from pydicom.pixels import get_decoder, get_encoder
 from pydicom.pixels.encoders.base import ENCODING_PROFILES
-from pydicom.uid import (
-    UID,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    JPEG2000Lossless,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLSLossless,
-    RLELossless,
-)
+from pydicom.uid import (UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian,
+                         ImplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8Bit, JPEGExtended12Bit,
+                         JPEGLSLossless, RLELossless)
 from pydicom.valuerep import VR
 
 from qrproxy.store.crypto import KeySource, copy_plaintext, open_reader, open_writer

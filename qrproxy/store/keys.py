@@ -31,10 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qrproxy.store.crypto import (
-    KEY_LEN, CryptoError, UnknownKeyError, copy_plaintext, open_reader, open_writer, peek_header,
-)
 from qrproxy.logs import kv
+from qrproxy.store.crypto import (KEY_LEN, CryptoError, UnknownKeyError, copy_plaintext, open_reader, open_writer,
+                                  peek_header)
 from qrproxy.store.spool import fsync_dir
 
 log = logging.getLogger("qrproxy.keys")
