@@ -257,7 +257,7 @@ class MppsMessage(Base):
 
 
 class CommitmentRequest(Base):
-    """A storage commitment transaction (qrproxy/commitment.py has the states).
+    """A storage commitment transaction (jobs/commitment.py has the states).
 
     direction "in" (a modality asked qrproxy): pending -> ready (every item decided, the report is
     owed) -> reporting (claimed by one sender, `lease_*`) -> reported | expired. The report is owed

@@ -3,7 +3,7 @@
 A modality's N-ACTION (scp/commitment.py) is recorded with one row per instance before it is
 answered. Under `local` policy every instance is decided there and then; under `upstream` the
 instances that are in the spool wait until every `commitment` node they were forwarded to confirmed
-them through its own storage commitment (commitment_scu.py asks and records the answers). This
+them through its own storage commitment (scu/commitment.py asks and records the answers). This
 module's thread (worker 0; `Commitment.run_once`) moves transactions along:
 
     pending --(every item decided, or the deadline)--> ready --(claimed)--> reporting

@@ -1,9 +1,9 @@
 """Storage Commitment Push Model SCP (1.2.840.10008.1.20.1): N-ACTION from modalities, and
-N-EVENT-REPORT from `commitment` nodes answering qrproxy's own requests (commitment_scu.py).
+N-EVENT-REPORT from `commitment` nodes answering qrproxy's own requests (scu/commitment.py).
 
 N-ACTION (Request Storage Commitment, action type 1): the transaction and one row per referenced
 instance are committed before the response (under `local` policy each instance is decided there
-and then, qrproxy/commitment.py), so a restart after the response still owes the report. Answered
+and then, jobs/commitment.py), so a restart after the response still owes the report. Answered
 at once; the report follows from commitment.py, on this association while the requester keeps it
 open (once the response is out: EVT_DIMSE_SENT), else on a new one.
 

@@ -143,7 +143,7 @@ def _placeholder(item: Item) -> Dataset:
 
 def _stand_in(item: Item, sop_class: str, transfer_syntax: str) -> Dataset:
     """What pynetdicom is given for an instance FastStore writes from its file: the UIDs that choose
-    the presentation context, nothing else (pynetdicom_tuning.FastStore)."""
+    the presentation context, nothing else (net/tuning.FastStore)."""
     ds = Dataset()
     ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = item.sop_uid

@@ -1,7 +1,7 @@
 """Modality Performed Procedure Step SCP (1.2.840.10008.3.1.2.3.3): N-CREATE and N-SET.
 
 Each request is recorded in one transaction, together with one relay message per `mpps` node
-(mpps_relay.py sends them, in order, with retries), before the modality gets Success: an
+(scu/mpps.py sends them, in order, with retries), before the modality gets Success: an
 acknowledged step reaches the upstream after an outage or a restart. A step set to COMPLETED or
 DISCONTINUED marks the worklist items it refers to (Scheduled Step Attributes Sequence) done in
 the same transaction, so the next worklist query no longer lists them.

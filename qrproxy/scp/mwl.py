@@ -11,7 +11,7 @@ Three separate sources, so that the query mode decides only which to use:
 
 `on: query` mutations apply to every answer, before matching (a modality asking for the station AE
 a mutation sets finds the item). Answers are in each item's own character set (worklist.response).
-C-CANCEL is read every few responses (pynetdicom_tuning.let_peer_speak) and answered 0xFE00.
+C-CANCEL is read every few responses (net/tuning.let_peer_speak) and answered 0xFE00.
 """
 
 from __future__ import annotations

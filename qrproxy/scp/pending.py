@@ -1,7 +1,7 @@
 """Pending responses of a C-FIND (Q/R or MWL) answer, sent the fast way, with C-CANCEL honoured.
 
 Shared by scp/find.py and scp/mwl.py: each answer item is either already encoded identifier bytes,
-queued as P-DATA by `pynetdicom_tuning.send_pending`, or a Dataset (an upstream answer relayed as
+queued as P-DATA by `net/tuning.send_pending`, or a Dataset (an upstream answer relayed as
 is), handed back to pynetdicom to encode. Every few dozen responses, if the peer has sent
 something (a C-CANCEL), the DUL gets a turn to read it.
 """

@@ -17,11 +17,11 @@ response arrives, so a crash re-sends at most the instance that was on the wire 
 
 A peer that dies at any byte never stalls a worker: the send queue under the association gives up
 when the association is gone or the peer takes nothing for the node's timeout
-(pynetdicom_tuning.PeerGone), the association is aborted and the node backs off.
+(net/tuning.PeerGone), the association is aborted and the node backs off.
 
 Encrypted spool: every file is authenticated in full just before it is sent (a tampered or truncated
 file holds its row with the failing chunk named, and sends nothing), then streamed from disk through
-the decrypting reader (pynetdicom_tuning.decrypt_sent_files); conversions read and write encrypted
+the decrypting reader (net/tuning.decrypt_sent_files); conversions read and write encrypted
 files in the pool. Reading a data set here (`dcmread`, used by store mutations) goes through
 spool.dcmread, which decrypts.
 """

@@ -9,7 +9,7 @@ File names are random UUIDs, never UIDs from the peer: a SOP Instance UID of `..
 choose where bytes land.
 
 With `encryption.key_file` every file here is encrypted (crypto.py): received files as pynetdicom
-writes them (pynetdicom_tuning.encrypt_received_files), converted copies as codec.py writes them.
+writes them (net/tuning.encrypt_received_files), converted copies as codec.py writes them.
 Everything that reads a spool file goes through `Spool.open` / `open_plain`, which gives the plaintext
 of an encrypted file and a plain file (written before encryption was configured) as it is. Sizes and
 SHA-256 digests are of the plaintext, so an identical re-send is recognised whatever the keys.
