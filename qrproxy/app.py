@@ -75,9 +75,9 @@ class Proxy:
         self.mpps_relay = MppsRelay(config, self.sessions)
         self.retention = Retention(config, self.sessions, self.spool) if config.retention is not None else None
         self.prefetcher = Prefetcher(config, self.sessions, self.retriever)
-        storage_classes = {uid for uid, _ in store.contexts(config.store.extra_sop_classes)}
-        self.commitment = Commitment(config, self.sessions, self.spool, storage_classes, self.forwarder.notify,
-                                     worker)
+        self.storage_classes = {uid for uid, _ in store.contexts(config.store.extra_sop_classes)}
+        self.commitment = Commitment(config, self.sessions, self.spool, self.storage_classes,
+                                     self.forwarder.notify, worker)
         self.move_scp = move.RetrieveSCP(config, self.sessions, self.spool, self.retriever, self.forwarder)
         self.assoc_log = AssociationLog(config, self.metrics, worker)
         self.ae: AE | None = None
@@ -123,8 +123,7 @@ class Proxy:
         non_storage = {"echo": echo.contexts(), "find": find.contexts(), "worklist": mwl.contexts(),
                        "mpps": mpps.contexts(), "move": move.contexts(), "commitment": commitment.contexts()}
         handlers += AccessPolicy(self.config, non_storage).handlers()
-        storage_uids = {uid for uid, _ in store.contexts(self.config.store.extra_sop_classes)}
-        handlers.append((evt.EVT_ESTABLISHED, guard_on_established, [storage_uids]))
+        handlers.append((evt.EVT_ESTABLISHED, guard_on_established, [self.storage_classes]))
         self.ae = ae
         self.forwarder.start()
         self.commitment.start()
