@@ -18,8 +18,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from pynetdicom import AE, evt
-
 from qrproxy.config.schema import Config
 from qrproxy.index.session import make_engine, make_sessionmaker, upgrade
 from qrproxy.jobs.commitment import Commitment
@@ -28,17 +26,14 @@ from qrproxy.jobs.prefetch import Prefetcher
 from qrproxy.jobs.refresh import Refresher
 from qrproxy.jobs.retention import Retention
 from qrproxy.logs import kv
-from qrproxy.net import tls
-from qrproxy.net.pdu_guard import Limits
-from qrproxy.net.pdu_guard import on_established as guard_on_established
-from qrproxy.net.pdu_guard import quiet_peer_errors
-from qrproxy.net.server import ReusePortServer, Server, listen_backlog
-from qrproxy.net.tuning import cheap_context_copies
+from qrproxy.net import dimse, tls
+from qrproxy.net.acceptor import Server, Services
+from qrproxy.net.association import OTHER_DATASET_LIMIT
 from qrproxy.ops.metrics import Metrics, disable_multiprocess, enable_multiprocess, worker_exited
 from qrproxy.ops.web import HttpEndpoint
-from qrproxy.scp import commitment, echo, find, move, mpps, mwl, store
+from qrproxy.scp import associations, commitment, echo, find, move, mpps, mwl, store
 from qrproxy.scp.access import AccessPolicy
-from qrproxy.scp.associations import AssociationLog, configure_ae_policy
+from qrproxy.scp.associations import AssociationLog
 from qrproxy.scu import upstream
 from qrproxy.scu.forward import Forwarder
 from qrproxy.scu.mpps import MppsRelay
@@ -68,7 +63,8 @@ class Proxy:
         self.arrivals = Arrivals()
         self.store_scp = store.StoreSCP(config, self.engine, self.sessions, self.spool, self.io_pool,
                                         self.forwarder.notify, self.arrivals)
-        self.retriever = Retriever(config, self.sessions, self.arrivals, receive=self.store_scp.handle)
+        self.retriever = Retriever(config, self.sessions, self.arrivals, receive=self.store_scp.handle,
+                                   sink_for=self.store_scp.sink_for)
         # background jobs and the rest of the SCU side
         self.maintenance = Maintenance(self.spool, self.sessions)
         self.refresher = Refresher(config, self.sessions)
@@ -80,7 +76,6 @@ class Proxy:
                                      self.forwarder.notify, worker)
         self.move_scp = move.RetrieveSCP(config, self.sessions, self.spool, self.retriever, self.forwarder)
         self.assoc_log = AssociationLog(config, self.metrics, worker)
-        self.ae: AE | None = None
         self._server: Any = None
         self._tls_server: Any = None
         self._stopping = threading.Event()
@@ -101,50 +96,23 @@ class Proxy:
             # binds now: a taken port fails before anything else starts
             self.http = HttpEndpoint(self.config, self.engine, self.metrics)
         store.configure_receive(self.spool)
-        cheap_context_copies()
-        quiet_peer_errors()
-        ae = AE(ae_title=self.config.ae_title)
-        configure_ae_policy(ae, self.config)
-        handlers: list[tuple[Any, Any]] = list(self.assoc_log.handlers())
-        for abstract, syntaxes in (echo.contexts() + find.contexts() + mwl.contexts() + mpps.contexts()
-                                  + move.contexts()):
-            ae.add_supported_context(abstract, syntaxes)
-        # Storage contexts accept SCP/SCU role selection: a C-GET requester proposes to be the SCP.
-        for abstract, syntaxes in store.contexts(self.config.store.extra_sop_classes):
-            ae.add_supported_context(abstract, syntaxes, scu_role=True, scp_role=True)
-        for abstract, syntaxes in commitment.contexts():
-            # modalities request commitment (default roles); nodes may report with the SCP role
-            ae.add_supported_context(abstract, syntaxes, scu_role=True, scp_role=True)
-        handlers += echo.handlers() + find.handlers(self.config, self.engine, self.sessions)
-        handlers += store.handlers(self.store_scp) + move.handlers(self.move_scp)
-        handlers = mwl.handlers(self.config, self.engine, handlers)
-        handlers += mpps.handlers(self.config, self.sessions, self.mpps_relay)
-        handlers += commitment.handlers(self.config, self.sessions, self.spool, self.commitment)
-        non_storage = {"echo": echo.contexts(), "find": find.contexts(), "worklist": mwl.contexts(),
-                       "mpps": mpps.contexts(), "move": move.contexts(), "commitment": commitment.contexts()}
-        handlers += AccessPolicy(self.config, non_storage).handlers()
-        handlers.append((evt.EVT_ESTABLISHED, guard_on_established, [self.storage_classes]))
-        self.ae = ae
+        services = self._services()
         self.forwarder.start()
         self.commitment.start()
-        server_class = ReusePortServer if self.config.workers > 1 else Server
-        self._server = ae.make_server((self.config.host, self.config.port), evt_handlers=handlers,
-                                      server_class=server_class)
-        listen_backlog(self._server, self.config.max_associations)
-        self._server.limits = Limits(max_pdu=self.config.max_pdu,
-                                     max_dataset_size=self.config.store.max_dataset_size,
-                                     idle_timeout=self.config.idle_timeout or None)
-        threading.Thread(target=self._server.serve_forever, name="dicom-server", daemon=True).start()
+        reuse = self.config.workers > 1
+        backlog = max(128, 2 * self.config.max_associations)
+        acceptor_settings = associations.settings(self.config)
+        self._server = Server((self.config.host, self.config.port), acceptor_settings, services,
+                              reuse_port=reuse, backlog=backlog)
+        self._server.start()
         log.info(kv(event="listening", ae=self.config.ae_title, host=self.config.host, port=self.config.port,
                     worker=self.worker, database=self.engine.url.render_as_string(hide_password=True),
                     spool=self.config.spool_dir))
-        if self.config.tls is not None:  # same AE, contexts and handlers; TLS on its own port
-            self._tls_server = ae.make_server((self.config.host, self.config.tls.port), evt_handlers=handlers,
-                                              server_class=server_class,
-                                              ssl_context=tls.server_context(self.config.tls))
-            listen_backlog(self._tls_server, self.config.max_associations)
-            self._tls_server.limits = self._server.limits  # the same PDU/data set/idle limits
-            threading.Thread(target=self._tls_server.serve_forever, name="dicom-tls-server", daemon=True).start()
+        if self.config.tls is not None:  # same AE, contexts and services; TLS on its own port
+            self._tls_server = Server((self.config.host, self.config.tls.port), acceptor_settings, services,
+                                      ssl_context=tls.server_context(self.config.tls), reuse_port=reuse,
+                                      backlog=backlog, name="dicom-tls-server")
+            self._tls_server.start()
             log.info(kv(event="listening", ae=self.config.ae_title, host=self.config.host,
                         port=self.config.tls.port, tls="true",
                         client_certs="required" if self.config.tls.ca_file is not None else "not-asked",
@@ -162,6 +130,41 @@ class Proxy:
                 self.retention.start()
             self.prefetcher.start()
             threading.Thread(target=self._check_nodes, name="node-check", daemon=True).start()
+
+    def _services(self) -> Services:
+        """What the acceptor offers: each SCP module's contexts, its handler per DIMSE command, and
+        the observers that log, count, police and keep commitment's bookkeeping."""
+        cfg = self.config
+        supported: dict[str, list[str]] = {}
+        for abstract, syntaxes in (echo.contexts() + find.contexts() + mwl.contexts() + mpps.contexts()
+                                   + move.contexts() + commitment.contexts()
+                                   + store.contexts(cfg.store.extra_sop_classes)):
+            supported.setdefault(str(abstract), [str(ts) for ts in syntaxes])
+        # Storage contexts accept SCP/SCU role selection (a C-GET requester proposes to be the SCP);
+        # commitment too: modalities request it (default roles), nodes may report with the SCP role.
+        role_classes = set(self.storage_classes) | {uid for uid, _ in commitment.contexts()}
+        finds = {**find.handlers(cfg, self.engine, self.sessions), **mwl.handlers(cfg, self.engine)}
+
+        def c_find(event: Any) -> Any:
+            return finds.get(str(event.request.AffectedSOPClassUID), finds[next(iter(finds))])(event)
+
+        mpps_scp = mpps.service(cfg, self.sessions, self.mpps_relay)
+        commit_scp = commitment.service(cfg, self.sessions, self.spool, self.commitment)
+        handlers = {dimse.C_ECHO: echo.handle_echo, dimse.C_STORE: self.store_scp.handle, dimse.C_FIND: c_find,
+                    dimse.C_MOVE: self.move_scp.handle_move, dimse.C_GET: self.move_scp.handle_get,
+                    dimse.N_CREATE: mpps_scp.on_create, dimse.N_SET: mpps_scp.on_set,
+                    dimse.N_ACTION: commit_scp.on_action, dimse.N_EVENT_REPORT: commit_scp.on_event_report}
+        non_storage = {"echo": echo.contexts(), "find": find.contexts(), "worklist": mwl.contexts(),
+                       "mpps": mpps.contexts(), "move": move.contexts(), "commitment": commitment.contexts()}
+        max_dataset = cfg.store.max_dataset_size
+        storage = self.storage_classes
+
+        def dataset_limit(cx: Any) -> int:
+            return max_dataset if cx.abstract_syntax in storage else OTHER_DATASET_LIMIT
+
+        observers = [AccessPolicy(cfg, non_storage), self.assoc_log, self.store_scp, commit_scp]
+        return Services(supported=supported, role_classes=role_classes, handlers=handlers,
+                        sink_for=self.store_scp.sink_for, dataset_limit=dataset_limit, observers=observers)
 
     def _warn_not_yet_implemented(self) -> None:
         """Config keys the contract defines but this version does not act on yet: say so loudly
@@ -192,15 +195,14 @@ class Proxy:
         log.info(kv(event="stopping"))
         # Stop accepting, give associations in progress a few seconds to finish their C-STOREs,
         # then abort what is left: nothing unacknowledged is kept, nothing acknowledged is lost.
-        if self._server is not None:
-            self._server.shutdown()
-        if self._tls_server is not None:
-            self._tls_server.shutdown()
-        if self.ae is not None:
-            deadline = time.monotonic() + GRACE_SECONDS
-            while self.ae.active_associations and time.monotonic() < deadline:
-                time.sleep(0.1)
-            self.ae.shutdown()
+        servers = [srv for srv in (self._server, self._tls_server) if srv is not None]
+        for srv in servers:
+            srv.shutdown()
+        deadline = time.monotonic() + GRACE_SECONDS
+        while any(srv.count() for srv in servers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for srv in servers:
+            srv.abort_all()
         self.maintenance.stop()
         self.refresher.stop()
         self.mpps_relay.stop()

@@ -32,11 +32,13 @@ LAYERS = [
     ("qrproxy.cli", "qrproxy.__main__"),
 ]
 
-# pynetdicom's public API: what any package may import. Everything else of pynetdicom (its DUL,
-# DIMSE, ACSE, transport and private modules) is net/'s alone.
-PYNETDICOM_PUBLIC = {"pynetdicom", "pynetdicom.sop_class", "pynetdicom.presentation", "pynetdicom.pdu_primitives",
-                     "pynetdicom.pdu", "pynetdicom.status", "pynetdicom.events", "pynetdicom.association",
-                     "pynetdicom.dimse_primitives"}
+# What qrproxy still takes from pynetdicom: its SOP class registry and the lists of storage contexts
+# and transfer syntaxes. The wire itself (DUL, DIMSE, ACSE, transport, PDUs) is qrproxy's own (net/),
+# and no package, net/ included, imports pynetdicom's association machinery.
+PYNETDICOM_PUBLIC = {"pynetdicom", "pynetdicom.sop_class", "pynetdicom.presentation"}
+PYNETDICOM_NAMES = {"pynetdicom": {"ALL_TRANSFER_SYNTAXES", "AllStoragePresentationContexts",
+                                   "StoragePresentationContexts"},
+                    "pynetdicom.presentation": {"StoragePresentationContexts", "AllStoragePresentationContexts"}}
 
 
 def modules() -> dict[str, Path]:
@@ -181,18 +183,19 @@ def test_private_names_stay_in_their_package() -> None:
     assert not wrong, "private names imported across packages:\n" + "\n".join(wrong)
 
 
-def test_pynetdicom_internals_only_in_net() -> None:
+def test_pynetdicom_only_for_its_registry() -> None:
+    """No module reaches pynetdicom's association machinery: only the SOP class registry and the
+    context / transfer syntax lists (issue 16: qrproxy owns its upper layer)."""
     wrong = []
     for name in MODULES:
-        if name.startswith("qrproxy.net."):
-            continue
         for target, names, line in imports(name):
             if target.split(".")[0] != "pynetdicom":
                 continue
-            private = [n for n in names if n.startswith("_")]
-            if target not in PYNETDICOM_PUBLIC or private:
-                wrong.append(f"{MODULES[name].relative_to(PACKAGE.parent)}:{line}: {target} {private or ''}")
-    assert not wrong, "pynetdicom below its public API outside qrproxy/net/:\n" + "\n".join(wrong)
+            allowed = PYNETDICOM_NAMES.get(target)
+            bad = [n for n in names if n.startswith("_") or (allowed is not None and n not in allowed)]
+            if target not in PYNETDICOM_PUBLIC or bad or (target == "pynetdicom" and not names):
+                wrong.append(f"{MODULES[name].relative_to(PACKAGE.parent)}:{line}: {target} {bad or ''}")
+    assert not wrong, "pynetdicom used beyond its registry:\n" + "\n".join(wrong)
 
 
 @pytest.mark.parametrize("name", sorted(n for n in MODULES if MODULES[n].name == "__init__.py" and n != "qrproxy"))

@@ -14,7 +14,7 @@ from pydicom.filereader import read_dataset
 from pydicom.tag import Tag
 
 from qrproxy.net import dicomenc
-from qrproxy.net.tuning import find_pending_command
+from qrproxy.net import dimse
 
 
 def _decode(data: bytes, explicit: bool, charset: str | None = None) -> Dataset:
@@ -63,6 +63,11 @@ def test_strict_codec_raises_for_a_name_outside_latin1() -> None:
     assert _decode(layout.encode(["Müller"]), True).PatientName.original_string == "Müller".encode("latin_1")
     with pytest.raises(UnicodeEncodeError):
         layout.encode(["山田^太郎"])
+
+
+def find_pending_command(sop_class: str, message_id: int) -> bytes:
+    request = dimse.Command(CommandField=dimse.C_FIND, MessageID=message_id, AffectedSOPClassUID=sop_class)
+    return dimse.response(request, 0xFF00, has_dataset=True)
 
 
 def test_pending_command_decodes() -> None:

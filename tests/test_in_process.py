@@ -1,21 +1,18 @@
 """Services built in the test process from their explicit collaborators, with no qrproxy server
 process: what replacing the Proxy locator makes possible (docs/architecture.md, app.py's build
-order). The DICOM path stays real: pynetdicom's SCU as the modality over a loopback socket, a
-pynetdicom AE carrying qrproxy's own handlers as the acceptor, a real SQLite index and spool.
+order). The DICOM path stays real: pynetdicom's SCU as the modality over a loopback socket,
+qrproxy's own acceptor (net/acceptor.py) carrying only the store service, a real SQLite index and
+spool.
 """
 
 from __future__ import annotations
 
-import tempfile
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 from pydicom import dcmread
-from pynetdicom import AE, _config
 from sqlalchemy import select
 
 import dicomgen
@@ -23,22 +20,15 @@ from peers import LOCALHOST, free_port
 from qrproxy.cli.load import load_config
 from qrproxy.index.models import ForwardItem, SpoolObject
 from qrproxy.index.session import make_engine, make_sessionmaker, upgrade
+from qrproxy.net import dimse
+from qrproxy.net.acceptor import Server, Services, Settings
 from qrproxy.scp import store
 from qrproxy.scu.retrieve import Arrivals
 from qrproxy.store.spool import Spool
 from support import proxy_config, pynetdicom_store
 
 
-@pytest.fixture
-def process_settings() -> Iterator[None]:
-    """store.configure_receive sets process-wide pynetdicom and tempfile settings (net/tuning.py);
-    put them back so other tests in this process receive as before."""
-    saved = (_config.STORE_RECV_CHUNKED_DATASET, tempfile.tempdir)
-    yield
-    _config.STORE_RECV_CHUNKED_DATASET, tempfile.tempdir = saved
-
-
-def test_store_scp_built_in_process(tmp_path: Path, process_settings: None) -> None:
+def test_store_scp_built_in_process(tmp_path: Path) -> None:
     """The store SCP with its collaborators (config, engine, sessions, spool, fsync pool, the
     forwarder's notify, the retrievals' arrivals) receives three CT instances: each is answered
     Success, held in the spool with its data set unchanged, owed to the store node by one forward
@@ -60,15 +50,14 @@ def test_store_scp_built_in_process(tmp_path: Path, process_settings: None) -> N
     store.configure_receive(spool)
     with ThreadPoolExecutor(max_workers=2) as pool:
         scp = store.StoreSCP(cfg, engine, sessions, spool, pool, notified.extend, arrivals)
-        ae = AE(ae_title=cfg.ae_title)
-        for uid, syntaxes in store.contexts():
-            ae.add_supported_context(uid, syntaxes)
-        server: Any = ae.start_server((LOCALHOST, cfg.port), block=False, evt_handlers=store.handlers(scp))
+        services = Services(supported={uid: syntaxes for uid, syntaxes in store.contexts()},
+                            handlers={dimse.C_STORE: scp.handle}, sink_for=scp.sink_for)
+        server: Any = Server((LOCALHOST, cfg.port), Settings(cfg.ae_title, cfg.max_pdu, 30.0, 60.0), services)
+        server.start()
         try:
             statuses = pynetdicom_store(cfg.port, study, aec=cfg.ae_title)
         finally:
             server.shutdown()
-            ae.shutdown()
 
     assert statuses == [0x0000] * len(study), f"C-STORE statuses {statuses}"
     assert set(notified) == {"PACS"}, f"forwarder notified for {notified}"

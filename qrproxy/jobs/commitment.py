@@ -37,12 +37,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pydicom.dataset import Dataset
-from pynetdicom import build_role
 from sqlalchemy import func, select, update
 
 from qrproxy.index.models import CommitmentItem, CommitmentRequest, ForwardItem, ForwardState, SpoolObject, utcnow
 from qrproxy.logs import kv
-from qrproxy.net import tuning as pynetdicom_tuning
 from qrproxy.scu.commitment import PROCESSING_FAILURE, SCPM, SYNTAXES, WELL_KNOWN_INSTANCE, CommitmentSCU, items_of
 from qrproxy.scu.forward import backoff
 from qrproxy.scu.upstream import UpstreamError, associate
@@ -169,7 +167,7 @@ class Commitment:
             entry = self.open.get(transaction_uid)
         if entry is None or not entry.response_sent.is_set():
             return None
-        return None if pynetdicom_tuning.release_pending(entry.assoc) else entry.assoc
+        return None if entry.assoc.release_pending() else entry.assoc
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -395,9 +393,8 @@ class Commitment:
         if req.node is None or req.node not in cfg.nodes:
             raise UpstreamError(f"requester {req.requester_ae} is not a configured node: no address for the report")
         # qrproxy is the requestor of this association but plays the SCP role (PS3.4 J.3.3)
-        roles = [build_role(SCPM, scu_role=False, scp_role=True)]
-        for ext_neg in (roles, []):
-            with associate(cfg, req.node, [(SCPM, SYNTAXES)], ext_neg=ext_neg) as assoc:
+        for roles in ({SCPM: (False, True)}, None):
+            with associate(cfg, req.node, [(SCPM, SYNTAXES)], roles=roles) as assoc:
                 if not any(cx.abstract_syntax == SCPM for cx in assoc.accepted_contexts):
                     continue  # some peers refuse role selection: once more with default roles
                 return _report_on(assoc, event_type, info)

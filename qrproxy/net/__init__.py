@@ -1,8 +1,10 @@
-"""Everything that touches the DICOM wire below pynetdicom's public API: the threaded association
-server (server.py), PDU limits (pdu_guard.py), TLS (tls.py), identifiers encoded straight to bytes
-(dicomenc.py), and the measured pynetdicom patches (tuning.py), pinned to pynetdicom 3.0.x and
-guarded by tests/test_pynetdicom_contract.py.
+"""The DICOM wire, owned by qrproxy: the upper layer of PS3.8 and the DIMSE command set of PS3.7.
 
-It may import config and the foundations (logs, progress) only; every other package reaches the
-wire through it or through pynetdicom's public API.
+pdu.py (the PDUs and the reader that frames them), dimse.py (command sets), association.py (one
+association, either side: messages in and out, release, abort, limits, the SCU calls),
+acceptor.py (listening and negotiating), requestor.py (connecting and negotiating, failures named),
+tls.py (certificates and handshakes) and dicomenc.py (identifiers encoded straight to bytes).
+
+It may import config and the foundations (logs, progress) only. pynetdicom is used for its SOP class
+registry and context lists alone, never for its association machinery (tests/test_architecture.py).
 """

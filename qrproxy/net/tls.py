@@ -16,7 +16,6 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import re
-import socket
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,7 +68,6 @@ def client_context(tls: Any) -> ssl.SSLContext:
         _load_ca(ctx, tls.ca_file)
     else:
         ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
-    _quiet_pynetdicom_tls_tracebacks()
     return ctx
 
 
@@ -212,45 +210,6 @@ def server_handshake(sock: Any, peer: Any, timeout: float | None = None) -> bool
         return False
     log.debug(kv(event="tls-handshake", peer=addr, version=sock.version(), cipher=(sock.cipher() or ("",))[0]))
     return True
-
-
-def handshake_problem(ctx: ssl.SSLContext, host: str, port: int, timeout: float) -> str | None:
-    """Why a TLS handshake with host:port fails, or None when it succeeds (or TCP itself fails).
-
-    pynetdicom reports a failed outgoing handshake only as an aborted association; after such a
-    failure one bare handshake (no DICOM) with the same context gives the error that names the
-    problem ("certificate verify failed: unable to get local issuer certificate")."""
-    try:
-        with socket.create_connection((host, port), timeout=timeout) as raw:
-            with ctx.wrap_socket(raw, server_hostname=host):
-                return None
-    except (ssl.SSLError, ssl.CertificateError) as exc:
-        return ssl_reason(exc)
-    except OSError:
-        return None
-
-
-class _TlsTracebackFilter(logging.Filter):
-    """pynetdicom logs a failed outgoing TLS handshake with `LOGGER.exception` (a traceback); keep
-    the line, drop the traceback, and say it in qrproxy's words."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, ssl.SSLError):
-            record.msg = kv(event="tls-handshake-failed", direction="outbound", reason=ssl_reason(exc))
-            record.args = ()
-            record.exc_info = None
-            record.exc_text = None
-        return True
-
-
-_FILTER = _TlsTracebackFilter()
-
-
-def _quiet_pynetdicom_tls_tracebacks() -> None:
-    logger = logging.getLogger("pynetdicom.transport")
-    if _FILTER not in logger.filters:
-        logger.addFilter(_FILTER)
 
 
 _clients: dict[tuple[str, str, str], ssl.SSLContext] = {}

@@ -35,17 +35,6 @@ if TYPE_CHECKING:
     from qrproxy.ops.status import Status
 
 # DIMSE request message class -> service label; C-FIND on the MWL model is counted as "MWL".
-REQUESTS = {
-    "C_ECHO_RQ": "C-ECHO",
-    "C_STORE_RQ": "C-STORE",
-    "C_FIND_RQ": "C-FIND",
-    "C_MOVE_RQ": "C-MOVE",
-    "C_GET_RQ": "C-GET",
-    "N_ACTION_RQ": "N-ACTION",
-    "N_EVENT_REPORT_RQ": "N-EVENT-REPORT",
-    "N_CREATE_RQ": "N-CREATE",
-    "N_SET_RQ": "N-SET",
-}
 MWL_FIND = "1.2.840.10008.5.1.4.31"
 PENDING = (0xFF00, 0xFF01)
 # DIMSE round trips: a C-ECHO or C-STORE takes milliseconds, a C-MOVE of a study minutes.
@@ -145,31 +134,25 @@ class Metrics:
             self._established.discard(key)
             self.active.dec()
 
-    def data_received(self, event: Any) -> None:
-        self._received_inc(len(event.data))
+    def data_received(self, nbytes: int) -> None:
+        self._received_inc(nbytes)
 
-    def request(self, event: Any) -> None:
-        msg = event.message
-        service = REQUESTS.get(type(msg).__name__)
-        if service is None:
+    def request(self, assoc: Any, command: Any) -> None:
+        service = command.name[:-3] if command.name.endswith("-RQ") else None
+        if service is None or service == "C-CANCEL":
             return
-        cs = msg.command_set
-        if service == "C-FIND" and cs.AffectedSOPClassUID == MWL_FIND:
+        if service == "C-FIND" and command.AffectedSOPClassUID == MWL_FIND:
             service = "MWL"
-        self._inflight.setdefault(id(event.assoc), {})[cs.MessageID] = (service, time.perf_counter())
+        self._inflight.setdefault(id(assoc), {})[command.MessageID] = (service, time.perf_counter())
 
-    def response(self, event: Any) -> None:
-        msg = event.message
-        if not type(msg).__name__.endswith("_RSP"):
-            return
-        inflight = self._inflight.get(id(event.assoc))
-        if not inflight:
-            return
-        cs = msg.command_set
-        code = cs.Status
+    def response(self, assoc: Any, request: Any, code: int) -> None:
+        """A response sent to `request` with status `code`: the final one ends the request's timing."""
         if code in PENDING:
             return
-        started = inflight.pop(cs.MessageIDBeingRespondedTo, None)
+        inflight = self._inflight.get(id(assoc))
+        if not inflight:
+            return
+        started = inflight.pop(request.MessageID, None)
         if started is None:
             return
         service, t0 = started

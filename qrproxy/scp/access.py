@@ -1,9 +1,8 @@
 """Who may associate, from where, and for which service; decided when the A-ASSOCIATE-RQ arrives.
 
-pynetdicom lets an EVT_REQUESTED handler answer the request itself (association.py: "User used
-EVT_REQUESTED to send an A-ABORT or A-ASSOCIATE-RJ"); `AccessPolicy.on_requested` does so through
-net/tuning.reject, the same three steps pynetdicom's own rejection takes, so the association log
-and everything bound to EVT_REJECTED see it like any other rejection.
+The acceptor (net/acceptor.py) asks every observer's `on_requested` before it negotiates; this
+policy answers through `Negotiation.reject` (an A-ASSOCIATE-RJ the association log records like any
+other rejection) or `Negotiation.restrict` (contexts answered "abstract syntax not supported").
 
 Checks, in order (docs/operations.md "Security and limits"):
 
@@ -30,13 +29,10 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-import weakref
 from typing import TYPE_CHECKING, Any
 
-from pynetdicom import evt
-
 from qrproxy.logs import kv
-from qrproxy.net import tuning as pynetdicom_tuning
+from qrproxy.net.acceptor import CALLING_AE_NOT_RECOGNIZED, LOCAL_LIMIT_EXCEEDED
 
 if TYPE_CHECKING:
     from qrproxy.config.schema import Config
@@ -45,20 +41,6 @@ log = logging.getLogger("qrproxy.assoc")
 
 SERVICES = ("echo", "store", "find", "move", "worklist", "mpps", "commitment")
 VERIFICATION = "1.2.840.10008.1.1"
-
-# PS3.8 9.3.4: (result, source, diagnostic) of the A-ASSOCIATE-RJ.
-CALLING_AE_NOT_RECOGNIZED = (0x01, 0x01, 0x03)
-LOCAL_LIMIT_EXCEEDED = (0x02, 0x03, 0x02)
-
-_REJECT_REASONS: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
-
-
-def reject_reason(assoc: Any) -> str | None:
-    """Why AccessPolicy rejected this association, or None when it did not (the association log)."""
-    try:
-        return _REJECT_REASONS.get(assoc)
-    except TypeError:
-        return None
 
 
 def resolve(host: str) -> set[str]:
@@ -100,7 +82,7 @@ class AccessPolicy:
             self.addresses[node.ae_title] = allowed
         self.services = service_map(contexts)
         self._lock = threading.Lock()
-        self._admitted: set[int] = set()  # id() of the associations counted against max_associations
+        self._admitted: dict[int, str] = {}  # id() of the associations counted against max_associations -> peer IP
         self.allowed: dict[str, set[str] | None] = {}
         for name in SERVICES:
             access = getattr(config.services, name)
@@ -110,84 +92,70 @@ class AccessPolicy:
         allowed = self.allowed[service]
         return allowed is None or calling in allowed
 
-    def _reject(self, assoc: Any, rsd: tuple[int, int, int], reason: str, **fields: Any) -> None:
+    def _reject(self, neg: Any, rsd: tuple[int, int, int], reason: str, **fields: Any) -> None:
+        assoc = neg.assoc
         with self._lock:
-            self._admitted.discard(id(assoc))
-        calling = (assoc.requestor.primitive.calling_ae_title or "").strip()
-        log.warning(kv(event="association-rejected", reason=reason, calling=calling,
+            self._admitted.pop(id(assoc), None)
+        log.warning(kv(event="association-rejected", reason=reason, calling=assoc.requestor.ae_title,
                        peer=f"{assoc.requestor.address}:{assoc.requestor.port}", **fields))
-        _REJECT_REASONS[assoc] = reason
-        assoc.requestor.ae_title = calling  # as pynetdicom's negotiation would, for the association log
-        pynetdicom_tuning.reject(assoc, *rsd)
+        neg.reject(rsd, reason)
 
-    def on_requested(self, event: Any) -> None:
-        assoc = event.assoc
-        if not assoc.is_acceptor:
-            return
+    def on_requested(self, neg: Any) -> None:
+        assoc = neg.assoc
         cfg = self.config
-        calling = (assoc.requestor.primitive.calling_ae_title or "").strip()
+        calling = assoc.requestor.ae_title
         ip = _peer_ip(assoc)
-
-        # The global cap, counted exactly: pynetdicom's own check counts every acceptor thread still
-        # alive, rejected ones that are closing included (97-99 of 100 accepted in a burst of 150).
+        # The global cap, counted exactly: admitted on A-ASSOCIATE-RQ, released when the connection
+        # closes; a rejected association never counts. Connections still waiting for their
+        # A-ASSOCIATE-RQ (port checks, scanners) are not counted: acse_timeout bounds those.
         with self._lock:
             full = len(self._admitted) >= cfg.max_associations
             if not full:
-                self._admitted.add(id(assoc))
+                self._admitted[id(assoc)] = ip
+            from_peer = sum(1 for a in self._admitted.values() if a == ip)
         if full:
-            self._reject(assoc, LOCAL_LIMIT_EXCEEDED, "association-limit", limit=cfg.max_associations)
+            self._reject(neg, LOCAL_LIMIT_EXCEEDED, "association-limit", limit=cfg.max_associations)
             return
-
-        # Connections still waiting for their A-ASSOCIATE-RQ (port checks, scanners) are not counted:
-        # acse_timeout and max_associations bound those.
-        from_peer = sum(1 for a in assoc.ae.active_associations
-                        if a.is_acceptor and a.requestor.primitive is not None and not a.is_rejected
-                        and not a.is_aborted and _peer_ip(a) == ip)
         if from_peer > cfg.max_associations_per_peer:
-            self._reject(assoc, LOCAL_LIMIT_EXCEEDED, "per-peer-limit",
+            self._reject(neg, LOCAL_LIMIT_EXCEEDED, "per-peer-limit",
                          limit=cfg.max_associations_per_peer, active=from_peer - 1)
             return
-
         expected = self.addresses.get(calling)
         if expected is not None and ip not in expected:
             shown = ",".join(sorted(expected))
             if cfg.binds_ae_to_host:
-                self._reject(assoc, CALLING_AE_NOT_RECOGNIZED, "calling-ae-address-mismatch", expected=shown)
+                self._reject(neg, CALLING_AE_NOT_RECOGNIZED, "calling-ae-address-mismatch", expected=shown)
                 return
             log.warning(kv(event="calling-ae-address-mismatch", calling=calling,
                            peer=f"{assoc.requestor.address}:{assoc.requestor.port}", expected=shown,
                            action="accepted", detail="bind_ae_to_host is false"))
-
         if all(v is None for v in self.allowed.values()):
             return
         denied = {s for s in SERVICES if not self.may_use(calling, s)}
         if denied == set(SERVICES):
-            self._reject(assoc, CALLING_AE_NOT_RECOGNIZED, "no-service-allowed")
+            self._reject(neg, CALLING_AE_NOT_RECOGNIZED, "no-service-allowed")
             return
         if denied:
-            self._restrict_contexts(assoc, calling, denied)
+            self._restrict_contexts(neg, calling, denied)
 
-    def _restrict_contexts(self, assoc: Any, calling: str, denied: set[str]) -> None:
-        """Drop the supported contexts of denied services from this association only (pynetdicom
-        gives each association its own copy, writable until negotiation starts)."""
+    def _restrict_contexts(self, neg: Any, calling: str, denied: set[str]) -> None:
+        """Answer the contexts of denied services "not supported" on this association only."""
+        assoc = neg.assoc
         # A C-GET requester proposes the storage contexts with itself as SCP (role selection): on
         # that association qrproxy sends C-STOREs, so they belong to `move`, not to `store`.
-        get_storage = {str(uid) for uid, item in assoc.requestor.role_selection.items() if item.scp_role}
-        keep = []
-        for cx in assoc.acceptor.supported_contexts:
-            uid = str(cx.abstract_syntax)
+        get_storage = {str(uid) for uid, (_, scp) in (assoc.requestor.role_selection or {}).items() if scp}
+        drop = set()
+        for cx in neg.rq.contexts:
+            uid = cx.abstract_syntax
             service = self.services.get(uid, "store")
             if service == "store" and "store" in denied and uid in get_storage and "move" not in denied:
-                keep.append(cx)
-            elif service not in denied:
-                keep.append(cx)
-        assoc.acceptor.supported_contexts = keep
+                continue
+            if service in denied:
+                drop.add(uid)
+        neg.restrict(drop)
         log.info(kv(event="services-restricted", calling=calling,
                     peer=f"{assoc.requestor.address}:{assoc.requestor.port}", denied=",".join(sorted(denied))))
 
-    def on_closed(self, event: Any) -> None:
+    def on_close(self, assoc: Any) -> None:
         with self._lock:
-            self._admitted.discard(id(event.assoc))
-
-    def handlers(self) -> list[tuple[Any, Any]]:
-        return [(evt.EVT_REQUESTED, self.on_requested), (evt.EVT_CONN_CLOSE, self.on_closed)]
+            self._admitted.pop(id(assoc), None)

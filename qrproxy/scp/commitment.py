@@ -25,7 +25,6 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from pydicom.dataset import Dataset
-from pynetdicom import evt
 from sqlalchemy import select
 
 from qrproxy.index.models import CommitmentItem, CommitmentRequest, utcnow
@@ -43,6 +42,8 @@ if TYPE_CHECKING:
     from qrproxy.store.spool import Spool
 
 log = logging.getLogger("qrproxy.commitment")
+
+N_ACTION = 0x0130  # PS3.7 E.1 command field
 
 NO_SUCH_ACTION = 0x0123
 INVALID_ARGUMENT = 0x0115
@@ -110,13 +111,15 @@ class CommitmentSCP:
                     duplicate=str(duplicate).lower(), ms=int((time.monotonic() - t0) * 1000)))
         return 0x0000, None
 
-    def on_sent(self, event: Any) -> None:
-        """EVT_DIMSE_SENT: once the N-ACTION response is out, the report may use the association."""
-        if type(event.message).__name__ == "N_ACTION_RSP":
-            self.engine.response_sent(event.assoc)
+    # association observer: once the N-ACTION response is out, the report may use the association
+    def on_dimse_sent(self, assoc: Any, request: Any, status: int) -> None:
+        if request.field == N_ACTION:
+            self.engine.response_sent(assoc)
 
-    def on_gone(self, event: Any) -> None:
-        self.engine.forget(event.assoc)
+    def on_released(self, assoc: Any) -> None:
+        self.engine.forget(assoc)
+
+    on_aborted = on_close = on_released
 
     def on_event_report(self, event: Any) -> tuple[int | Dataset, Dataset | None]:
         """A node's report on qrproxy's own commitment request, on a new association."""
@@ -137,8 +140,6 @@ def contexts() -> list[tuple[str, list[str]]]:
     return [(SCPM, SYNTAXES)]
 
 
-def handlers(config: Config, sessions: sessionmaker[Session], spool: Spool, engine: Commitment) -> list[tuple[Any, Any]]:
-    scp = CommitmentSCP(config, sessions, spool, engine)
-    return [(evt.EVT_N_ACTION, scp.on_action), (evt.EVT_N_EVENT_REPORT, scp.on_event_report),
-            (evt.EVT_DIMSE_SENT, scp.on_sent), (evt.EVT_RELEASED, scp.on_gone), (evt.EVT_ABORTED, scp.on_gone),
-            (evt.EVT_CONN_CLOSE, scp.on_gone)]
+def service(config: Config, sessions: sessionmaker[Session], spool: Spool, engine: Commitment) -> CommitmentSCP:
+    """The N-ACTION and N-EVENT-REPORT service; it also observes associations (on_dimse_sent, ...)."""
+    return CommitmentSCP(config, sessions, spool, engine)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from pynetdicom import evt
 from pynetdicom.sop_class import Verification
 
 TRANSFER_SYNTAXES = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.2"]
@@ -20,7 +19,3 @@ def contexts() -> list[tuple[str, list[str]]]:
 
 def handle_echo(event: Any) -> int:
     return 0x0000
-
-
-def handlers() -> list[tuple[Any, Any]]:
-    return [(evt.EVT_C_ECHO, handle_echo)]

@@ -34,7 +34,6 @@ from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
 from pydicom.tag import BaseTag, Tag
-from pynetdicom import evt
 from pynetdicom.sop_class import (PatientRootQueryRetrieveInformationModelFind,
                                   StudyRootQueryRetrieveInformationModelFind)
 from sqlalchemy import distinct, func, literal_column, select
@@ -47,7 +46,6 @@ from qrproxy.index.session import read_only
 from qrproxy.index.writers import STUDY_SEQUENCES, read_sequences
 from qrproxy.logs import kv
 from qrproxy.net import dicomenc
-from qrproxy.net import tuning as pynetdicom_tuning
 from qrproxy.query import hotcache
 from qrproxy.query import modes as querymode
 from qrproxy.query import through as querythrough
@@ -452,7 +450,7 @@ class FindSCP:
             ts = event.context.transfer_syntax
             explicit = ts != dicomenc.IMPLICIT_LE
             charset = answer_charset(identifier)
-            raw = req.Identifier.getvalue() if hasattr(req.Identifier, "getvalue") else None
+            raw = event.raw
             key = (model, explicit, raw) if raw is not None else None
 
             def local() -> list[bytes]:
@@ -497,7 +495,7 @@ def contexts() -> list[tuple[str, list[str]]]:
     return [(str(uid), TRANSFER_SYNTAXES) for uid in MODELS]
 
 
-def handlers(config: Config, engine: Engine, sessions: sessionmaker[Session]) -> list[tuple[Any, Any]]:
-    pynetdicom_tuning.log_identifiers(config.log.dicom_debug)
+def handlers(config: Config, engine: Engine, sessions: sessionmaker[Session]) -> dict[str, Any]:
+    """SOP class -> the C-FIND service for it."""
     scp = FindSCP(config, engine, sessions)
-    return [(evt.EVT_C_FIND, scp.handle)]
+    return {uid: scp.handle for uid in MODELS}

@@ -9,20 +9,21 @@ the instance rows it holds) and a `retrieve` node exists, the study is first lis
 Then the instances held in the spool are sent from there (read ahead on a small thread pool, in the
 destination's accepted transfer syntax, converted once through the forwarder's variant cache), while
 the ones that are not are retrieved through from the `retrieve` node (retrieve.py) and sent on as each
-lands in the spool. pynetdicom runs the sub-operations: it opens the association to the move
-destination from what the handler yields, sends each yielded data set, keeps the remaining /
-completed / failed / warning counts, the Failed SOP Instance UID List, and the final status (0x0000,
-0xB000 warning with failures, 0xA702 when every sub-operation failed, 0xFE00 after C-CANCEL, which is
-checked before every sub-operation).
+lands in the spool. `_run` performs the sub-operations (PS3.4 C.4.2.3, C.4.3.3): each instance's
+file is written on the destination association (for C-MOVE one qrproxy opens to the destination,
+for C-GET the requester's own) straight from the spool, after its meta group; the remaining /
+completed / failed / warning counts go out in a Pending response after each, and the final status
+is 0x0000, 0xB000 (warning, with the Failed SOP Instance UID List) when some failed, 0xA702 when
+every one failed, 0xFE00 after a C-CANCEL (checked before every sub-operation), as DCMTK and
+pynetdicom answer.
 
 An instance that cannot be sent (no local copy and the retrieval failed, an unreadable spool file,
-no accepted transfer syntax) is yielded as a stand-in that carries only its UIDs and no transfer
-syntax: pynetdicom's C-STORE of it fails without a byte on the wire, which counts it failed and puts
-its UID in the Failed SOP Instance UID List, exactly as a refused C-STORE would.
+no accepted transfer syntax) is counted failed without a byte on the wire and its UID goes in the
+Failed SOP Instance UID List, exactly as a refused C-STORE would.
 
 Refusals before any sub-operation (an unusable identifier, an upstream that must be asked but
-cannot be) are logged here with the reason and raised, which pynetdicom answers with a 0xC5xx
-"unable to process" failure status. An unknown Move Destination is 0xA801.
+cannot be) are logged with the reason and answered 0xC511 ("unable to process"). An unknown Move
+Destination, or one that cannot be associated with, is 0xA801.
 """
 
 from __future__ import annotations
@@ -30,14 +31,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from pynetdicom import build_context, evt
 from pynetdicom.sop_class import (PatientRootQueryRetrieveInformationModelGet,
                                   PatientRootQueryRetrieveInformationModelMove,
                                   StudyRootQueryRetrieveInformationModelGet,
@@ -49,9 +49,8 @@ from qrproxy.index.models import Instance, Patient, Series, SpoolObject, Study, 
 from qrproxy.jobs import refresh
 from qrproxy.jobs.retention import touch_study
 from qrproxy.logs import kv
-from qrproxy.net.tuning import FastStore, fast_retrieve_pending, keep_responses_from_reactor
+from qrproxy.net.association import AssociationEnded
 from qrproxy.rules.anonymize import AnonymizeError
-from qrproxy.scp.associations import set_nodelay
 from qrproxy.scu import upstream
 from qrproxy.scu.forward import EXPLICIT_LITTLE, Job, candidates
 from qrproxy.scu.retrieve import Retrieval
@@ -82,7 +81,11 @@ LEVEL_KEYS = {"PATIENT": "PatientID", "STUDY": "StudyInstanceUID", "SERIES": "Se
               "IMAGE": "SOPInstanceUID"}
 MAX_CONTEXTS = 120
 READ_AHEAD = 4
-PENDING, CANCEL = 0xFF00, 0xFE00
+PENDING, CANCEL, SUCCESS = 0xFF00, 0xFE00, 0x0000
+UNABLE_TO_PROCESS = 0xC511  # PS3.4 C.4.2.1.5 (C-MOVE) / C.4.3.1.4 (C-GET): Failed, unable to process
+MOVE_DESTINATION_UNKNOWN = 0xA801
+ALL_FAILED = 0xA702  # Refused: out of resources, unable to perform sub-operations
+SOME_FAILED = 0xB000
 
 _readers = ThreadPoolExecutor(max_workers=READ_AHEAD, thread_name_prefix="move-read")
 
@@ -131,33 +134,13 @@ def parse_target(identifier: Dataset, model: str) -> Target:
     return Target(level, keys)
 
 
-def _placeholder(item: Item) -> Dataset:
-    """A data set pynetdicom cannot send (no transfer syntax): its C-STORE fails locally and the
-    instance is counted failed, with its UID in the Failed SOP Instance UID List."""
-    ds = Dataset()
-    ds.SOPClassUID = item.sop_class or SECONDARY_CAPTURE
-    ds.SOPInstanceUID = item.sop_uid
-    ds.file_meta = FileMetaDataset()
-    return ds
+@dataclass
+class Sendable:
+    """What one sub-operation sends: a spool file in the syntax it is held in, or a Dataset (a
+    mutated copy, or a native file re-encoded in the other native syntax)."""
 
-
-def _stand_in(item: Item, sop_class: str, transfer_syntax: str) -> Dataset:
-    """What pynetdicom is given for an instance FastStore writes from its file: the UIDs that choose
-    the presentation context, nothing else (net/tuning.FastStore)."""
-    ds = Dataset()
-    ds.SOPClassUID = sop_class
-    ds.SOPInstanceUID = item.sop_uid
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = transfer_syntax
-    return ds
-
-
-def _fast_store(assoc: Any, spool: Spool) -> FastStore:
-    fast = getattr(assoc, "_qrproxy_fast_store", None)
-    if fast is None:
-        fast = FastStore(assoc, spool.open)
-        assoc._qrproxy_fast_store = fast
-    return fast
+    path: Any = None
+    dataset: Dataset | None = None
 
 
 def _accepted(assoc: Any, role: str) -> dict[str, set[str]]:
@@ -166,7 +149,7 @@ def _accepted(assoc: Any, role: str) -> dict[str, set[str]]:
     for cx in assoc.accepted_contexts:
         if role == "get" and not cx.as_scu:
             continue
-        out.setdefault(cx.abstract_syntax, set()).add(cx.transfer_syntax[0])
+        out.setdefault(cx.abstract_syntax, set()).add(cx.transfer_syntax)
     return out
 
 
@@ -356,8 +339,8 @@ class RetrieveSCP:
     # --- sending ----------------------------------------------------------------------------------
 
     def _load(self, item: Item, accepted: dict[str, set[str]], target: str | None, node: str | None,
-              calling: str, fast: FastStore | None = None) -> Dataset:
-        """The data set to send for a local item, or its stand-in (logged) when it cannot be sent."""
+              calling: str) -> Sendable | None:
+        """What to send for a local item, or None (logged) when it cannot be sent."""
         assert item.obj is not None
         pk, relpath, sop_class, ts = item.obj
         spool = self.spool
@@ -369,7 +352,7 @@ class RetrieveSCP:
             if not usable:
                 why = f"destination accepted SOP class {sop_class} in none of {', '.join(_offers(target, ts))}"
             elif usable[0] == ts or (ts in NATIVE and usable[0] in NATIVE):
-                path = spool.path(relpath)  # native to native: pynetdicom re-encodes on the fly
+                path = spool.path(relpath)
             else:
                 job = Job(0, pk, relpath, sop_class, item.sop_uid, ts, None, 0)
                 converted, result = self.forwarder.variant(job, usable[0]).result()
@@ -382,24 +365,24 @@ class RetrieveSCP:
             if path is not None:
                 spool.verify(path)
                 ds = self.forwarder.mutated(path, node, calling, item.sop_uid)
+                if ds is None and held not in accepted.get(sop_class, ()):
+                    ds = dcmread(path)  # native to native: re-encoded in the syntax accepted
                 if ds is not None:
-                    return ds
-                if fast is None:
-                    return dcmread(path)
-                fast.expect(item.sop_uid, path, held)
-                return _stand_in(item, sop_class, held)
+                    if held not in accepted.get(sop_class, ()) or str(ds.file_meta.get("TransferSyntaxUID", "")) \
+                            not in accepted.get(sop_class, ()):
+                        ds.file_meta.TransferSyntaxUID = usable[0]
+                    return Sendable(dataset=ds)
+                return Sendable(path=path)
         except (CryptoError, OSError, ValueError, AnonymizeError) as exc:
             why = f"local copy unusable: {type(exc).__name__}: {exc}"
         log.warning(kv(event="sub-operation-failed", sop=item.sop_uid, reason=why))
-        return _placeholder(item)
+        return None
 
-    def _suboperations(self, event: Any, items: list[Item], store_assoc: Callable[[], Any], role: str,
-                       node: str | None, what: str, t0: float) -> Iterator[tuple[int, Dataset | None]]:
+    def _sendables(self, event: Any, items: list[Item], accepted: dict[str, set[str]], node: str | None,
+                   what: str, t0: float, stats: dict[str, int]) -> Iterator[tuple[Item, Sendable | None] | None]:
+        """(item, what to send or None) for each instance, local ones first (read ahead), then the
+        retrieved ones as they land; None when the requester cancelled."""
         calling = (event.assoc.requestor.ae_title or "").strip()
-        fast_retrieve_pending(event.assoc)
-        assoc = store_assoc()
-        accepted = _accepted(assoc, role) if assoc is not None else {}
-        fast = _fast_store(assoc, self.spool) if assoc is not None else None
         target = TARGETS.get(self.cfg.nodes[node].transfer_syntax) if node else None
         # Instances that landed since the plan was made (another move retrieved them) are local now.
         pending = {i.sop_uid: i for i in items if i.obj is None}
@@ -409,56 +392,107 @@ class RetrieveSCP:
         remote = [i for i in items if i.obj is None]
         with self._plan_lock:  # two moves of one study: the second sees the first's retrieval
             retrievals = self._start_retrievals(remote)
-        stats = {"local": 0, "retrieved": 0, "unavailable": 0}
 
-        def load(item: Item) -> Dataset:
-            return self._load(item, accepted, target, node, calling, fast)
+        def load(item: Item) -> Sendable | None:
+            return self._load(item, accepted, target, node, calling)
 
-        # Read ahead: the next few files are read (and decrypted) while the current one is sent.
-        window: list[Future[Dataset]] = []
+        # Read ahead: the next few files are checked (and decrypted) while the current one is sent.
+        window: list[tuple[Item, Future[Sendable | None]]] = []
         queue = iter(local)
         for item in queue:
-            window.append(_readers.submit(load, item))
+            window.append((item, _readers.submit(load, item)))
             if len(window) >= READ_AHEAD:
                 break
         while window:
-            fut = window.pop(0)
+            item, fut = window.pop(0)
             nxt = next(queue, None)
             if nxt is not None:
-                window.append(_readers.submit(load, nxt))
+                window.append((nxt, _readers.submit(load, nxt)))
             if event.is_cancelled:
-                self._done(what, stats, items, t0, "cancelled")
-                yield CANCEL, None
+                yield None
                 return
             stats["local"] += 1
-            yield PENDING, fut.result()
+            yield item, fut.result()
         by_uid = {i.sop_uid: i for i in remote}
         for retrieval, uids in retrievals:
             if retrieval is None:
                 for uid in uids:
                     stats["unavailable"] += 1
                     log.warning(kv(event="sub-operation-failed", sop=uid, reason="no local copy and no retrieve node"))
-                    yield PENDING, _placeholder(by_uid[uid])
+                    yield by_uid[uid], None
                 continue
             for uid, obj in self.retriever.wait_for(retrieval, uids, cancelled=lambda: event.is_cancelled):
                 item = by_uid[uid]
+                if event.is_cancelled:
+                    yield None
+                    return
                 if obj is None:
                     stats["unavailable"] += 1
                     log.warning(kv(event="sub-operation-failed", sop=uid, reason="not retrieved from "
                                    f"{retrieval.node}: {retrieval.error or 'the node did not send it'}"))
-                    ds = _placeholder(item)
+                    yield item, None
                 else:
                     item.obj = obj
                     stats["retrieved"] += 1
-                    ds = load(item)
-                if event.is_cancelled:
-                    break
-                yield PENDING, ds
+                    yield item, load(item)
             if event.is_cancelled:
-                self._done(what, stats, items, t0, "cancelled")
-                yield CANCEL, None
+                yield None
                 return
-        self._done(what, stats, items, t0, "done")
+
+    def _run(self, event: Any, items: list[Item], store: Any, role: str, node: str | None, what: str,
+             t0: float) -> Iterator[tuple[int, Any, dict[str, Any]]]:
+        """The sub-operations on `store` and the responses to yield (see the module docstring)."""
+        accepted = _accepted(store, role)
+        store.opener = self.spool.open
+        stats = {"local": 0, "retrieved": 0, "unavailable": 0}
+        remaining, completed, failed, warning = len(items), 0, 0, 0
+        failed_uids: list[str] = []
+        own_ae = self.cfg.ae_title
+        message_id = event.request.MessageID
+
+        def counts(with_remaining: bool = True) -> dict[str, Any]:
+            return {"NumberOfRemainingSuboperations": remaining if with_remaining else None,
+                    "NumberOfCompletedSuboperations": completed, "NumberOfFailedSuboperations": failed,
+                    "NumberOfWarningSuboperations": warning}
+
+        def failures() -> Dataset:
+            ds = Dataset()
+            ds.FailedSOPInstanceUIDList = failed_uids
+            return ds
+
+        result = "done"
+        for step in self._sendables(event, items, accepted, node, what, t0, stats):
+            if step is None:
+                result = "cancelled"
+                self._done(what, stats, items, t0, result)
+                yield CANCEL, failures(), counts()
+                return
+            item, sendable = step
+            status = None
+            if sendable is not None:
+                try:
+                    rsp = store.send_c_store(sendable.dataset if sendable.dataset is not None else sendable.path,
+                                             originator_aet=own_ae if role == "move" else None,
+                                             originator_id=message_id if role == "move" else None)
+                    status = getattr(rsp, "Status", None)
+                except (AssociationEnded, OSError, ValueError, CryptoError) as exc:
+                    log.warning(kv(event="sub-operation-failed", sop=item.sop_uid, reason=f"{type(exc).__name__}: {exc}"))
+                    if role == "get" and not event.assoc.is_established:
+                        raise
+            remaining -= 1
+            if status is None or (status & 0xF000) in (0xA000, 0xC000) or status == 0x0110:
+                failed += 1
+                failed_uids.append(item.sop_uid)
+            elif status in (0xB000, 0xB006, 0xB007):
+                warning += 1
+            else:
+                completed += 1
+            yield PENDING, None, counts()
+        self._done(what, stats, items, t0, result)
+        if not failed and not warning:
+            yield SUCCESS, None, counts(False)
+        else:
+            yield (ALL_FAILED if failed == len(items) else SOME_FAILED), failures(), counts(False)
 
     def _done(self, what: str, stats: dict[str, int], items: list[Item], t0: float, result: str) -> None:
         studies = sorted({i.study_uid for i in items})
@@ -491,44 +525,60 @@ class RetrieveSCP:
 
     def handle_move(self, event: Any) -> Iterator[Any]:
         t0 = time.monotonic()
-        dest = (event.move_destination or "").strip()  # pynetdicom gives it as str
+        dest = event.move_destination
+        calling = event.assoc.requestor.ae_title
         found = self.cfg.node_for_ae(dest)
         if found is None:
-            log.warning(kv(event="c-move", calling=event.assoc.requestor.ae_title, destination=dest,
-                           result="refused", status="0xA801", reason="move destination is not a configured node"))
-            yield None, None
+            log.warning(kv(event="c-move", calling=calling, destination=dest, result="refused", status="0xA801",
+                           reason="move destination is not a configured node"))
+            yield MOVE_DESTINATION_UNKNOWN, None
             return
         node_name, node = found
-        target, items = self._prepare(event, MOVE_MODELS, "c-move")
-        self._learn_classes(event, items)
-        log.info(kv(event="c-move-start", calling=event.assoc.requestor.ae_title, destination=node_name,
-                    level=target.level, instances=len(items), local=sum(1 for i in items if i.obj is not None)))
-        holder: dict[str, Any] = {}
-
-        def accepted(ev: Any) -> None:
-            # The destination never sends requests on this association; without this its reactor
-            # thread can take a C-STORE response off the queue first (pynetdicom #875, see
-            # pynetdicom_tuning) and the sub-operation then waits out the DIMSE timeout.
-            keep_responses_from_reactor(ev.assoc)
-            holder["assoc"] = ev.assoc
-
-        yield node.host, node.port, {
-            "ae_title": node.ae_title,
-            "contexts": self._contexts(items, node),
-            "evt_handlers": [(evt.EVT_ACCEPTED, accepted), (evt.EVT_CONN_OPEN, set_nodelay)],
-        }
-        yield len(items)
-        yield from self._suboperations(event, items, lambda: holder.get("assoc"), "move", node_name, "c-move", t0)
+        try:
+            target, items = self._prepare(event, MOVE_MODELS, "c-move")
+            self._learn_classes(event, items)
+        except Exception as exc:
+            yield _failure(UNABLE_TO_PROCESS, exc), None
+            return
+        log.info(kv(event="c-move-start", calling=calling, destination=node_name, level=target.level,
+                    instances=len(items), local=sum(1 for i in items if i.obj is not None)))
+        if not items:
+            self._done("c-move", {"local": 0, "retrieved": 0, "unavailable": 0}, items, t0, "done")
+            yield SUCCESS, None, {"NumberOfCompletedSuboperations": 0, "NumberOfFailedSuboperations": 0,
+                                  "NumberOfWarningSuboperations": 0}
+            return
+        try:
+            ctx = upstream.associate(self.cfg, node_name, self._contexts(items, node))
+            store = ctx.__enter__()
+        except UpstreamError as exc:
+            log.warning(kv(event="c-move", calling=calling, destination=node_name, result="failed", status="0xA801",
+                           reason=str(exc)))
+            yield _failure(MOVE_DESTINATION_UNKNOWN, exc), None
+            return
+        ok = False
+        try:
+            yield from self._run(event, items, store, "move", node_name, "c-move", t0)
+            ok = True
+        finally:
+            try:
+                if ok or store.is_established:
+                    ctx.__exit__(None, None, None)
+                else:
+                    ctx.__exit__(RuntimeError, RuntimeError("abort"), None)
+            except Exception:
+                pass
 
     def handle_get(self, event: Any) -> Iterator[Any]:
         t0 = time.monotonic()
-        target, items = self._prepare(event, GET_MODELS, "c-get")
+        try:
+            target, items = self._prepare(event, GET_MODELS, "c-get")
+        except Exception as exc:
+            yield _failure(UNABLE_TO_PROCESS, exc), None
+            return
         found = self.cfg.node_for_ae(event.assoc.requestor.ae_title or "")
         log.info(kv(event="c-get-start", calling=event.assoc.requestor.ae_title, level=target.level,
                     instances=len(items), local=sum(1 for i in items if i.obj is not None)))
-        yield len(items)
-        yield from self._suboperations(event, items, lambda: event.assoc, "get", found[0] if found else None,
-                                       "c-get", t0)
+        yield from self._run(event, items, event.assoc, "get", found[0] if found else None, "c-get", t0)
 
     def _contexts(self, items: list[Item], node: Node) -> list[Any]:
         """Presentation contexts for the association to a move destination: per SOP class, the node's
@@ -552,7 +602,7 @@ class RetrieveSCP:
             # One context per (class, syntax): the peer may accept some and refuse others.
             for ts in syntaxes:
                 if len(out) < MAX_CONTEXTS:
-                    out.append(build_context(cls, [ts]))
+                    out.append((cls, [ts]))
         return out
 
 
@@ -560,5 +610,8 @@ def contexts() -> list[tuple[str, list[str]]]:
     return [(uid, TRANSFER_SYNTAXES) for uid in list(MOVE_MODELS) + list(GET_MODELS)]
 
 
-def handlers(scp: RetrieveSCP) -> list[tuple[Any, Any]]:
-    return [(evt.EVT_C_MOVE, scp.handle_move), (evt.EVT_C_GET, scp.handle_get)]
+def _failure(code: int, exc: Exception) -> Dataset:
+    ds = Dataset()
+    ds.Status = code
+    ds.ErrorComment = str(exc)[:64]
+    return ds

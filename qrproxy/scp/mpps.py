@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
-from pynetdicom import evt
 from pynetdicom.sop_class import ModalityPerformedProcedureStep
 from sqlalchemy import select
 
@@ -159,6 +158,6 @@ def contexts() -> list[tuple[str, list[str]]]:
     return [(MPPS, TRANSFER_SYNTAXES)]
 
 
-def handlers(config: Config, sessions: sessionmaker[Session], relay: MppsRelay | None) -> list[tuple[Any, Any]]:
-    scp = MppsSCP(config, sessions, relay)
-    return [(evt.EVT_N_CREATE, scp.on_create), (evt.EVT_N_SET, scp.on_set)]
+def service(config: Config, sessions: sessionmaker[Session], relay: MppsRelay | None) -> MppsSCP:
+    """The N-CREATE and N-SET service (`on_create`, `on_set`)."""
+    return MppsSCP(config, sessions, relay)

@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 
 from cachetools import LRUCache
 from pydicom.dataset import Dataset
-from pynetdicom import evt
 from pynetdicom.sop_class import ModalityWorklistInformationFind
 from sqlalchemy import select
 
@@ -184,8 +183,8 @@ class WorklistFindSCP:
                 yield _status(UNABLE_TO_PROCESS, fields["reason"]), None
                 return
             explicit = event.context.transfer_syntax != dicomenc.IMPLICIT_LE
-            raw = event.request.Identifier
-            key = (explicit, raw.getvalue()) if hasattr(raw, "getvalue") and not self._query_mutations() else None
+            raw = event.raw
+            key = (explicit, raw) if raw is not None and not self._query_mutations() else None
             info: dict[str, Any] = {}
             fields["info"] = info
             try:
@@ -224,22 +223,6 @@ def contexts() -> list[tuple[str, list[str]]]:
     return [(MWL_FIND, TRANSFER_SYNTAXES)]
 
 
-def handlers(config: Config, engine: Engine, others: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
-    """`others` with its EVT_C_FIND handler wrapped: pynetdicom calls one handler per intervention
-    event, so MWL requests are routed here by their SOP Class and the rest go to the Q/R handler."""
-    scp = WorklistFindSCP(config, engine)
-    out = []
-    for event, handler in others:
-        if event is evt.EVT_C_FIND:
-            qr = handler
-
-            def dispatch(ev: Any, _qr: Any = qr) -> Any:
-                if str(ev.request.AffectedSOPClassUID) == MWL_FIND:
-                    return scp.handle(ev)
-                return _qr(ev)
-
-            handler = dispatch
-        out.append((event, handler))
-    if not any(event is evt.EVT_C_FIND for event, _ in others):
-        out.append((evt.EVT_C_FIND, scp.handle))
-    return out
+def handlers(config: Config, engine: Engine) -> dict[str, Any]:
+    """SOP class -> the C-FIND service for it."""
+    return {MWL_FIND: WorklistFindSCP(config, engine).handle}

@@ -1,15 +1,14 @@
 """Storage SCP (C-STORE): receive into the spool, index, queue for forwarding; Success only when durable.
 
-Reception streams: pynetdicom's STORE_RECV_CHUNKED_DATASET writes each dataset to a temporary file as
-P-DATA arrives (memory stays flat for a 1 GB instance). Its temporary files go to `tempfile.tempdir`,
-which qrproxy points at `spool/incoming/` (the only process-wide setting this module makes), so that
-the move into `spool/objects/` is a same-filesystem atomic rename and a crash leaves only
-`incoming/` leftovers, which the next start deletes.
+Reception streams: the association writes each data set fragment, straight from its receive buffer,
+to an `IncomingFile` this module gives it (`sink_for`): a file in `spool/incoming/` that starts with
+the file meta information, so memory stays flat for a 1 GB instance, the move into `spool/objects/`
+is a same-filesystem atomic rename, and a crash leaves only `incoming/` leftovers, which the next
+start deletes. A transfer cut off mid-data set has its file removed by the association.
 
-With `encryption.key_file` the bytes are encrypted as pynetdicom writes them (pynetdicom_tuning swaps
-its temporary file for an encrypting writer), so no received data set ever rests on disk in clear;
-the handler closes the writer (final chunk) and then parses, checks and hashes the plaintext through
-the decrypting reader, in the same order and with the same fsyncs as without encryption.
+With `encryption.key_file` the file is an encrypting writer, so no received data set ever rests on
+disk in clear; the handler parses, checks and hashes the plaintext through the decrypting reader, in
+the same order and with the same fsyncs as without encryption.
 
 Order of a C-STORE, each step before the next (DESIGN.md "Durability"): free-space floor -> parse and
 validate -> route -> fsync file, rename, fsync directory -> commit index row and forward rows -> Success.
@@ -17,6 +16,7 @@ validate -> route -> fsync file, rename, fsync directory -> commit index row and
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -28,12 +28,14 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_file_meta_info
+from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from sqlalchemy.exc import IntegrityError
 
 from qrproxy.index.writers import Header, IndexWriter
 from qrproxy.logs import kv
-from qrproxy.net import tuning as pynetdicom_tuning
+from qrproxy.net import pdu
 from qrproxy.query.worklist_index import close_on_store
 from qrproxy.rules.routes import route
 from qrproxy.scp.associations import called_ae_title
@@ -107,7 +109,7 @@ def contexts(extra_sop_classes: list[str] | None = None) -> list[tuple[str, list
     return [(uid, list(STORE_SYNTAXES)) for uid in uids]
 
 
-# pynetdicom accepts the first of the acceptor's syntaxes that the requestor offers: Explicit VR
+# The acceptor accepts the first of its syntaxes that the requestor offers: Explicit VR
 # Little Endian first, so that a modality offering both in one context (pynetdicom's storescu does)
 # has its files stored, and forwarded, as written, private elements keeping their VRs. DCMTK's
 # storescp prefers the same.
@@ -115,11 +117,71 @@ STORE_SYNTAXES = ["1.2.840.10008.1.2.1"] + [ts for ts in ALL_TRANSFER_SYNTAXES i
 
 
 def configure_receive(spool: Spool) -> None:
-    pynetdicom_tuning.stream_received_datasets(spool.incoming)
     if spool.encrypted:
-        pynetdicom_tuning.encrypt_received_files(spool.open_incoming_writer)
         kid, _ = spool.keys.current()  # type: ignore[union-attr]
         log.info(kv(event="spool-encryption", cipher="AES-256-GCM", current_key=kid))
+
+
+def file_meta(sop_class: str, sop_instance: str, transfer_syntax: str, source_ae: str) -> bytes:
+    """Preamble and file meta information (PS3.10 7.1) of a received instance."""
+    from pydicom.dataset import FileMetaDataset
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_instance
+    meta.TransferSyntaxUID = transfer_syntax
+    meta.ImplementationClassUID = pdu.IMPLEMENTATION_UID
+    meta.ImplementationVersionName = pdu.IMPLEMENTATION_VERSION
+    if source_ae:
+        meta.SourceApplicationEntityTitle = source_ae[:16]
+    fp = DicomBytesIO()
+    fp.is_little_endian = True
+    fp.is_implicit_VR = False
+    write_file_meta_info(fp, meta, enforce_standard=True)
+    return b"\0" * 128 + b"DICM" + fp.getvalue()
+
+
+class IncomingFile:
+    """Where the association writes a received C-STORE data set: a new file in spool/incoming/,
+    encrypting when the spool is; removed again if the transfer is cut off."""
+
+    def __init__(self, spool: Spool, sop_class: str, sop_instance: str, transfer_syntax: str, source_ae: str):
+        self.sha256: Any = None
+        if spool.encrypted:
+            # hashed when read back through the decrypting reader, which also authenticates it
+            self._f: Any = spool.open_incoming_writer(".dcm")
+            self.path = Path(self._f.path)
+            self.write = self._f.write
+        else:
+            # hashed as written: the file is not read again to compute it
+            self.path = spool.new_incoming(".dcm")
+            self._f = open(self.path, "xb", buffering=1 << 20)
+            self.sha256 = hashlib.sha256()
+        self.size = 0
+        self._write_raw(file_meta(sop_class, sop_instance, transfer_syntax, source_ae))
+
+    def _write_raw(self, data: Any) -> None:
+        self._f.write(data)
+        if self.sha256 is not None:
+            self.sha256.update(data)
+        self.size += len(data)
+
+    def write(self, data: Any) -> None:
+        self._write_raw(data)
+
+    def digest(self) -> tuple[int, str] | None:
+        """(size, SHA-256) of what was written, when it was hashed on the way."""
+        return None if self.sha256 is None else (self.size, self.sha256.hexdigest())
+
+    def close(self) -> None:
+        self._f.close()
+
+    def discard(self) -> None:
+        try:
+            self._f.close()
+        except Exception:
+            pass
+        _unlink(self.path)
 
 
 def _unlink(path: Path) -> None:
@@ -170,7 +232,7 @@ class StoreSCP:
             problem = None if ts == DEFLATED else truncation(ds, size, f)
         except CryptoError:
             raise
-        except (InvalidDicomError, EOFError, ValueError, TypeError, OSError, NotImplementedError, KeyError,
+        except (InvalidDicomError, EOFError, RecursionError, ValueError, TypeError, OSError, NotImplementedError, KeyError,
                 AttributeError) as exc:
             return _status(CANNOT_UNDERSTAND, f"cannot parse data set: {exc}")
         if problem:
@@ -218,9 +280,6 @@ class StoreSCP:
             return fail(_status(OUT_OF_RESOURCES, f"spool below free-space floor ({free // 1_000_000} MB free)"),
                         logging.ERROR)
 
-        if spool.encrypted:
-            # pynetdicom closes its file only after this handler: write the final chunk now.
-            pynetdicom_tuning.finish_received_file(path)
         # The file's fsync runs in a worker thread while this one parses, routes and hashes it.
         sync = self.io_pool.submit(fsync_file, path)
         try:
@@ -243,7 +302,9 @@ class StoreSCP:
         sender = (assoc.acceptor.ae_title or "").strip() if source and assoc.is_requestor else calling
         final: Path | None = None
         try:
-            size, digest = spool.hash(path)
+            known = getattr(event, "sink", None)
+            written = known.digest() if known is not None and hasattr(known, "digest") else None
+            size, digest = written if written is not None else spool.hash(path)
             relpath, final = spool.reserve()
             committed = Committed(relpath, size, digest)
             # Durable in place before the transaction starts, so the database write lock is held
@@ -289,18 +350,16 @@ class StoreSCP:
         close_on_store(self.cfg.worklist.remove_on_store, self.engine, self.sessions, hdr)  # worklist.remove_on_store: the study arrived, its item is done
         return 0x0000
 
-    def on_close(self, event: Any) -> None:
-        """Drop the partial file of a transfer cut off mid-dataset: it was never acknowledged."""
-        dimse = getattr(event.assoc, "dimse", None)
-        msg = getattr(dimse, "message", None)
-        f = getattr(msg, "_data_set_file", None)
-        if f is not None:
-            try:
-                f.close()
-            finally:
-                _unlink(Path(f.name))
-            log.info(kv(event="c-store-partial-removed", calling=event.assoc.requestor.ae_title))
+    def sink_for(self, assoc: Any, command: Any, context: Any) -> IncomingFile | None:
+        """The file a C-STORE data set is written to as it arrives (None: any other data set, which
+        the association keeps in memory)."""
+        if command.field != 0x0001:
+            return None
+        source = assoc.acceptor.ae_title if assoc.is_requestor else assoc.requestor.ae_title
+        return IncomingFile(self.spool, str(command.AffectedSOPClassUID), str(command.AffectedSOPInstanceUID),
+                            context.transfer_syntax, source or "")
 
-
-def handlers(scp: StoreSCP) -> list[tuple[Any, Any]]:
-    return [(evt.EVT_C_STORE, scp.handle), (evt.EVT_CONN_CLOSE, scp.on_close)]
+    def on_partial_discarded(self, assoc: Any) -> None:
+        """The association dropped the partial file of a transfer cut off mid-data set: it was never
+        acknowledged."""
+        log.info(kv(event="c-store-partial-removed", calling=assoc.requestor.ae_title))

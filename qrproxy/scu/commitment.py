@@ -21,13 +21,12 @@ from typing import TYPE_CHECKING, Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
-from pynetdicom.dimse_primitives import N_EVENT_REPORT
 from pynetdicom.sop_class import StorageCommitmentPushModel
 from sqlalchemy import select, update
 
 from qrproxy.index.models import CommitmentItem, CommitmentRequest, utcnow
 from qrproxy.logs import kv
-from qrproxy.net import tuning as pynetdicom_tuning
+from qrproxy.net import dimse
 from qrproxy.scu.forward import backoff
 from qrproxy.scu.upstream import UpstreamError, associate
 
@@ -218,20 +217,21 @@ class CommitmentSCU:
 
     def _await_reports(self, assoc: Any, node: str, asked: set[str]) -> None:
         """Serve N-EVENT-REPORTs the node sends on this association for up to REPORT_WAIT seconds
-        (qrproxy's associations keep the reactor away from the DIMSE queue, pynetdicom_tuning)."""
+        (answered on the association, in its own thread)."""
         calling = self.config.nodes[node].ae_title
         deadline = time.monotonic() + REPORT_WAIT
         while asked and assoc.is_established and time.monotonic() < deadline:
-            cx_id, msg = pynetdicom_tuning.next_message(assoc, max(0.05, min(0.25, deadline - time.monotonic())))
-            if msg is None:
+            req = assoc.next_request(max(0.05, min(0.25, deadline - time.monotonic())))
+            if req is None:
                 asked = self._still_open(asked)
                 continue
-            if not isinstance(msg, N_EVENT_REPORT) or msg.EventInformation is None:
-                log.warning(kv(event="commitment-unexpected-message", node=node, message=type(msg).__name__))
+            if req.request.field != dimse.N_EVENT_REPORT or req.raw is None:
+                log.warning(kv(event="commitment-unexpected-message", node=node, message=req.request.name))
+                assoc.respond(req, 0x0211 if req.request.field & 0x0100 else 0xC000)  # unrecognised operation
                 continue
-            info = pynetdicom_tuning.event_information(assoc, cx_id, msg)
-            status, _ = self.record_report(calling, int(msg.EventTypeID or 0), info, "same-association")
-            pynetdicom_tuning.answer_event_report(assoc, cx_id, msg, status)
+            info = req.event_information
+            status, _ = self.record_report(calling, int(req.request.EventTypeID or 0), info, "same-association")
+            assoc.respond(req, status)
             asked.discard(str(info.get("TransactionUID", "")))
         assoc.dimse_timeout = self.config.nodes[node].timeout
 

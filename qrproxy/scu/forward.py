@@ -15,13 +15,12 @@ back to pending. Each instance is recorded as sent in its own transaction as soo
 response arrives, so a crash re-sends at most the instance that was on the wire per association
 (which the upstream dedupes by UID).
 
-A peer that dies at any byte never stalls a worker: the send queue under the association gives up
-when the association is gone or the peer takes nothing for the node's timeout
-(net/tuning.PeerGone), the association is aborted and the node backs off.
+A peer that dies at any byte never stalls a worker: every write on the association is bounded by
+the node's timeout (net/association.PeerGone), the association is aborted and the node backs off.
 
 Encrypted spool: every file is authenticated in full just before it is sent (a tampered or truncated
 file holds its row with the failing chunk named, and sends nothing), then streamed from disk through
-the decrypting reader (net/tuning.decrypt_sent_files); conversions read and write encrypted
+the decrypting reader (`associate(opener=spool.open)`); conversions read and write encrypted
 files in the pool. Reading a data set here (`dcmread`, used by store mutations) goes through
 spool.dcmread, which decrypts.
 """
@@ -46,7 +45,6 @@ from sqlalchemy import or_, select, update
 from qrproxy.index.models import ForwardItem, ForwardState, SpoolObject, utcnow
 from qrproxy.index.uidmap import DbPseudonyms
 from qrproxy.logs import kv
-from qrproxy.net import tuning as pynetdicom_tuning
 from qrproxy.rules.anonymize import AnonymizeError
 from qrproxy.rules.routes import apply_mutations, mutations_for
 from qrproxy.scu.upstream import UpstreamError, associate
@@ -207,7 +205,7 @@ class NodeWorker(threading.Thread):
                 return self._assoc
         self._close()
         contexts = [(sop, [ts]) for sop, ts in sorted(pairs)]
-        ctx = associate(self.config, self.node, contexts, calling_ae=calling)
+        ctx = associate(self.config, self.node, contexts, calling_ae=calling, opener=self.spool.open)
         self._assoc = ctx.__enter__()
         self._assoc_ctx = ctx
         self._assoc_key = key
@@ -306,7 +304,7 @@ class NodeWorker(threading.Thread):
         earlier instances are being sent."""
         accepted: dict[str, set[str]] = {}
         for cx in assoc.accepted_contexts:
-            accepted.setdefault(cx.abstract_syntax, set()).add(cx.transfer_syntax[0])
+            accepted.setdefault(cx.abstract_syntax, set()).add(cx.transfer_syntax)
         plans: dict[int, Any] = {}
         for job in jobs:
             usable = [ts for ts in candidates(target, job.transfer_syntax_uid)
@@ -540,9 +538,6 @@ class Forwarder:
         return n or 0
 
     def start(self) -> None:
-        pynetdicom_tuning.stream_sent_datasets()
-        if self.spool.encrypted:
-            pynetdicom_tuning.decrypt_sent_files(self.spool.open)
         self.recover()
         for node in self.config.nodes:
             w = NodeWorker(self, node)

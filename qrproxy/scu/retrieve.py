@@ -24,8 +24,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pydicom.dataset import Dataset
-from pynetdicom import evt
-from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
 from pynetdicom.presentation import StoragePresentationContexts
 from pynetdicom.sop_class import (StudyRootQueryRetrieveInformationModelGet,
                                   StudyRootQueryRetrieveInformationModelMove)
@@ -107,11 +105,12 @@ class Arrivals:
 
 class Retriever:
     def __init__(self, config: Config, sessions: sessionmaker[Session], arrivals: Arrivals,
-                 receive: Callable[[Any], Any]):
+                 receive: Callable[[Any], Any], sink_for: Callable[..., Any] | None = None):
         self.config = config
         self.sessions = sessions
         self.arrivals = arrivals
         self.receive = receive  # the store SCP's C-STORE handler, for the sub-operations of a C-GET
+        self.sink_for = sink_for  # and where their data sets are written as they arrive
         self._lock = threading.Lock()
         self._running: dict[tuple[Any, ...], Retrieval] = {}
 
@@ -212,16 +211,9 @@ class Retriever:
                     break
                 if str(cx.abstract_syntax) not in classes:
                     classes.append(str(cx.abstract_syntax))
-        roles = []
-        for uid in classes:
-            item = SCP_SCU_RoleSelectionNegotiation()
-            item.sop_class_uid = uid
-            item.scu_role = False
-            item.scp_role = True
-            roles.append(item)
+        roles = {uid: (False, True) for uid in classes}
         contexts = [(model, QR_SYNTAXES)] + [(uid, GET_STORE_SYNTAXES) for uid in classes]
-        with associate(cfg, r.node, contexts, ext_neg=roles,
-                       evt_handlers=[(evt.EVT_C_STORE, self.receive)]) as assoc:
+        with associate(cfg, r.node, contexts, roles=roles, on_store=self.receive, sink_for=self.sink_for) as assoc:
             if not any(cx.abstract_syntax == model for cx in assoc.accepted_contexts):
                 raise UpstreamError(f"{r.node}: C-GET (Study Root) not accepted")
             self._responses(r, assoc.send_c_get(r.identifier(), model))

@@ -8,20 +8,21 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, evt
 from pynetdicom.sop_class import (ModalityWorklistInformationFind, PatientRootQueryRetrieveInformationModelFind,
                                   StudyRootQueryRetrieveInformationModelFind, Verification)
 
-from qrproxy.config.schema import Config, Node
+from qrproxy.config.schema import Config
 from qrproxy.logs import kv
-from qrproxy.net.tls import TlsError, handshake_problem, node_client_context
-from qrproxy.net.tuning import bound_send_queue, keep_responses_from_reactor, set_nodelay
+from qrproxy.net import dimse
+from qrproxy.net.association import Association
+from qrproxy.net.requestor import ConnectFailed, connect
+from qrproxy.net.tls import TlsError, node_client_context
 
 log = logging.getLogger("qrproxy.upstream")
 
@@ -38,61 +39,46 @@ class EchoResult:
     ms: int
 
 
-def _new_ae(config: Config, node: Node, calling_ae: str | None = None) -> AE:
-    ae = AE(ae_title=calling_ae or config.ae_title)
-    ae.acse_timeout = node.timeout
-    ae.dimse_timeout = node.timeout
-    ae.network_timeout = node.timeout
-    ae.connection_timeout = min(node.timeout, 10.0)
-    ae.maximum_pdu_size = node.max_pdu or config.max_pdu
-    return ae
-
-
 @contextmanager
 def associate(
     config: Config,
     name: str,
     contexts: Sequence[tuple[str, Sequence[str]]],
     calling_ae: str | None = None,
-    **kwargs: Any,
-) -> Iterator[Any]:
-    """An established association to node `name`, released on exit (aborted if the body raised)."""
+    roles: dict[str, tuple[bool, bool]] | None = None,
+    on_store: Callable[[Any], Any] | None = None,
+    sink_for: Callable[..., Any] | None = None,
+    opener: Callable[[Any], BinaryIO] | None = None,
+) -> Iterator[Association]:
+    """An established association to node `name`, released on exit (aborted if the body raised).
+    `on_store` serves the C-STORE requests the node sends on it (a C-GET's sub-operations), with
+    their data sets written through `sink_for`; `opener` reads the files `send_c_store` is given
+    (the spool's, which decrypts)."""
     node = config.nodes[name]
-    ae = _new_ae(config, node, calling_ae)
-    for abstract, syntaxes in contexts:
-        ae.add_requested_context(abstract, list(syntaxes))
-    handlers = list(kwargs.pop("evt_handlers", [])) + [(evt.EVT_CONN_OPEN, set_nodelay)]
+    ssl_context = None
     if node.tls:
         if config.tls is None:
             raise UpstreamError(f"{name}: tls: true but no tls: section in the config")
         try:
-            kwargs["tls_args"] = (node_client_context(config.tls), node.host)
+            ssl_context = node_client_context(config.tls)
         except TlsError as exc:
             raise UpstreamError(f"{name}: tls.{exc.key}: {exc}") from None
-    assoc = ae.associate(node.host, node.port, ae_title=node.ae_title, evt_handlers=handlers, **kwargs)
-    if not assoc.is_established:
-        if assoc.is_rejected:
-            why = "association rejected"
-        elif assoc.is_aborted:
-            why = "association aborted"
-        else:
-            why = "no connection"
-        if node.tls and not assoc.is_rejected:
-            problem = handshake_problem(kwargs["tls_args"][0], node.host, node.port, ae.connection_timeout or 10.0)
-            if problem:
-                why = f"TLS handshake failed: {problem}"
-        raise UpstreamError(f"{name} ({node.ae_title}@{node.host}:{node.port}): {why}")
-    bound_send_queue(assoc, stall=node.timeout)
-    keep_responses_from_reactor(assoc)
+    try:
+        assoc = connect(node.host, node.port, calling=calling_ae or config.ae_title, called=node.ae_title,
+                        contexts=contexts, roles=roles, max_pdu=node.max_pdu or config.max_pdu,
+                        timeout=node.timeout, connect_timeout=min(node.timeout, 10.0), ssl_context=ssl_context,
+                        sink_for=sink_for, handlers={dimse.C_STORE: on_store} if on_store else None)
+    except ConnectFailed as exc:
+        raise UpstreamError(f"{name} ({node.ae_title}@{node.host}:{node.port}): {exc.detail}") from None
+    if opener is not None:
+        assoc.opener = opener
     try:
         yield assoc
     except BaseException:
-        assoc.abort()
+        assoc.abort("local")
         raise
     else:
         assoc.release()
-    finally:
-        ae.shutdown()
 
 
 def echo(config: Config, name: str) -> EchoResult:

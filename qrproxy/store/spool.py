@@ -8,8 +8,8 @@ left in `incoming/` belonged to an association that never got Success, so it is 
 File names are random UUIDs, never UIDs from the peer: a SOP Instance UID of `../../x` cannot
 choose where bytes land.
 
-With `encryption.key_file` every file here is encrypted (crypto.py): received files as pynetdicom
-writes them (net/tuning.encrypt_received_files), converted copies as codec.py writes them.
+With `encryption.key_file` every file here is encrypted (crypto.py): received files as the
+association writes them (scp/store.IncomingFile), converted copies as codec.py writes them.
 Everything that reads a spool file goes through `Spool.open` / `open_plain`, which gives the plaintext
 of an encrypted file and a plain file (written before encryption was configured) as it is. Sizes and
 SHA-256 digests are of the plaintext, so an identical re-send is recognised whatever the keys.
@@ -52,7 +52,7 @@ def fsync_dir(path: Path) -> None:
 
 
 # The keys of the one spool a process serves (Spool() with keys sets them): read by `open_plain` and
-# `dcmread` below, which code holding only a path uses (the forwarder, pynetdicom's send path).
+# `dcmread` below, which code holding only a path uses (the forwarder, the C-STORE send path).
 _process_keys: KeySource | None = None
 
 
@@ -139,7 +139,7 @@ class Spool:
 
     def open_incoming_writer(self, suffix: str = ".dcm") -> BinaryIO:
         """A new file in incoming/ (mode 0600) that encrypts what is written to it; its `path`
-        attribute names it. Used in place of pynetdicom's temporary file when encryption is on."""
+        attribute names it. Where a received data set is written when encryption is on."""
         path = self.new_incoming(suffix)
         return open_writer(path, self.keys, exclusive=True)
 
