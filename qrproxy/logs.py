@@ -98,8 +98,10 @@ def setup_logging(level: str = "INFO", file: Path | None = None, dicom_debug: bo
         h.setFormatter(fmt)
         root.addHandler(h)
     root.setLevel(level)
-    # pynetdicom logs every PDU at INFO/DEBUG; that is noise unless asked for, and it costs time.
-    logging.getLogger("pynetdicom").setLevel("DEBUG" if dicom_debug else "WARNING")
+    # one line per negotiated context and per DIMSE message (qrproxy/net/association.py) when asked
+    # for; pynetdicom itself only runs in tests and tools, and stays quiet.
+    logging.getLogger("qrproxy.dicom").setLevel("DEBUG" if dicom_debug else "WARNING")
+    logging.getLogger("pynetdicom").setLevel("WARNING")
     logging.getLogger("apscheduler").setLevel("WARNING")
     logging.getLogger("alembic").setLevel("WARNING")
 

@@ -102,3 +102,31 @@ def test_processes_sharing_a_rotating_log_lose_and_split_nothing(tmp_path: Path,
     assert len(got) == len(set(got)), "a line was written twice"
     expected = {(f"w{w}", i) for w in range(writers) for i in range(per_writer)}
     assert set(got) == expected, f"{len(expected - set(got))} lines lost"
+
+
+@pytest.mark.parametrize("debug", [True, False], ids=["dicom_debug", "quiet"])
+def test_dicom_debug_logs_every_message_both_ways(qrproxy: Any, tmp_path: Path, debug: bool) -> None:
+    """`log.dicom_debug` shows what the modality actually sent: the negotiated contexts and one line
+    per DIMSE message each way, naming the SOP instance storescu sent; off, none of it."""
+    from dicomgen import make_ct, write_dataset
+    from support import storescu
+
+    cfg = proxy_config(f"sqlite:///{tmp_path / 'q.sqlite3'}", {},
+                       log={"level": "INFO", "file": "logs/qrproxy.log", "dicom_debug": debug})
+    proc = qrproxy(cfg)
+    ds = make_ct()
+    path = write_dataset(ds, tmp_path / "ct.dcm")
+    res = storescu(proc.port, [path], aec="QRPROXY", aet="DEBUGMOD")
+    assert res.returncode == 0, res.stderr
+    wait_until(lambda: "calling=DEBUGMOD" in (proc.dir / "logs" / "qrproxy.log").read_text(), 30,
+               "the association line")
+    text = (proc.dir / "logs" / "qrproxy.log").read_text()
+    received = [ln for ln in text.splitlines() if "event=dimse-received" in ln and "C-STORE-RQ" in ln]
+    sent = [ln for ln in text.splitlines() if "event=dimse-sent" in ln and "C-STORE-RSP" in ln]
+    contexts = [ln for ln in text.splitlines() if "event=context" in ln and "peer=DEBUGMOD" in ln]
+    if debug:
+        assert len(received) == 1 and str(ds.SOPInstanceUID) in received[0], text
+        assert len(sent) == 1 and "Status=0" in sent[0] and str(ds.SOPInstanceUID) in sent[0], text
+        assert any(f"abstract={ds.SOPClassUID} result=0" in ln for ln in contexts), text
+    else:
+        assert not received and not sent and not contexts, text

@@ -42,6 +42,9 @@ from qrproxy.net import dimse, pdu
 from qrproxy.net.dimse import Command, CommandError
 
 log = logging.getLogger("qrproxy.assoc")
+# `log.dicom_debug: true`: one DEBUG line per negotiation and per DIMSE message, both ways (a site
+# engineer's answer to "what did the modality actually send"); silent and free otherwise.
+trace = logging.getLogger("qrproxy.dicom")
 
 COMMAND_LIMIT = 64 << 10
 OTHER_DATASET_LIMIT = 64 << 20
@@ -191,6 +194,11 @@ def _meta(f: BinaryIO) -> tuple[int, dict[int, str]] | None:
             values[elem] = meta[start:start + length].rstrip(b"\0 ").decode("ascii", "replace")
         i = start + length
     return offset, values
+
+
+def _trace(event: str, assoc: Association, context_id: int, cmd: Command) -> None:
+    fields = {k: v for k, v in cmd.items() if k not in ("CommandGroupLength", "CommandField")}
+    trace.debug(kv(event=event, peer=assoc.peer.ae_title, context=context_id, command=cmd.name, **fields))
 
 
 class ServiceUser:
@@ -375,6 +383,14 @@ class Association(ServiceUser):
         peer = self.peer
         self.send_pdu = max(peer.maximum_length - pdu.PDV_HEADER, 1) if peer.maximum_length else DEFAULT_SEND_PDU
         self.is_established = True
+        if trace.isEnabledFor(logging.DEBUG):
+            for cx in contexts:
+                trace.debug(kv(event="context", peer=peer.ae_title, id=cx.context_id, abstract=cx.abstract_syntax,
+                               result=cx.result, transfer_syntax=cx.transfer_syntax or "-",
+                               roles=("scu" if cx.as_scu else "") + ("scp" if cx.as_scp else "")))
+            trace.debug(kv(event="established", peer=peer.ae_title, peer_max_pdu=peer.maximum_length,
+                           implementation=peer.implementation_class_uid,
+                           version=peer.implementation_version_name or "-"))
 
     # --- identity ---------------------------------------------------------------------------------
 
@@ -433,6 +449,8 @@ class Association(ServiceUser):
         """One message: `command` (an encoded command set), then the data set from `data` (bytes or
         memoryview) or read from `file` (positioned at the data set) to its end."""
         room = self.send_pdu
+        if trace.isEnabledFor(logging.DEBUG):
+            _trace("dimse-sent", self, context_id, dimse.decode(command))
         with self._send_lock:
             if not self.is_established:
                 raise AssociationEnded(self.end_reason or "closed", "the association is not established")
@@ -575,6 +593,8 @@ class Association(ServiceUser):
 
     def _finish(self) -> Any:
         out = (self._context, self._command, self._data, self._sink)
+        if trace.isEnabledFor(logging.DEBUG) and self._command is not None:
+            _trace("dimse-received", self, self._context.context_id if self._context else 0, self._command)
         if self._sink is not None:
             self._sink.close()
         self._cmd = bytearray()
