@@ -77,3 +77,30 @@ def test_pending_command_decodes() -> None:
     assert cmd.CommandDataSetType != 0x0101
     body = find_pending_command("1.2.840.10008.5.1.4.1.2.2.1", 7)[12:]
     assert cmd.CommandGroupLength == len(body)
+
+
+@pytest.mark.parametrize("sop_instance,source", [("1.2.3.4", "MODCT"), ("1.2.840.113619.2.55.3.12345", ""),
+                                                  ("1.22", "SIXTEEN_CHARS_AE"), ("2.25.1", "ODD")])
+def test_file_meta_is_what_pydicom_writes(sop_instance: str, source: str) -> None:
+    """scp/store.py encodes the file meta of a received instance with struct; pydicom's writer is
+    the reference (odd and even UID lengths, with and without a source AE)."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_file_meta_info
+
+    from qrproxy.net import pdu
+    from qrproxy.scp.store import file_meta
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    meta.MediaStorageSOPInstanceUID = sop_instance
+    meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+    meta.ImplementationClassUID = pdu.IMPLEMENTATION_UID
+    meta.ImplementationVersionName = pdu.IMPLEMENTATION_VERSION
+    if source:
+        meta.SourceApplicationEntityTitle = source
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    write_file_meta_info(fp, meta, enforce_standard=True)
+    expected = b"\0" * 128 + b"DICM" + fp.getvalue()
+    assert file_meta("1.2.840.10008.5.1.4.1.1.2", sop_instance, "1.2.840.10008.1.2.1", source) == expected

@@ -6,8 +6,9 @@ each UID a pydicom UID) cost milliseconds per association; the decode below is a
 bytes object. Everything is decoded defensively: a malformed PDU raises `PduError` with what is
 wrong, which the association answers with A-ABORT (source 2, reason given), never a traceback.
 
-`Reader` reads PDUs with `recv_into` into one buffer it reuses for the whole association and hands
-out memoryview slices of it: a P-DATA-TF body is never copied before its PDVs reach their writer.
+`Reader` reads PDUs with `recv_into` into one buffer it reuses for the whole association (64 KiB to
+start, so an association that only echoes or queries costs no megabyte to zero; grown to twice the
+largest PDU seen) and hands out memoryview slices of it: a P-DATA-TF body is never copied before its PDVs reach their writer.
 """
 
 from __future__ import annotations
@@ -293,7 +294,7 @@ class Reader:
     when the room left is too small for the next PDU. The socket's timeout bounds every wait, mid-PDU
     included (a peer that stops in the middle of a PDU)."""
 
-    def __init__(self, sock: socket.socket, max_pdu: int, size: int = 1 << 20):
+    def __init__(self, sock: socket.socket, max_pdu: int, size: int = 64 << 10):
         self.sock = sock
         self.max_pdu = max_pdu  # what this side announced; 0: unlimited
         self.buf = bytearray(max(size, 64 << 10))
@@ -313,7 +314,8 @@ class Reader:
         """Make at least `need` bytes available from `start`."""
         if self.start + need > len(self.buf):
             if need > len(self.buf):
-                grown = bytearray(max(need, 2 * len(self.buf)))
+                # room for the PDU and the next one's start: large PDUs keep large reads
+                grown = bytearray(max(2 * need, 2 * len(self.buf)))
                 grown[:self.end - self.start] = self.view[self.start:self.end]
                 self.buf = grown
                 self.view = memoryview(self.buf)

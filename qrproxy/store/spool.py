@@ -29,7 +29,7 @@ from typing import Any, BinaryIO
 from pydicom import dcmread as _pydicom_dcmread
 from pydicom.dataset import Dataset
 
-from qrproxy.store.crypto import KeySource, open_reader, open_writer, verify_file
+from qrproxy.store.crypto import KeySource, open_noatime, open_reader, open_writer, verify_file
 
 log = logging.getLogger("qrproxy.spool")
 
@@ -91,6 +91,25 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+def hash_and_fsync(path: Path) -> tuple[int, str]:
+    """(size, SHA-256) of a plaintext file, then fsync it: both off the receiving thread (hashlib and
+    the reads release the GIL), overlapping the parse and routing of the same instance."""
+    h = hashlib.sha256()
+    size = 0
+    fd = open_noatime(path)
+    try:
+        with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
+            buf = bytearray(CHUNK)
+            view = memoryview(buf)
+            while n := f.readinto(buf):
+                h.update(view[:n])
+                size += n
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return size, h.hexdigest()
+
+
 class Spool:
     def __init__(self, root: Path, keys: KeySource | None = None):
         global _process_keys
@@ -106,6 +125,13 @@ class Spool:
         """Create the folders and sweep `incoming/`; returns how many leftovers were removed."""
         for d in (self.root, self.incoming, self.objects, self.variants):
             d.mkdir(parents=True, exist_ok=True)
+        # the 256 fan-out folders made once, durably, so that no C-STORE pays for a mkdir and an
+        # fsync of objects/ (it did for the first ~256 instances a spool received)
+        missing = [self.objects / f"{i:02x}" for i in range(256) if not (self.objects / f"{i:02x}").is_dir()]
+        for fan in missing:
+            fan.mkdir(exist_ok=True)
+        if missing:
+            fsync_dir(self.objects)
         removed = 0
         for leftover in self.incoming.iterdir():
             try:
