@@ -95,7 +95,7 @@ def test_reencrypt_and_purge_show_progress_on_a_tty_only(db_url: str, qrproxy: A
     assert len(rows) == 6 and {r["state"] for r in rows} <= {"pending", "held"}, rows
     rc, out, tty = run_with_tty_stderr(proc, "queue", "purge", "--node", "PACS", "--yes")
     assert rc == 0, f"exit {rc}\n{out}\n{tty}"
-    assert out.strip() == "6 rows purged", out
+    assert out.strip() == "6 of 6 matching rows purged", out
     assert re.search(r"\rqueue purge: \d+/6 rows", tty), repr(tty)
     assert re.search(r"queue purge: 6/6 rows in ", tty), repr(tty)
     assert queue_rows(proc) == []

@@ -335,12 +335,14 @@ def _check_database_url(db: Any) -> str | None:
     return None
 
 
-def load_config(path: str | os.PathLike[str], *, check_key_file: bool = False) -> Config:
+def load_config(path: str | os.PathLike[str], *, check_key_file: bool = False, check_host: str | None = None) -> Config:
     """Read, validate and resolve a config file. Raises ConfigError listing every problem found.
 
     `check_key_file`: also require `encryption.key_file` to be a usable key file, and the `tls`
     certificate, key and CA files to load into TLS contexts (serve and check do; `keys new` must
-    not, it is there to create the key file)."""
+    not, it is there to create the key file). `check_host` ("serve" or "check"): also what the host
+    must give `serve` (folders writable, ports free; cli/preflight.py); "check" accepts ports held
+    by a qrproxy already running."""
     path = Path(path)
     fname = str(path)
     try:
@@ -373,6 +375,11 @@ def load_config(path: str | os.PathLike[str], *, check_key_file: bool = False) -
 
         for key, problem in tls_problems(cfg.tls):
             problems.append(_fmt(fname, ("tls", key), located.lines, problem))
+    if check_host and not problems:
+        from qrproxy.cli.preflight import host_problems
+
+        for key, problem in host_problems(cfg, running_ok=check_host == "check"):
+            problems.append(_fmt(fname, key, located.lines, problem))
     if problems:
         raise ConfigError(problems)
     return cfg.model_copy(update={"source": path.resolve()})

@@ -30,27 +30,46 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_CONFIG, f"qrproxy: error: {message}\n")
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _global_options(p: argparse.ArgumentParser, suppress: bool) -> None:
+    """The options every verb takes, before or after it (`qrproxy status -c site.yml` as DCMTK's
+    tools take options anywhere). On the verbs the defaults are suppressed, so a value given before
+    the verb is not reset by the verb's parser."""
+    d: dict[str, Any] = {"default": argparse.SUPPRESS} if suppress else {}
+    p.add_argument("--config", "-c", metavar="FILE", help="config file (default: $QRPROXY_CONFIG)",
+                   **({"default": argparse.SUPPRESS} if suppress else {"default": None}))
+    p.add_argument("--verbose", "-v", action="count", help="more log detail: -v INFO, -vv DEBUG",
+                   **(d or {"default": 0}))
+    p.add_argument("--log-level", metavar="LEVEL", type=str.upper, choices=LOG_LEVELS,
+                   help="log level for this run (DEBUG, INFO, WARNING, ERROR); overrides log.level",
+                   **(d or {"default": None}))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="qrproxy", description="Edge DICOM proxy: cache, spool, forward, retrieve, commit.")
-    p.add_argument("--config", "-c", metavar="FILE", help="config file (default: $QRPROXY_CONFIG)")
+    _global_options(p, suppress=False)
     p.add_argument("--version", action="version", version=f"qrproxy {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    _global_options(common, suppress=True)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    sub.add_parser("serve", help="run the proxy in the foreground until SIGTERM/SIGINT")
-    sub.add_parser("check", help="validate the config; exit 0, or 2 with errors naming key and line")
-    db = sub.add_parser("db", help="database schema")
+    sub.add_parser("serve", parents=[common], help="run the proxy in the foreground until SIGTERM/SIGINT")
+    sub.add_parser("check", parents=[common], help="validate the config; exit 0, or 2 with errors naming key and line")
+    db = sub.add_parser("db", parents=[common], help="database schema")
     db_sub = db.add_subparsers(dest="db_command", metavar="ACTION", parser_class=_Parser)
     db_sub.required = True
-    db_sub.add_parser("upgrade", help="upgrade the schema to the newest revision (serve does this too)")
-    rf = sub.add_parser("refresh", help="run one refresh job (or all) now and print counts")
+    db_sub.add_parser("upgrade", parents=[common], help="upgrade the schema to the newest revision (serve does this too)")
+    rf = sub.add_parser("refresh", parents=[common], help="run one refresh job (or all) now and print counts")
     rf.add_argument("name", nargs="?", help="job name (default: every job)")
-    pf = sub.add_parser("prefetch", help="run one prefetch rule (or all) now and print counts")
+    pf = sub.add_parser("prefetch", parents=[common], help="run one prefetch rule (or all) now and print counts")
     pf.add_argument("name", nargs="?", help="rule name (default: every rule)")
     pf.add_argument("--now", action="store_true", help="run even outside the rule's hours")
-    st = sub.add_parser("status", help="nodes and their reachability, queues, database, spool")
+    st = sub.add_parser("status", parents=[common], help="nodes and their reachability, queues, database, spool")
     st.add_argument("--no-echo", action="store_true", help="do not C-ECHO the nodes")
 
-    q = sub.add_parser("queue", help="inspect and act on the forward queue")
+    q = sub.add_parser("queue", parents=[common], help="inspect and act on the forward queue")
     q_sub = q.add_subparsers(dest="queue_command", metavar="ACTION", parser_class=_Parser)
     q_sub.required = True
     for action, text in (
@@ -60,13 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
         ("release", "held rows: back to pending with a fresh attempt budget"),
         ("purge", "delete rows (not in flight): those instances are no longer owed to those nodes"),
     ):
-        a = q_sub.add_parser(action, help=text)
+        a = q_sub.add_parser(action, parents=[common], help=text)
         a.add_argument("--node", help="node name")
-        a.add_argument("--state", choices=["pending", "inflight", "sent", "held"])
+        a.add_argument("--state", choices=["pending", "inflight", "sent", "held"],
+                       help="only rows in this state" + (" (default: every state but sent; --json: every state)" if action == "list" else ""))
         a.add_argument("--study", metavar="UID", help="Study Instance UID")
         a.add_argument("--id", type=int, action="append", default=[], dest="ids", help="row id (repeatable)")
         if action == "list":
-            a.add_argument("--limit", type=int, default=200)
+            a.add_argument("--limit", type=int, default=200, metavar="N",
+                           help="at most N rows, oldest first (default 200)")
             a.add_argument("--json", action="store_true", help="JSON instead of a table")
         if action == "hold":
             a.add_argument("--reason", default="held by operator")
@@ -74,25 +95,25 @@ def build_parser() -> argparse.ArgumentParser:
             a.add_argument("--yes", action="store_true", help="really delete")
             a.add_argument("--all", action="store_true", help="allow purging with no filter")
 
-    rn = sub.add_parser("retention", help="evict local copies under the retention limits")
+    rn = sub.add_parser("retention", parents=[common], help="evict local copies under the retention limits")
     rn_sub = rn.add_subparsers(dest="retention_command", metavar="ACTION", parser_class=_Parser)
     rn_sub.required = True
-    rr = rn_sub.add_parser("run", help="run one retention pass now and print what it evicted")
+    rr = rn_sub.add_parser("run", parents=[common], help="run one retention pass now and print what it evicted")
     rr.add_argument("--dry-run", action="store_true", help="print what would be evicted, evict nothing")
 
-    k = sub.add_parser("keys", help="the spool encryption key file (encryption.key_file)")
+    k = sub.add_parser("keys", parents=[common], help="the spool encryption key file (encryption.key_file)")
     k_sub = k.add_subparsers(dest="keys_command", metavar="ACTION", parser_class=_Parser)
     k_sub.required = True
-    k_sub.add_parser("new", help="create the key file (mode 0600) with one key; refuses to overwrite")
-    k_sub.add_parser("rotate", help="add a key that becomes current for new files; old keys stay")
-    k_sub.add_parser("list", help="key ids, creation times, which is current")
-    k_sub.add_parser("reencrypt", help="rewrite spool files under older keys (or plain) with the current key; "
+    k_sub.add_parser("new", parents=[common], help="create the key file (mode 0600) with one key; refuses to overwrite")
+    k_sub.add_parser("rotate", parents=[common], help="add a key that becomes current for new files; old keys stay")
+    k_sub.add_parser("list", parents=[common], help="key ids, creation times, which is current")
+    k_sub.add_parser("reencrypt", parents=[common], help="rewrite spool files under older keys (or plain) with the current key; "
                                        "resumable")
 
-    r = sub.add_parser("rules", help="routes and mutations")
+    r = sub.add_parser("rules", parents=[common], help="routes and mutations")
     r_sub = r.add_subparsers(dest="rules_command", metavar="ACTION", parser_class=_Parser)
     r_sub.required = True
-    rt = r_sub.add_parser("test", help="which routes and mutations apply to a file, without sending")
+    rt = r_sub.add_parser("test", parents=[common], help="which routes and mutations apply to a file, without sending")
     rt.add_argument("file", help="a DICOM file, or a worklist item / data set as DICOM JSON (.json; one object or a list)")
     rt.add_argument("--on", choices=["store", "worklist", "query"], default=None,
                     help="which mutations to show (default: store for DICOM files, worklist for JSON)")
@@ -105,7 +126,8 @@ def _load(args: argparse.Namespace) -> Config:
     path = args.config or os.environ.get("QRPROXY_CONFIG")
     if not path:
         raise ConfigError(["no config file: give --config FILE or set QRPROXY_CONFIG"])
-    return load_config(path, check_key_file=args.command in ("serve", "check"))
+    return load_config(path, check_key_file=args.command in ("serve", "check"),
+                       check_host=args.command if args.command in ("serve", "check") else None)
 
 
 def cmd_check(cfg: Config) -> int:
@@ -236,7 +258,8 @@ def cmd_queue(cfg: Config, args: argparse.Namespace) -> int:
     from qrproxy.index.session import make_engine, make_sessionmaker
     from qrproxy.ops import queue_actions as queue
 
-    f = queue.Filter(node=args.node, state=args.state, study=args.study, ids=args.ids)
+    f = queue.Filter(node=args.node, state=args.state, study=args.study, ids=args.ids,
+                     unsent=args.queue_command == "list" and not args.ids and not getattr(args, "json", False))
     if args.node and args.node not in cfg.nodes:
         print(f"qrproxy: error: unknown node {args.node!r} (known: {', '.join(cfg.nodes) or 'none'})",
               file=sys.stderr)
@@ -253,12 +276,16 @@ def cmd_queue(cfg: Config, args: argparse.Namespace) -> int:
             else:
                 from qrproxy.ops.status import table
 
-                lines = [["ID", "NODE", "STATE", "TRIES", "NEXT ATTEMPT", "SOP INSTANCE UID", "LAST ERROR"]]
+                lines = [["ID", "NODE", "STATE", "TRIES", "NEXT ATTEMPT (UTC)", "SOP INSTANCE UID", "LAST ERROR"]]
                 for r in rows:
-                    lines.append([str(r["id"]), r["node"], r["state"], str(r["attempts"]),
-                                  (r["next_attempt_at"] or "-")[:19], r["sop_instance_uid"],
-                                  (r["last_error"] or "")[:80]])
-                print(table(lines) if rows else "queue empty for this filter")
+                    when = r["sent_at"] if r["state"] == "sent" else r["next_attempt_at"]
+                    lines.append([str(r["id"]), r["node"], r["state"],
+                                  str(r["attempts"]) if r["state"] != "sent" else "-",
+                                  (when or "-")[:19].replace("T", " ") + ("Z" if when else "")
+                                  + (" sent" if r["state"] == "sent" and when else ""),
+                                  r["sop_instance_uid"], (r["last_error"] or "")[:80]])
+                print(table(lines) if rows else "queue empty for this filter"
+                      + ("" if args.state or args.ids else " (sent rows are listed with --state sent)"))
             return EXIT_OK
         if action == "purge" and f.is_empty() and not args.all:
             print("qrproxy: error: purge needs a filter (--node/--state/--study/--id) or --all", file=sys.stderr)
@@ -285,7 +312,8 @@ def cmd_queue(cfg: Config, args: argparse.Namespace) -> int:
         if action in ("hold", "purge"):
             n += _settle_inflight(sessions, replace(f, ids=ids), action, args)
         verb = {"retry": "set to retry now", "hold": "held", "release": "released", "purge": "purged"}[action]
-        print(f"{n} rows {verb}")
+        print(f"{n} of {len(ids)} matching rows {verb}"
+              + ("" if n == len(ids) or action == "purge" else f" (the other {len(ids) - n} are in a state {action} leaves alone)"))
         return EXIT_OK
     finally:
         engine.dispose()
@@ -492,6 +520,34 @@ def cmd_keys(cfg: Config, action: str) -> int:
         return EXIT_RUNTIME
 
 
+def explain_failure(exc: BaseException, cfg: Config) -> str:
+    """One line a site engineer can act on, instead of a driver's message with its SQL."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError, ProgrammingError
+
+    try:
+        db = make_url(str(cfg.database)).render_as_string(hide_password=True)
+    except ArgumentError:
+        db = "(unparsable URL)"
+    if isinstance(exc, (OperationalError, ProgrammingError)):
+        text = str(getattr(exc, "orig", exc)).splitlines()[0]
+        if "no such table" in text or ("relation" in text and "does not exist" in text):
+            return (f"database {db}: no qrproxy schema yet ({text}); "
+                    "run `qrproxy db upgrade` or start `serve` once")
+        return f"database {db}: {text}"
+    if isinstance(exc, DBAPIError):
+        return f"database {db}: {str(getattr(exc, 'orig', exc)).splitlines()[0]}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _cli_log_level(args: argparse.Namespace) -> str | None:
+    """--log-level, else -v (INFO) / -vv (DEBUG), else None (the config's log.level)."""
+    if getattr(args, "log_level", None):
+        return str(args.log_level)
+    verbose = getattr(args, "verbose", 0) or 0
+    return "DEBUG" if verbose >= 2 else "INFO" if verbose == 1 else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -500,8 +556,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         for problem in exc.problems:
             print(f"qrproxy: config error: {problem}", file=sys.stderr)
         return EXIT_CONFIG
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
-    logging.getLogger("pynetdicom").setLevel(logging.ERROR)
+    level = _cli_log_level(args)
+    if level is not None and args.command == "serve":
+        cfg = cfg.model_copy(update={"log": cfg.log.model_copy(update={"level": level})})
+    from qrproxy.logs import setup_logging
+
+    if args.command != "serve":
+        # the one-shot commands log to stderr only (the file belongs to serve); WARNING unless asked
+        setup_logging(level or "WARNING", None, cfg.log.dicom_debug)
     try:
         if args.command == "check":
             return cmd_check(cfg)
@@ -525,9 +587,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_keys(cfg, args.keys_command)
     except KeyboardInterrupt:
         return EXIT_RUNTIME
-    except Exception as exc:  # a runtime failure: say what, exit 1, keep the traceback for -v logs
+    except Exception as exc:  # a runtime failure: say what, exit 1, keep the traceback for -vv
         logging.getLogger("qrproxy").debug("failure", exc_info=True)
-        print(f"qrproxy: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"qrproxy: error: {explain_failure(exc, cfg)}", file=sys.stderr)
         return EXIT_RUNTIME
     return EXIT_CONFIG
 

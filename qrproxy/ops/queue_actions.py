@@ -21,6 +21,7 @@ class Filter:
     node: str | None = None
     state: str | None = None
     study: str | None = None
+    unsent: bool = False  # every state but sent (`queue list` without --state)
     ids: list[int] = field(default_factory=list)
 
     def is_empty(self) -> bool:
@@ -32,11 +33,22 @@ class Filter:
             w.append(ForwardItem.node == self.node)
         if self.state:
             w.append(ForwardItem.state == ForwardState(self.state))
+        elif self.unsent:
+            w.append(ForwardItem.state != ForwardState.sent)
         if self.study:
             w.append(ForwardItem.study_instance_uid == self.study)
         if self.ids:
             w.append(ForwardItem.id.in_(self.ids))
         return w
+
+
+def _iso(when: Any) -> str | None:
+    """UTC, marked: SQLite hands back naive UTC datetimes, PostgreSQL aware ones."""
+    if when is None:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    return when.astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z")
 
 
 def list_rows(session: Session, f: Filter, limit: int = 200) -> list[dict[str, Any]]:
@@ -55,13 +67,13 @@ def list_rows(session: Session, f: Filter, limit: int = 200) -> list[dict[str, A
                 "node": item.node,
                 "state": item.state.value,
                 "attempts": item.attempts,
-                "next_attempt_at": item.next_attempt_at.isoformat() if item.next_attempt_at else None,
+                "next_attempt_at": _iso(item.next_attempt_at),
                 "sop_instance_uid": sop,
                 "study_instance_uid": item.study_instance_uid,
                 "calling_ae": item.calling_ae,
                 "last_status": item.last_status,
                 "last_error": item.last_error,
-                "sent_at": item.sent_at.isoformat() if item.sent_at else None,
+                "sent_at": _iso(item.sent_at),
             }
         )
     return out

@@ -172,7 +172,7 @@ def render(st: Status) -> str:
             q = st.queues[node]
             oldest = st.oldest.get(node)
             rows.append([node, str(q.get("pending", 0)), str(q.get("inflight", 0)), str(q.get("held", 0)),
-                         str(q.get("sent", 0)), oldest.strftime("%Y-%m-%d %H:%M:%S") if oldest else "-"])
+                         str(q.get("sent", 0)), _utc(oldest) if oldest else "-"])
         out.append(table(rows))
         for node, reason, n in st.held_reasons:
             out.append(f"held for {node}: {n} x {reason}")

@@ -1,0 +1,107 @@
+"""Go-live faults a site engineer meets in the first hour (issue 17), each answered in words.
+
+`check` finds what `serve` would fail on (folders that cannot be written, a port another process
+holds) and names the key; `serve` exits 2 on them, so systemd does not restart it in a loop; the
+command line takes its global options before or after the verb as DCMTK's tools do; database
+errors name the database and the fix instead of printing SQL.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from peers import LOCALHOST, free_port, run_cli
+from support import proxy_config
+
+
+def write_config(folder: Path, **overrides: Any) -> Path:
+    cfg = {"ae_title": "QRPROXY", "host": LOCALHOST, "port": free_port(),
+           "database": f"sqlite:///{folder / 'var' / 'q.sqlite3'}", "spool_dir": str(folder / "var" / "spool")}
+    cfg.update(overrides)
+    path = folder / "site.yml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def qrproxy_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "qrproxy", *args], capture_output=True, text=True, timeout=120,
+                          cwd=cwd)
+
+
+def test_check_and_serve_name_paths_that_cannot_be_written(tmp_path: Path) -> None:
+    """Writing is tried for real (a file under a regular file cannot exist, nothing can be created
+    in /proc, not even by root), so the test holds whoever runs it."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where a folder is expected\n")
+    path = write_config(tmp_path, spool_dir=str(blocker / "spool"),
+                        database="sqlite:////proc/qrproxy-no-such-folder/q.sqlite3",
+                        log={"file": str(blocker / "logs" / "qrproxy.log")})
+    for verb in ("check", "serve"):
+        res = qrproxy_cli("--config", str(path), verb)
+        assert res.returncode == 2, (verb, res.returncode, res.stdout, res.stderr)
+        err = res.stderr
+        assert "Traceback" not in err, err
+        assert f"spool_dir: {blocker / 'spool'} cannot be created: {blocker} is a file, not a folder" in err, err
+        assert "database: /proc/qrproxy-no-such-folder cannot be created (its nearest existing folder /proc is not writable)" in err, err
+        assert f"log.file: {blocker / 'logs'} cannot be created: {blocker} is a file" in err, err
+        # each line says where in the file the key is
+        assert all(f"{path}:" in ln for ln in err.splitlines() if "cannot be" in ln), err
+    assert not (blocker.parent / "var").exists()
+
+
+def test_check_names_a_port_another_process_holds_but_not_a_running_qrproxy(qrproxy: Any, tmp_path: Path) -> None:
+    held = socket.socket()
+    held.bind((LOCALHOST, 0))
+    held.listen(1)
+    port = held.getsockname()[1]
+    try:
+        path = write_config(tmp_path, port=port)
+        res = qrproxy_cli("check", "--config", str(path))  # the option after the verb, as DCMTK takes it
+        assert res.returncode == 2, (res.stdout, res.stderr)
+        assert f"port: {LOCALHOST}:{port} is already in use by another process" in res.stderr, res.stderr
+        assert f"sport = :{port}" in res.stderr, res.stderr
+    finally:
+        held.close()
+    # the same port held by qrproxy itself, serving: `check` of its config passes
+    proc = qrproxy(proxy_config(f"sqlite:///{tmp_path / 'running.sqlite3'}", {}))
+    res = run_cli(proc.config_path, "check")
+    assert res.returncode == 0, res.stderr
+    assert f"on {LOCALHOST}:{proc.port}" in res.stdout, res.stdout
+
+
+def test_global_options_before_or_after_the_verb(tmp_path: Path) -> None:
+    path = write_config(tmp_path)
+    before = qrproxy_cli("--config", str(path), "check")
+    after = qrproxy_cli("check", "-c", str(path))
+    assert before.returncode == after.returncode == 0, (before.stderr, after.stderr)
+    assert before.stdout == after.stdout and "ok" in after.stdout
+    # -v / --log-level are accepted by every verb, in either place
+    for argv in (["-v", "-c", str(path), "check"], ["check", "--log-level", "debug", "-c", str(path)],
+                 ["queue", "list", "-vv", "-c", str(path)]):
+        res = qrproxy_cli(*argv)
+        assert "unrecognized arguments" not in res.stderr and "invalid choice" not in res.stderr, (argv, res.stderr)
+    bad = qrproxy_cli("check", "--log-level", "LOUD", "-c", str(path))
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr, bad.stderr
+    # every verb's --help lists the options it takes
+    help_text = qrproxy_cli("serve", "--help").stdout
+    assert "--config" in help_text and "--log-level" in help_text and "--verbose" in help_text, help_text
+    listing = qrproxy_cli("queue", "list", "--help").stdout
+    assert "--limit N" in listing and "oldest first" in listing, listing
+
+
+def test_database_without_schema_is_explained_not_dumped(tmp_path: Path) -> None:
+    path = write_config(tmp_path)
+    (tmp_path / "var").mkdir()
+    res = qrproxy_cli("queue", "list", "-c", str(path))
+    assert res.returncode == 1
+    assert "no qrproxy schema yet" in res.stderr and "qrproxy db upgrade" in res.stderr, res.stderr
+    assert "SELECT" not in res.stderr and "Traceback" not in res.stderr, res.stderr
+    # the fix it names works
+    assert qrproxy_cli("db", "upgrade", "-c", str(path)).returncode == 0
+    listed = qrproxy_cli("queue", "list", "-c", str(path))
+    assert listed.returncode == 0 and listed.stdout.startswith("queue empty"), listed.stdout
