@@ -8,6 +8,7 @@ errors name the database and the fix instead of printing SQL.
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
@@ -105,3 +106,71 @@ def test_database_without_schema_is_explained_not_dumped(tmp_path: Path) -> None
     assert qrproxy_cli("db", "upgrade", "-c", str(path)).returncode == 0
     listed = qrproxy_cli("queue", "list", "-c", str(path))
     assert listed.returncode == 0 and listed.stdout.startswith("queue empty"), listed.stdout
+
+
+def test_wrong_called_ae_is_named_as_a_rejection_with_what_to_check(dcmqrscp: Any) -> None:
+    """dcmqrscp answers an unknown called AE title with A-ASSOCIATE-RJ (1, 1, 7) and closes the socket
+    at once: the rejection is read before the close is looked at, every time (it was once "aborted"
+    about 5 times in 30)."""
+    from qrproxy.net.requestor import ConnectFailed, connect
+
+    outcomes = []
+    for _ in range(30):
+        try:
+            assoc = connect(LOCALHOST, dcmqrscp.port, calling="QRPROXY", called="NOT-ITS-AE", timeout=10,
+                            contexts=[("1.2.840.10008.1.1", ["1.2.840.10008.1.2"])])
+        except ConnectFailed as exc:
+            outcomes.append((exc.kind, exc.rejection, exc.detail))
+        else:
+            assoc.release()
+            outcomes.append(("established", None, ""))
+    kinds = {o[0] for o in outcomes}
+    assert kinds == {"rejected"}, outcomes
+    kind, rejection, detail = outcomes[0]
+    assert rejection == (1, 1, 7), outcomes[0]
+    assert "called AE title not recognised" in detail, detail
+    assert f"{LOCALHOST}:{dcmqrscp.port} does not answer to AE title NOT-ITS-AE" in detail, detail
+
+
+def test_status_names_refused_unresolvable_and_rejected_nodes(dcmqrscp: Any, tmp_path: Path) -> None:
+    closed = free_port()
+    path = write_config(tmp_path, nodes={
+        "GONE": {"ae_title": "GONE", "host": "pacs.invalid", "port": 104, "roles": ["store"]},
+        "CLOSED": {"ae_title": "CLOSED", "host": LOCALHOST, "port": closed, "roles": ["store"]},
+        "WRONGAE": {"ae_title": "WRONGAE", "host": LOCALHOST, "port": dcmqrscp.port, "roles": ["store"]},
+        "RIGHT": {"ae_title": dcmqrscp.aet, "host": LOCALHOST, "port": dcmqrscp.port, "roles": ["store"]},
+    })
+    res = qrproxy_cli("status", "-c", str(path))
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+    rows = {ln.split()[0]: ln for ln in res.stdout.splitlines() if ln and ln.split()[0] in
+            ("GONE", "CLOSED", "WRONGAE", "RIGHT")}
+    assert "host name pacs.invalid does not resolve" in rows["GONE"], res.stdout
+    assert f"connection refused by {LOCALHOST}:{closed}" in rows["CLOSED"], res.stdout
+    assert "called AE title not recognised" in rows["WRONGAE"] and "does not answer to AE title WRONGAE" \
+        in rows["WRONGAE"], res.stdout
+    assert " yes " in rows["RIGHT"] and " NO " not in rows["RIGHT"], res.stdout
+
+
+def test_retrieve_refused_by_a_pacs_that_does_not_know_qrproxy_says_what_to_check(
+        orthanc_factory: Any, storescp: Any, qrproxy: Any, tmp_path: Path) -> None:
+    """Orthanc without qrproxy among its modalities cannot move to it: the log line says which
+    status the PACS answered, in words, and what to check, and the modality's failure names it too."""
+    import dicomgen
+    from support import node
+    from test_move import move_responses, upload_to_orthanc
+
+    orthanc = orthanc_factory(modalities={})  # qrproxy not listed
+    study = dicomgen.make_study(1, 2)
+    upload_to_orthanc(orthanc, study)
+    cfg = proxy_config(f"sqlite:///{tmp_path / 'q.sqlite3'}", {
+        "PACS": node(orthanc, roles=["query", "retrieve"]), "DEST": node(storescp, roles=["modality"])})
+    proc = qrproxy(cfg)
+    rsps = move_responses(proc.port, storescp.aet,
+                          {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": str(study[0].StudyInstanceUID)})
+    assert rsps[-1].Status not in (0x0000, 0xFF00), rsps[-1]
+    log = proc.log_text()
+    lines = [ln for ln in log.splitlines() if "event=retrieve-done" in ln and "node=PACS" in ln]
+    assert lines, log[-4000:]
+    assert "does PACS know qrproxy's AE QRPROXY as a move destination" in lines[-1], lines[-1]
+    assert "retrieve_method: get" in lines[-1], lines[-1]
+    assert re.search(r"retrieve failed with status 0x[0-9A-F]{4} \((refused|failed)[^)]*\)", lines[-1]), lines[-1]

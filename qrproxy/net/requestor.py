@@ -46,6 +46,19 @@ def reject_words(result: int, source: int, reason: int) -> str:
     return f"{'permanent' if result == 1 else 'transient'}: {words}"
 
 
+def reject_hint(rsd: tuple[int, int, int], calling: str, called: str, host: str, port: int) -> str:
+    """What to check for the rejections that are configuration mistakes (PS3.8 table 9-21)."""
+    _, source, reason = rsd
+    if source == 1 and reason == 7:
+        return f": {host}:{port} does not answer to AE title {called}; check the node's ae_title against the peer's own"
+    if source == 1 and reason == 3:
+        return (f": the peer does not know the calling AE title {calling}; add {calling} (at this host's address) "
+                "to its known AEs")
+    if source == 3 and reason == 2:
+        return ": the peer is at its association limit; it is retried later"
+    return ""
+
+
 def connect(host: str, port: int, *, calling: str, called: str, contexts: Sequence[tuple[str, Sequence[str]]],
             roles: dict[str, tuple[bool, bool]] | None = None, max_pdu: int = 0, timeout: float = 30.0,
             connect_timeout: float = 10.0, ssl_context: ssl.SSLContext | None = None,
@@ -110,8 +123,8 @@ def connect(host: str, port: int, *, calling: str, called: str, contexts: Sequen
     if kind == pdu.ASSOCIATE_RJ:
         rsd = (body[1], body[2], body[3]) if len(body) >= 4 else (1, 1, 1)
         assoc.close()
-        raise ConnectFailed("rejected", f"association rejected by {called}@{host}:{port} ({reject_words(*rsd)})",
-                            rejection=rsd)
+        raise ConnectFailed("rejected", f"association rejected by {called}@{host}:{port} ({reject_words(*rsd)})"
+                            + reject_hint(rsd, calling, called, host, port), rejection=rsd)
     if kind == pdu.ABORT:
         assoc.close()
         raise ConnectFailed("aborted", f"{host}:{port} aborted the association request")

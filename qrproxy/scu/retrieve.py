@@ -49,6 +49,27 @@ GET_STORE_SYNTAXES = [
 ]
 # qrproxy asks upstream in the Study Root model (every PACS supports it; the identifiers it sends
 # carry StudyInstanceUID at every level).
+# PS3.4 C.4.2.1.5 and C.4.3.1.4: the C-MOVE / C-GET failure statuses, in words.
+RETRIEVE_STATUS = {
+    0xA701: "refused: out of resources, unable to calculate number of matches",
+    0xA702: "refused: out of resources, unable to perform sub-operations",
+    0xA801: "refused: move destination unknown",
+    0xA900: "identifier does not match SOP class",
+    0xFE00: "cancelled",
+    0x0122: "SOP class not supported",
+}
+
+
+def retrieve_status_words(code: int) -> str:
+    if code in RETRIEVE_STATUS:
+        return RETRIEVE_STATUS[code]
+    if (code & 0xF000) == 0xC000:
+        return "failed: unable to process"
+    if (code & 0xF000) == 0xA000:
+        return "refused"
+    return "failure"
+
+
 MOVE_MODEL = StudyRootQueryRetrieveInformationModelMove
 GET_MODEL = StudyRootQueryRetrieveInformationModelGet
 
@@ -174,6 +195,16 @@ class Retriever:
                 if self._running.get(r.key) is r:
                     del self._running[r.key]
 
+    def _hint(self, r: Retrieval, code: int) -> str:
+        """What a site engineer checks when the node refuses a retrieve with nothing delivered."""
+        node = self.config.nodes.get(r.node)
+        if node is None or r.completed or node.retrieve_method == "get":
+            return ""
+        if code == 0xA801 or (code & 0xF000) == 0xC000:
+            return (f"; does {r.node} know qrproxy's AE {self.config.ae_title} as a move destination (its host "
+                    f"and port {self.config.port})? Or set nodes.{r.node}.retrieve_method: get")
+        return ""
+
     def _responses(self, r: Retrieval, responses: Iterator[Any]) -> None:
         for status, _identifier in responses:
             code = getattr(status, "Status", None)
@@ -187,7 +218,8 @@ class Retriever:
             if code in (0x0000, 0xB000):
                 return
             comment = getattr(status, "ErrorComment", None)
-            raise UpstreamError(f"{r.node}: retrieve failed with status 0x{code:04X}" + (f" ({comment})" if comment else ""))
+            raise UpstreamError(f"{r.node}: retrieve failed with status 0x{code:04X} ({retrieve_status_words(code)})"
+                                + (f" [{comment}]" if comment else "") + self._hint(r, code))
         raise UpstreamError(f"{r.node}: retrieve ended without a final status")
 
     def _move(self, r: Retrieval) -> None:
