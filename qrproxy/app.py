@@ -21,6 +21,7 @@ from typing import Any
 from qrproxy.config.schema import Config
 from qrproxy.index.session import make_engine, make_sessionmaker, upgrade
 from qrproxy.jobs.commitment import Commitment
+from qrproxy.jobs.health import NodeHealth
 from qrproxy.jobs.maintenance import Maintenance
 from qrproxy.jobs.prefetch import Prefetcher
 from qrproxy.jobs.refresh import Refresher
@@ -34,7 +35,6 @@ from qrproxy.ops.web import HttpEndpoint
 from qrproxy.scp import associations, commitment, echo, find, move, mpps, mwl, store
 from qrproxy.scp.access import AccessPolicy
 from qrproxy.scp.associations import AssociationLog
-from qrproxy.scu import upstream
 from qrproxy.scu.forward import Forwarder
 from qrproxy.scu.mpps import MppsRelay
 from qrproxy.scu.retrieve import Arrivals, Retriever
@@ -67,6 +67,8 @@ class Proxy:
                                    sink_for=self.store_scp.sink_for)
         # background jobs and the rest of the SCU side
         self.maintenance = Maintenance(self.spool, self.sessions)
+        # every node's reachability, echoed on a schedule by worker 0 (the page and /metrics read it)
+        self.health = NodeHealth(config, config.node_check_interval)
         self.refresher = Refresher(config, self.sessions)
         self.mpps_relay = MppsRelay(config, self.sessions)
         self.retention = Retention(config, self.sessions, self.spool) if config.retention is not None else None
@@ -94,7 +96,7 @@ class Proxy:
             self.prepare()
         if self.metrics is not None and self.worker == 0:
             # binds now: a taken port fails before anything else starts
-            self.http = HttpEndpoint(self.config, self.engine, self.metrics)
+            self.http = HttpEndpoint(self.config, self.engine, self.metrics, self.health)
         store.configure_receive(self.spool)
         services = self._services()
         self.forwarder.start()
@@ -129,7 +131,7 @@ class Proxy:
             if self.retention is not None:
                 self.retention.start()
             self.prefetcher.start()
-            threading.Thread(target=self._check_nodes, name="node-check", daemon=True).start()
+            self.health.start()
 
     def _services(self) -> Services:
         """What the acceptor offers: each SCP module's contexts, its handler per DIMSE command, and
@@ -179,15 +181,6 @@ class Proxy:
             log.warning(kv(event="query-mode", mode=cfg.query.mode,
                            detail="no node has role query: C-FIND is answered from the cache only"))
 
-    def _check_nodes(self) -> None:
-        """An echo to every node at start: the log then says at once which peers are unreachable."""
-        try:
-            results = upstream.echo_all(self.config)
-            if self.http is not None:
-                self.http.reachability.record(results)
-        except Exception:  # never fatal: a node check is information, not a precondition
-            log.exception("node check failed")
-
     def stop(self) -> None:
         if self._stopping.is_set():
             return
@@ -205,6 +198,7 @@ class Proxy:
             srv.abort_all()
         self.maintenance.stop()
         self.refresher.stop()
+        self.health.stop()
         self.mpps_relay.stop()
         if self.retention is not None:
             self.retention.stop()

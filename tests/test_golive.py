@@ -12,6 +12,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -174,3 +175,51 @@ def test_retrieve_refused_by_a_pacs_that_does_not_know_qrproxy_says_what_to_chec
     assert "does PACS know qrproxy's AE QRPROXY as a move destination" in lines[-1], lines[-1]
     assert "retrieve_method: get" in lines[-1], lines[-1]
     assert re.search(r"retrieve failed with status 0x[0-9A-F]{4} \((refused|failed)[^)]*\)", lines[-1]), lines[-1]
+
+
+def test_node_health_is_tracked_in_the_background_and_logged_on_change(
+        qrproxy: Any, storescp_factory: Any, tmp_path: Path) -> None:
+    """A PACS that comes up after qrproxy: one warning at start, one `node-back` line when it
+    answers, one `node-down` when it goes away again, /metrics following without a page load; a
+    modality switched off is logged at INFO only."""
+    from test_http import scrape, value, wait_http
+
+    pacs_port, http_port = free_port(), free_port()
+    cfg = proxy_config(f"sqlite:///{tmp_path / 'q.sqlite3'}", {
+        "PACS": {"ae_title": "LATEPACS", "host": LOCALHOST, "port": pacs_port, "roles": ["store"], "timeout": "2s"},
+        "SCANNER": {"ae_title": "SCANNER", "host": LOCALHOST, "port": free_port(), "roles": ["modality"],
+                    "timeout": "2s"},
+    }, node_check_interval="1s", http={"host": LOCALHOST, "port": http_port})
+    proc = qrproxy(cfg)
+    wait_http(http_port)
+
+    def lines(event: str, node: str) -> list[str]:
+        return [ln for ln in proc.log_text().splitlines() if f"event={event} node={node} " in ln]
+
+    def reachable() -> float:
+        return value(scrape(http_port), "qrproxy_node_reachable", node="PACS")
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not (lines("node-check", "PACS") and lines("node-check", "SCANNER")):
+        time.sleep(0.2)
+    assert " WARNING " in lines("node-check", "PACS")[0] and "connection refused" in lines("node-check", "PACS")[0]
+    assert " INFO " in lines("node-check", "SCANNER")[0] and "role=modality" in lines("node-check", "SCANNER")[0]
+    assert reachable() == 0.0
+
+    pacs = storescp_factory(aet="LATEPACS", port=pacs_port)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not lines("node-back", "PACS"):
+        time.sleep(0.2)
+    back = lines("node-back", "PACS")
+    assert len(back) == 1 and "down_for=" in back[0], proc.log_text()[-3000:]
+    assert reachable() == 1.0  # scraped: no page was loaded
+
+    pacs.stop()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not lines("node-down", "PACS"):
+        time.sleep(0.2)
+    down = lines("node-down", "PACS")
+    assert len(down) == 1 and " WARNING " in down[0] and "connection refused" in down[0], down
+    time.sleep(3)  # more checks run: still one line per change, not one per check
+    assert len(lines("node-down", "PACS")) == 1 and len(lines("node-back", "PACS")) == 1
+    assert not [ln for ln in proc.log_text().splitlines() if "node=SCANNER" in ln and " WARNING " in ln]

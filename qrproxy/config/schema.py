@@ -323,6 +323,7 @@ class Config(_Strict):
     # runs out (pynetdicom waits the full ACSE timeout even when the peer already hung up).
     acse_timeout: Duration = 30.0
     idle_timeout: Duration = 300.0
+    node_check_interval: Duration = 60.0  # every node C-ECHOed this often by worker 0 (jobs/health.py); 0: at start only
     allowed_calling_ae_titles: list[AETitle] = Field(default_factory=list)
     unknown_calling_ae: Literal["accept", "reject"] | None = None
     # A node's AE title calling from an address other than its host/addresses: rejected (true) or

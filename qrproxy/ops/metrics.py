@@ -246,8 +246,8 @@ class StateCollector(Collector):
         if st.spool_free is not None:
             yield GaugeMetricFamily("qrproxy_spool_free_bytes", "Free space on the spool file system",
                                     value=st.spool_free)
-        reach = GaugeMetricFamily("qrproxy_node_reachable", "1 when the node's last C-ECHO succeeded (checked "
-                                  "at start and by the status page)", labels=["node"])
+        reach = GaugeMetricFamily("qrproxy_node_reachable", "1 when the node's last check succeeded (a C-ECHO "
+                                  "every node_check_interval, or real traffic)", labels=["node"])
         checked = GaugeMetricFamily("qrproxy_node_last_check_timestamp_seconds", "When the node was last echoed",
                                     labels=["node"])
         for node, (result, when) in sorted(self.reachability().items()):

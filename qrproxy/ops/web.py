@@ -21,7 +21,6 @@ import shutil
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,8 +42,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("qrproxy.http")
 
-ECHO_MAX_AGE = 30.0  # seconds a node's C-ECHO result is shown before the page asks again
-ECHO_TIMEOUT = 5.0  # the page's echo gives up sooner than a node's own timeout
 FIRST_ECHO_WAIT = 3.0  # a page load with no result yet waits this long for the first echoes
 
 
@@ -61,48 +58,6 @@ class RecentErrors(logging.Handler):
             self.lines.append(f"{when} {record.levelname} {record.name} {record.getMessage()}")
         except Exception:  # a log handler must never raise into the code that logged
             self.handleError(record)
-
-
-class Reachability:
-    """The latest C-ECHO result per node: recorded by the start-up check, renewed by page loads once
-    older than ECHO_MAX_AGE (in the background, with a short timeout, one round at a time)."""
-
-    def __init__(self, config: Config):
-        nodes = {name: node.model_copy(update={"timeout": min(node.timeout, ECHO_TIMEOUT)})
-                 for name, node in config.nodes.items()}
-        self.config = config.model_copy(update={"nodes": nodes})
-        self.results: dict[str, tuple[upstream.EchoResult, float]] = {}
-        self._lock = threading.Lock()
-        self._round: threading.Thread | None = None
-
-    def record(self, results: list[upstream.EchoResult]) -> None:
-        now = time.time()
-        for r in results:
-            self.results[r.node] = (r, now)
-
-    def snapshot(self) -> dict[str, tuple[upstream.EchoResult, float]]:
-        return dict(self.results)
-
-    def fresh(self, wait: float = 0.0) -> dict[str, tuple[upstream.EchoResult, float]]:
-        """Current results; starts a round of echoes when any is missing or stale."""
-        now = time.time()
-        stale = [n for n in self.config.nodes if n not in self.results or now - self.results[n][1] > ECHO_MAX_AGE]
-        if stale:
-            with self._lock:
-                if self._round is None or not self._round.is_alive():
-                    self._round = threading.Thread(target=self._echo, args=(stale,), name="http-echo", daemon=True)
-                    self._round.start()
-                t = self._round
-            if wait and any(n not in self.results for n in stale):
-                t.join(wait)
-        return self.snapshot()
-
-    def _echo(self, names: list[str]) -> None:
-        try:
-            with ThreadPoolExecutor(max_workers=min(8, len(names))) as pool:
-                self.record(list(pool.map(lambda n: upstream.echo(self.config, n), names)))
-        except Exception:
-            log.exception("node echo failed")
 
 
 def _health_engine(url: str) -> Any:
@@ -177,13 +132,14 @@ class Health:
 class HttpEndpoint:
     """Binds in __init__ (so a taken port fails `Proxy.start` before anything else runs)."""
 
-    def __init__(self, config: Config, engine: Engine, metrics: Metrics):
+    def __init__(self, config: Config, engine: Engine, metrics: Metrics, reachability: Any):
+        """`reachability`: jobs/health.py's NodeHealth (`snapshot()`, `fresh(wait)`)."""
         assert config.http is not None
         self.config = config
         self.engine = engine
         self.started = time.time()
         self.health = Health(config)
-        self.reachability = Reachability(config)
+        self.reachability = reachability
         self.errors = RecentErrors()
         self.registry = scrape_registry(metrics)  # several workers: the sum of all (metrics.py)
         self.registry.register(StateCollector(self.snapshot, self.reachability.snapshot, self.started))

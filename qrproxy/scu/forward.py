@@ -292,6 +292,8 @@ class NodeWorker(threading.Thread):
         finally:
             self._finish(sent, [], failed)
         if done:
+            if self.node_failures:
+                log.info(kv(event="node-back", node=self.node, service="forward", after_failures=self.node_failures))
             self.node_failures = 0
             ms = (time.monotonic() - t0) * 1000
             log.info(kv(event="forwarded", node=self.node, count=len(done), ms=int(ms),
@@ -400,8 +402,10 @@ class NodeWorker(threading.Thread):
         wait = backoff(self.node_failures, cfg.retry_min, cfg.retry_max)
         self.backoff_until = time.monotonic() + wait
         self._finish([], [j.item_id for j in jobs], [], note=f"node unreachable: {reason}")
-        log.warning(kv(event="node-down", node=self.node, reason=reason, retry_in=f"{wait:.1f}s",
-                       pending=len(jobs)))
+        # one warning when the node goes down, not one per retry; the retries are DEBUG
+        level = logging.WARNING if self.node_failures == 1 else logging.DEBUG
+        log.log(level, kv(event="node-down", node=self.node, reason=reason, retry_in=f"{wait:.1f}s",
+                          pending=len(jobs), attempt=self.node_failures))
 
 
 def candidates(target: str | None, received: str) -> tuple[str, ...]:

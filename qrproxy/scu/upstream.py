@@ -18,7 +18,6 @@ from pynetdicom.sop_class import (ModalityWorklistInformationFind, PatientRootQu
                                   StudyRootQueryRetrieveInformationModelFind, Verification)
 
 from qrproxy.config.schema import Config
-from qrproxy.logs import kv
 from qrproxy.net import dimse
 from qrproxy.net.association import Association
 from qrproxy.net.requestor import ConnectFailed, connect
@@ -173,15 +172,3 @@ def find(config: Config, name: str, model: str, identifier: Dataset, timeout: fl
     """The matches of one C-FIND to node `name` (its own association); UpstreamError on failure."""
     with find_session(config, name, model, timeout) as session:
         return session.find(identifier)
-
-
-def echo_all(config: Config) -> list[EchoResult]:
-    results = []
-    for name in config.nodes:
-        r = echo(config, name)
-        level = logging.INFO if r.ok else logging.WARNING
-        node = config.nodes[name]
-        log.log(level, kv(event="node-check", node=name, ae=node.ae_title, addr=f"{node.host}:{node.port}",
-                          result=r.detail, ms=r.ms, **({"tls": "true"} if node.tls else {})))
-        results.append(r)
-    return results
