@@ -263,3 +263,55 @@ def test_conformance_tables_match_the_code() -> None:
     check = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True,
                            env=_qrproxy_env(), timeout=120)
     assert check.returncode == 0, check.stderr
+
+
+def test_install_script_lays_out_the_service_idempotently_and_uninstalls_keeping_data(tmp_path: Path) -> None:
+    """deploy/install under a root folder (no users, no systemctl): the files and modes a real
+    install produces, a second run that keeps the edited config, an uninstall that keeps the data
+    and a purge that does not. The venv step is skipped (a real run installs this checkout)."""
+    install = REPO_ROOT / "deploy" / "install"
+    root = tmp_path / "root"
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["bash", str(install), "--root", str(root), "--skip-venv", *args],
+                              capture_output=True, text=True, timeout=120)
+
+    def mode(rel: str) -> int:
+        return (root / rel).stat().st_mode & 0o7777
+
+    first = run()
+    assert first.returncode == 0, first.stdout + first.stderr
+    expected = {"var/lib/qrproxy": 0o700, "var/lib/qrproxy/keys": 0o700, "var/log/qrproxy": 0o750,
+                "etc/qrproxy": 0o750, "etc/qrproxy/qrproxy.yml": 0o640,
+                "etc/systemd/system/qrproxy.service": 0o644, "etc/logrotate.d/qrproxy": 0o644,
+                "usr/lib/sysusers.d/qrproxy.conf": 0o644, "usr/lib/tmpfiles.d/qrproxy.conf": 0o644}
+    assert {rel: mode(rel) for rel in expected} == expected
+    assert (root / "etc/systemd/system/qrproxy.service").read_text() == \
+        (REPO_ROOT / "deploy/systemd/qrproxy.service").read_text()
+    config = root / "etc/qrproxy/qrproxy.yml"
+    cfg = yaml.safe_load(config.read_text())
+    # what the unit runs and the config it reads agree on where state lives (writable by the unit)
+    unit = (root / "etc/systemd/system/qrproxy.service").read_text()
+    writable = re.search(r"^ReadWritePaths=(.*)$", unit, re.M).group(1).split()  # type: ignore[union-attr]
+    assert any(cfg["spool_dir"].startswith(w) for w in writable), (cfg["spool_dir"], writable)
+    key_hint = re.search(r"key_file: (\S+)", config.read_text())
+    assert key_hint and any(key_hint.group(1).startswith(w) for w in writable), key_hint
+
+    config.write_text(config.read_text() + "\n# site edit\n")
+    second = run()
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert config.read_text().endswith("# site edit\n"), "a second run overwrote the site's config"
+    assert "kept the existing" in second.stdout
+
+    (root / "var/lib/qrproxy/qrproxy.sqlite3").write_bytes(b"index")
+    gone = run("--uninstall")
+    assert gone.returncode == 0, gone.stdout + gone.stderr
+    assert not (root / "etc/systemd/system/qrproxy.service").exists() and not (root / "opt/qrproxy").exists()
+    assert config.exists() and (root / "var/lib/qrproxy/qrproxy.sqlite3").read_bytes() == b"index"
+    assert "kept" in gone.stdout
+
+    bad = run("--purge")
+    assert bad.returncode == 2 and "--purge only goes with --uninstall" in bad.stderr
+    purged = run("--uninstall", "--purge")
+    assert purged.returncode == 0, purged.stderr
+    assert not (root / "etc/qrproxy").exists() and not (root / "var/lib/qrproxy").exists()

@@ -31,7 +31,7 @@ from qrproxy import __version__
 from qrproxy.index.session import read_only
 from qrproxy.logs import kv
 from qrproxy.ops.metrics import StateCollector, scrape_registry
-from qrproxy.ops.status import Status, collect
+from qrproxy.ops.status import Status, _duration, collect
 from qrproxy.scu import upstream
 
 if TYPE_CHECKING:
@@ -355,7 +355,7 @@ def render_page(st: Status, reach: dict[str, tuple[upstream.EchoResult, float]],
         rows = []
         for job in cfg.refresh:
             run = st.refresh_runs.get(job.name)
-            schedule = f"every {job.every:g}s" if job.every is not None else f"cron {job.cron}"
+            schedule = f"every {_duration(job.every)}" if job.every is not None else f"cron {job.cron}"
             if run is None:
                 rows.append([_e(job.name), _e(job.node), _e(schedule), "never", "-", "-", ""])
                 continue
