@@ -223,3 +223,32 @@ def test_node_health_is_tracked_in_the_background_and_logged_on_change(
     time.sleep(3)  # more checks run: still one line per change, not one per check
     assert len(lines("node-down", "PACS")) == 1 and len(lines("node-back", "PACS")) == 1
     assert not [ln for ln in proc.log_text().splitlines() if "node=SCANNER" in ln and " WARNING " in ln]
+
+
+def test_a_refused_connection_is_called_refused_in_the_queue_and_the_log(qrproxy: Any, tmp_path: Path) -> None:
+    """Not "association aborted": the queue's LAST ERROR and the one node-down line say the
+    connection was refused and where, and retries do not repeat the warning."""
+    import dicomgen
+    from support import queue_rows, storescu
+
+    closed = free_port()
+    cfg = proxy_config(f"sqlite:///{tmp_path / 'q.sqlite3'}", {
+        "PACS": {"ae_title": "PACS", "host": LOCALHOST, "port": closed, "roles": ["store"]}},
+        node_check_interval="0s")
+    proc = qrproxy(cfg)
+    files = dicomgen.write_all(dicomgen.make_study(1, 2), tmp_path / "in")
+    res = storescu(proc.port, files, aec="QRPROXY")
+    assert res.returncode == 0, res.stderr
+    deadline = time.monotonic() + 30
+    rows: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        rows = queue_rows(proc)
+        if rows and all(r["last_error"] for r in rows) and proc.log_text().count("event=node-down node=PACS") >= 1:
+            break
+        time.sleep(0.3)
+    assert rows and all(f"connection refused by {LOCALHOST}:{closed}" in r["last_error"] for r in rows), rows
+    time.sleep(4)  # retries at 1-2 s: more attempts, still one warning
+    down = [ln for ln in proc.log_text().splitlines() if "event=node-down node=PACS" in ln and " WARNING " in ln]
+    assert len(down) == 1 and f"connection refused by {LOCALHOST}:{closed}" in down[0], down
+    table = run_cli(proc.config_path, "queue", "list").stdout
+    assert "connection refused" in table and "aborted" not in table, table

@@ -296,7 +296,7 @@ def test_findscu_through_qrproxy_matches_wlmscpfs(db_url: str, worklist_scp: Wor
     fill_worklist(worklist_scp)
     proxy = qrproxy(worklist_config(db_url, worklist_scp), start=False)
     out = refresh(proxy)
-    assert f"rows {len(ALL)}, new items {len(ALL)}, updated 0, removed 0, ok" in out, out
+    assert f"rows {len(ALL)}, new items {len(ALL)}, updated 0, unchanged 0, removed 0, ok" in out, out
     proxy.start()
     assert len(QUERIES) >= 20
     problems = run_table(proxy.port, worklist_scp.port, worklist_scp.aet, tmp_path)
@@ -304,7 +304,8 @@ def test_findscu_through_qrproxy_matches_wlmscpfs(db_url: str, worklist_scp: Wor
     # an item outside the refreshed window (-1d..+1d) is not taken into the cache
     far = worklist_scp.add_dump(_dump("W1")[0].replace("A001", "A009").replace(TODAY, _day(3))
                                 .replace("S001", "S009"), "latin-1", filename="W9")
-    assert f"rows {len(ALL)}, new items 0, updated {len(ALL)}, removed 0, ok" in refresh(proxy)
+    # the same items again: none changed (issue 17: it said "updated" for every one)
+    assert f"rows {len(ALL)}, new items 0, updated 0, unchanged {len(ALL)}, removed 0, ok" in refresh(proxy)
     assert "A009" in by_accession(findscu(worklist_scp.port, worklist_scp.aet, BASE, tmp_path / "u"))
     assert "A009" not in by_accession(findscu(proxy.port, "QRPROXY", BASE, tmp_path / "q"))
     far.unlink()
@@ -314,7 +315,7 @@ def test_findscu_through_qrproxy_matches_wlmscpfs(db_url: str, worklist_scp: Wor
     # a second refresh: nothing new, one item gone upstream is gone from the cache
     (worklist_scp.aet_dir / "W4.wl").unlink()
     out = refresh(proxy)
-    assert f"rows {len(ALL) - 1}, new items 0, updated {len(ALL) - 1}, removed 1, ok" in out, out
+    assert f"rows {len(ALL) - 1}, new items 0, updated 0, unchanged {len(ALL) - 1}, removed 1, ok" in out, out
     # the refresh ran in the CLI's process: on PostgreSQL the server's answer cache sees that write
     # after at most query.cache_ttl (docs/dicom.md "How answers are produced fast")
     deadline = time.monotonic() + 30
@@ -323,6 +324,11 @@ def test_findscu_through_qrproxy_matches_wlmscpfs(db_url: str, worklist_scp: Wor
         time.sleep(0.5)
     status = proxy.cli("status", timeout=60).stdout
     assert "mwl" in status and "worklist" in status and f"worklist: {len(ALL) - 1} items answered" in status, status
+    # one item rescheduled upstream: exactly that one is counted as updated
+    text, encoding = _dump("W2")
+    worklist_scp.add_dump(text.replace("PROCEDURE W2", "PROCEDURE W2 MOVED"), encoding, filename="W2")
+    out = refresh(proxy)
+    assert f"rows {len(ALL) - 1}, new items 0, updated 1, unchanged {len(ALL) - 2}, removed 0, ok" in out, out
 
 
 def test_japanese_name_round_trip(db_url: str, worklist_scp: WorklistSCP, qrproxy: Any, tmp_path: Path) -> None:

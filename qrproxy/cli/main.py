@@ -195,7 +195,8 @@ def cmd_refresh(cfg: Config, name: str | None) -> int:
             outcome = "ok" if r.ok else f"error: {r.error}"
             what = "items" if job.kind == "worklist" else "studies"
             print(f"{job.name}: node {job.node}, rows {r.rows}, new {what} {r.new_studies}, "
-                  f"updated {r.updated}, removed {r.removed}, {outcome}")
+                  f"updated {r.updated}, " + (f"unchanged {r.unchanged}, " if job.kind == "worklist" else "")
+                  + f"removed {r.removed}, {outcome}")
             failed = failed or not r.ok
         return EXIT_RUNTIME if failed else EXIT_OK
     finally:

@@ -59,7 +59,8 @@ class RefreshResult:
     job: str
     rows: int = 0  # studies (worklist: scheduled steps) the node listed
     new_studies: int = 0  # worklist: new items
-    updated: int = 0  # studies already indexed whose series and instances were read again
+    updated: int = 0  # studies already indexed whose series and instances were read again; worklist: changed items
+    unchanged: int = 0  # worklist: items answered exactly as held
     removed: int = 0  # worklist: vanished from the window, plus pruned by age
     error: str | None = None
     skipped: bool = False  # not run: already running, or a kind not refreshed yet
@@ -277,7 +278,8 @@ def run_job(config: Config, sessions: sessionmaker[Session], job: RefreshJob, ca
             log.error(kv(event="refresh-not-recorded", job=job.name, error=f"{type(exc).__name__}: {exc}"))
         log.log(logging.INFO if result.ok else logging.WARNING, kv(
             event="refresh", job=job.name, node=job.node, result="ok" if result.ok else "error", rows=result.rows,
-            new=result.new_studies, updated=result.updated, removed=result.removed,
+            new=result.new_studies, updated=result.updated,
+            **({"unchanged": result.unchanged} if job.kind == "worklist" else {}), removed=result.removed,
             ms=int((time.monotonic() - t0) * 1000), error=result.error))
         return result
     finally:
@@ -339,6 +341,7 @@ def _run_worklist(config: Config, sessions: sessionmaker[Session], job: RefreshJ
         done = replace(s, job.node, identifier, rows)
         done.pruned = prune(s, config.worklist.keep_days, today)
     result.rows, result.new_studies, result.updated = done.listed, done.new, done.updated
+    result.unchanged = done.unchanged
     result.removed = done.removed + done.pruned
 
 

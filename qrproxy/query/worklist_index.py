@@ -38,7 +38,8 @@ _UPDATED = ("patient_id", "patient_name_norm", "accession_number", "requested_pr
 class Replaced:
     listed: int = 0
     new: int = 0
-    updated: int = 0
+    updated: int = 0  # held already and changed
+    unchanged: int = 0  # held already, answered the same
     removed: int = 0
     pruned: int = 0
 
@@ -89,7 +90,9 @@ def replace(session: Session, node: str, identifier: Dataset, rows: list[dict[st
         answer = worklist.decode(row["identifier"])
         if fill_missing(answer, worklist.decode(old)):
             unique[key] = dict(item_row(node, answer, row["refreshed_at"]), item_key=key)
-    result.updated = len(known)
+    # "updated" counts items whose content changed: a refresh that finds the same items says so
+    result.updated = sum(1 for key, old in held.items() if bytes(unique[key]["identifier"]) != bytes(old))
+    result.unchanged = len(known) - result.updated
     result.new = len(unique) - len(known)
     if unique:
         ins = dialect_insert(session)(WorklistItem)
