@@ -174,7 +174,8 @@ def test_health_fails_when_spool_is_below_min_free_space(qrproxy, tmp_path: Path
     assert code == 200 and "UNHEALTHY: spool" in page
 
 
-def test_http_port_in_use_exits_1(qrproxy, tmp_path: Path) -> None:
+def test_http_port_in_use_exits_2_naming_the_key(qrproxy, tmp_path: Path) -> None:
+    """A configuration problem (issue 17): exit 2, so systemd does not restart in a loop."""
     s = socket.socket()
     s.bind((LOCALHOST, 0))
     s.listen(1)
@@ -182,8 +183,8 @@ def test_http_port_in_use_exits_1(qrproxy, tmp_path: Path) -> None:
     try:
         proc = qrproxy(http_config(f"sqlite:///{tmp_path / 'q.sqlite3'}", taken, free_port()), start=False)
         r = subprocess.run(proc.argv(), capture_output=True, text=True, timeout=60, cwd=proc.dir, env=proc.env())
-        assert r.returncode == 1, r.stderr
-        assert f"http: cannot listen on {LOCALHOST}:{taken}" in r.stderr, r.stderr
+        assert r.returncode == 2, r.stderr
+        assert f"http.port: {LOCALHOST}:{taken} is already in use by another process" in r.stderr, r.stderr
     finally:
         s.close()
 
