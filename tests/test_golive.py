@@ -205,6 +205,8 @@ def test_node_health_is_tracked_in_the_background_and_logged_on_change(
     assert " WARNING " in lines("node-check", "PACS")[0] and "connection refused" in lines("node-check", "PACS")[0]
     assert " INFO " in lines("node-check", "SCANNER")[0] and "role=modality" in lines("node-check", "SCANNER")[0]
     assert reachable() == 0.0
+    # the problem in the same one-word vocabulary as the log and the status table
+    assert value(scrape(http_port), "qrproxy_node_problem", node="PACS", kind="refused") == 1.0
 
     pacs = storescp_factory(aet="LATEPACS", port=pacs_port)
     deadline = time.monotonic() + 30
@@ -213,6 +215,7 @@ def test_node_health_is_tracked_in_the_background_and_logged_on_change(
     back = lines("node-back", "PACS")
     assert len(back) == 1 and "down_for=" in back[0], proc.log_text()[-3000:]
     assert reachable() == 1.0  # scraped: no page was loaded
+    assert value(scrape(http_port), "qrproxy_node_problem", node="PACS", kind="refused") == 0.0
 
     pacs.stop()
     deadline = time.monotonic() + 30

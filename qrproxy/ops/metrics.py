@@ -250,8 +250,14 @@ class StateCollector(Collector):
                                   "every node_check_interval, or real traffic)", labels=["node"])
         checked = GaugeMetricFamily("qrproxy_node_last_check_timestamp_seconds", "When the node was last echoed",
                                     labels=["node"])
+        problem = GaugeMetricFamily("qrproxy_node_problem", "1 for what the node's last check found wrong, in "
+                                    "one word: dns, refused, timeout, unreachable, tls, rejected, aborted, "
+                                    "protocol, no-context, status, lost", labels=["node", "kind"])
         for node, (result, when) in sorted(self.reachability().items()):
             reach.add_metric([node], 1 if result.ok else 0)
             checked.add_metric([node], when)
+            if not result.ok:
+                problem.add_metric([node, getattr(result, "kind", "error")], 1)
         yield reach
         yield checked
+        yield problem

@@ -19,7 +19,7 @@ from pynetdicom.sop_class import (ModalityWorklistInformationFind, PatientRootQu
 
 from qrproxy.config.schema import Config
 from qrproxy.net import dimse
-from qrproxy.net.association import Association
+from qrproxy.net.association import Association, AssociationEnded
 from qrproxy.net.requestor import ConnectFailed, connect
 from qrproxy.net.tls import TlsError, node_client_context
 
@@ -27,7 +27,13 @@ log = logging.getLogger("qrproxy.upstream")
 
 
 class UpstreamError(Exception):
-    """The node could not be reached or refused the association; the message says which."""
+    """The node could not be reached or refused the association; the message says which, `kind`
+    names it in one word (net/requestor.py's: dns, refused, timeout, unreachable, tls, rejected,
+    aborted, protocol, no-context; or config, status, lost)."""
+
+    def __init__(self, message: str, kind: str = "error"):
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,7 @@ class EchoResult:
     ok: bool
     detail: str
     ms: int
+    kind: str = "ok"  # else what went wrong, in one word (UpstreamError.kind)
 
 
 @contextmanager
@@ -57,18 +64,18 @@ def associate(
     ssl_context = None
     if node.tls:
         if config.tls is None:
-            raise UpstreamError(f"{name}: tls: true but no tls: section in the config")
+            raise UpstreamError(f"{name}: tls: true but no tls: section in the config", "config")
         try:
             ssl_context = node_client_context(config.tls)
         except TlsError as exc:
-            raise UpstreamError(f"{name}: tls.{exc.key}: {exc}") from None
+            raise UpstreamError(f"{name}: tls.{exc.key}: {exc}", "config") from None
     try:
         assoc = connect(node.host, node.port, calling=calling_ae or config.ae_title, called=node.ae_title,
                         contexts=contexts, roles=roles, max_pdu=node.max_pdu or config.max_pdu,
                         timeout=node.timeout, connect_timeout=min(node.timeout, 10.0), ssl_context=ssl_context,
                         sink_for=sink_for, handlers={dimse.C_STORE: on_store} if on_store else None)
     except ConnectFailed as exc:
-        raise UpstreamError(f"{name} ({node.ae_title}@{node.host}:{node.port}): {exc.detail}") from None
+        raise UpstreamError(f"{name} ({node.ae_title}@{node.host}:{node.port}): {exc.detail}", exc.kind) from None
     if opener is not None:
         assoc.opener = opener
     try:
@@ -87,11 +94,14 @@ def echo(config: Config, name: str) -> EchoResult:
             status = assoc.send_c_echo()
             code = getattr(status, "Status", None)
             ok = code == 0x0000
-            detail = "ok" if ok else ("no response" if code is None else f"status 0x{code:04X}")
+            detail = "ok" if ok else ("no response" if code is None else f"C-ECHO answered status 0x{code:04X}")
+            kind = "ok" if ok else ("lost" if code is None else "status")
     except UpstreamError as exc:
-        ok, detail = False, str(exc).split(": ", 1)[-1]
+        ok, detail, kind = False, str(exc).split(": ", 1)[-1], exc.kind
+    except (AssociationEnded, OSError) as exc:  # the peer aborted or vanished during the echo
+        ok, detail, kind = False, f"association lost during C-ECHO: {exc}", "lost"
     ms = int((time.monotonic() - t0) * 1000)
-    return EchoResult(name, ok, detail, ms)
+    return EchoResult(name, ok, detail, ms, kind)
 
 
 FIND_MODELS = {
