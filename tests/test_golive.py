@@ -169,6 +169,8 @@ def test_retrieve_refused_by_a_pacs_that_does_not_know_qrproxy_says_what_to_chec
     rsps = move_responses(proc.port, storescp.aet,
                           {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": str(study[0].StudyInstanceUID)})
     assert rsps[-1].Status not in (0x0000, 0xFF00), rsps[-1]
+    # the modality's operator reads the cause in the final response's Error Comment
+    assert "upstream PACS refused: status 0xC000" in str(rsps[-1].get("ErrorComment", "")), rsps[-1]
     log = proc.log_text()
     lines = [ln for ln in log.splitlines() if "event=retrieve-done" in ln and "node=PACS" in ln]
     assert lines, log[-4000:]

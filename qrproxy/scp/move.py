@@ -379,9 +379,12 @@ class RetrieveSCP:
         return None
 
     def _sendables(self, event: Any, items: list[Item], accepted: dict[str, set[str]], node: str | None,
-                   what: str, t0: float, stats: dict[str, int]) -> Iterator[tuple[Item, Sendable | None] | None]:
+                   what: str, t0: float, stats: dict[str, int],
+                   reasons: list[str] | None = None) -> Iterator[tuple[Item, Sendable | None] | None]:
         """(item, what to send or None) for each instance, local ones first (read ahead), then the
-        retrieved ones as they land; None when the requester cancelled."""
+        retrieved ones as they land; None when the requester cancelled. Why an instance could not
+        be had goes to `reasons` (the requester's Error Comment)."""
+        why = reasons if reasons is not None else []
         calling = (event.assoc.requestor.ae_title or "").strip()
         target = TARGETS.get(self.cfg.nodes[node].transfer_syntax) if node else None
         # Instances that landed since the plan was made (another move retrieved them) are local now.
@@ -419,6 +422,7 @@ class RetrieveSCP:
                 for uid in uids:
                     stats["unavailable"] += 1
                     log.warning(kv(event="sub-operation-failed", sop=uid, reason="no local copy and no retrieve node"))
+                    why.append("no local copy and no retrieve node")
                     yield by_uid[uid], None
                 continue
             for uid, obj in self.retriever.wait_for(retrieval, uids, cancelled=lambda: event.is_cancelled):
@@ -430,6 +434,9 @@ class RetrieveSCP:
                     stats["unavailable"] += 1
                     log.warning(kv(event="sub-operation-failed", sop=uid, reason="not retrieved from "
                                    f"{retrieval.node}: {retrieval.error or 'the node did not send it'}"))
+                    why.append(f"upstream {retrieval.node} refused: status 0x{retrieval.status:04X}, see qrproxy log"
+                               if retrieval.status not in (None, 0, 0xB000) else
+                               f"upstream {retrieval.node}: {retrieval.error or 'did not send it'}")
                     yield item, None
                 else:
                     item.obj = obj
@@ -461,7 +468,8 @@ class RetrieveSCP:
             return ds
 
         result = "done"
-        for step in self._sendables(event, items, accepted, node, what, t0, stats):
+        reasons: list[str] = []
+        for step in self._sendables(event, items, accepted, node, what, t0, stats, reasons):
             if step is None:
                 result = "cancelled"
                 self._done(what, stats, items, t0, result)
@@ -492,7 +500,10 @@ class RetrieveSCP:
         if not failed and not warning:
             yield SUCCESS, None, counts(False)
         else:
-            yield (ALL_FAILED if failed == len(items) else SOME_FAILED), failures(), counts(False)
+            final = counts(False)
+            if reasons:
+                final["ErrorComment"] = reasons[0][:64]  # LO: what the modality's operator can read
+            yield (ALL_FAILED if failed == len(items) else SOME_FAILED), failures(), final
 
     def _done(self, what: str, stats: dict[str, int], items: list[Item], t0: float, result: str) -> None:
         studies = sorted({i.study_uid for i in items})
