@@ -69,6 +69,7 @@ class Proxy:
         self.maintenance = Maintenance(self.spool, self.sessions)
         # every node's reachability, echoed on a schedule by worker 0 (the page and /metrics read it)
         self.health = NodeHealth(config, config.node_check_interval)
+        self.forwarder.on_delivered = self.health.observe
         self.refresher = Refresher(config, self.sessions)
         self.mpps_relay = MppsRelay(config, self.sessions)
         self.retention = Retention(config, self.sessions, self.spool) if config.retention is not None else None

@@ -257,3 +257,32 @@ def test_a_refused_connection_is_called_refused_in_the_queue_and_the_log(qrproxy
     assert len(down) == 1 and f"connection refused by {LOCALHOST}:{closed}" in down[0], down
     table = run_cli(proc.config_path, "queue", "list").stdout
     assert "connection refused" in table and "aborted" not in table, table
+
+
+def test_a_delivery_marks_a_node_back_before_its_next_echo(qrproxy: Any, storescp_factory: Any,
+                                                           tmp_path: Path) -> None:
+    """The page showed the PACS unreachable right after the queue drained to it: real traffic now
+    counts, so the node is back as soon as an instance reaches it (echoes here only hourly)."""
+    import dicomgen
+    from support import queue_rows, storescu
+
+    pacs_port = free_port()
+    cfg = proxy_config(f"sqlite:///{tmp_path / 'q.sqlite3'}", {
+        "PACS": {"ae_title": "LATEPACS", "host": LOCALHOST, "port": pacs_port, "roles": ["store"]}},
+        node_check_interval="1h")
+    proc = qrproxy(cfg)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and "event=node-check node=PACS" not in proc.log_text():
+        time.sleep(0.2)
+    files = dicomgen.write_all(dicomgen.make_study(1, 1), tmp_path / "in")
+    assert storescu(proc.port, files, aec="QRPROXY").returncode == 0
+    storescp_factory(aet="LATEPACS", port=pacs_port)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not all(r["state"] == "sent" for r in queue_rows(proc) or [{"state": ""}]):
+        time.sleep(0.3)
+    assert [r["state"] for r in queue_rows(proc)] == ["sent"]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and "event=node-back node=PACS" not in proc.log_text():
+        time.sleep(0.2)
+    back = [ln for ln in proc.log_text().splitlines() if "event=node-back node=PACS" in ln and "qrproxy.health" in ln]
+    assert back and "seen_by=traffic" in back[0], proc.log_text()[-3000:]

@@ -86,9 +86,13 @@ class NodeHealth:
     # --- results ------------------------------------------------------------------------------
 
     def observe(self, node: str, ok: bool, detail: str) -> None:
-        """An outcome of real traffic to `node` (a delivery, a failed association)."""
-        if node in self.config.nodes:
-            self.record(EchoResult(node, ok, detail, 0), source="traffic")
+        """A delivery to `node` by real traffic: proof it is up, sooner than the next echo. Only
+        successes count (the forwarder logs its own failures, once per outage), and only once this
+        process checks nodes at all (worker 0)."""
+        with self._lock:
+            known = node in self.results
+        if ok and known:
+            self.record(EchoResult(node, True, detail, 0), source="traffic")
 
     def record(self, r: EchoResult, source: str = "echo") -> None:
         now = time.time()

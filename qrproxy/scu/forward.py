@@ -35,7 +35,7 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -262,6 +262,7 @@ class NodeWorker(threading.Thread):
             return {j.item_id for j in jobs}
         plans = self._plan(assoc, jobs, target)
         sent: list[int] = []
+        sent_any = False
         failed: list[tuple[Job, str, int | None]] = []
         done: set[int] = set()
         t0 = time.monotonic()
@@ -272,6 +273,7 @@ class NodeWorker(threading.Thread):
                 outcome = self._send_one(assoc, job, plans[job.item_id])
                 if outcome is None:
                     sent.append(job.item_id)
+                    sent_any = True
                 elif outcome[0] == "node-down":
                     # The association died under this instance. Node-level backoff for the rest, but
                     # this instance is charged an attempt: an instance that makes the peer drop the
@@ -291,6 +293,8 @@ class NodeWorker(threading.Thread):
                 sent, failed = [], []
         finally:
             self._finish(sent, [], failed)
+        if done and sent_any and self.fw.on_delivered is not None:
+            self.fw.on_delivered(self.node, True, "delivered instances")
         if done:
             if self.node_failures:
                 log.info(kv(event="node-back", node=self.node, service="forward", after_failures=self.node_failures))
@@ -481,6 +485,9 @@ class Forwarder:
         self.pool: ProcessPoolExecutor | None = None
         self._variants: dict[tuple[int, str], Future[Any]] = {}
         self._variants_lock = threading.Lock()
+        # told when an instance reached a node (jobs/health.py's NodeHealth.observe, set by app.py):
+        # a delivery proves the node up sooner than its next C-ECHO would
+        self.on_delivered: Callable[[str, bool, str], None] | None = None
 
     def variant(self, job: Job, ts: str) -> Future[Any]:
         """The spool file of `job` converted to `ts`, made once and shared by every node that wants
