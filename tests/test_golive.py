@@ -230,14 +230,15 @@ def test_node_health_is_tracked_in_the_background_and_logged_on_change(
     assert not [ln for ln in proc.log_text().splitlines() if "node=SCANNER" in ln and " WARNING " in ln]
 
 
-def test_a_refused_connection_is_called_refused_in_the_queue_and_the_log(qrproxy: Any, tmp_path: Path) -> None:
+def test_a_refused_connection_is_called_refused_in_the_queue_and_the_log(qrproxy: Any, db_url: str,
+                                                                        tmp_path: Path) -> None:
     """Not "association aborted": the queue's LAST ERROR and the one node-down line say the
     connection was refused and where, and retries do not repeat the warning."""
     import dicomgen
     from support import queue_rows, storescu
 
     closed = free_port()
-    cfg = proxy_config(f"sqlite:///{tmp_path / 'q.sqlite3'}", {
+    cfg = proxy_config(db_url, {
         "PACS": {"ae_title": "PACS", "host": LOCALHOST, "port": closed, "roles": ["store"]}},
         node_check_interval="0s")
     proc = qrproxy(cfg)
@@ -259,7 +260,7 @@ def test_a_refused_connection_is_called_refused_in_the_queue_and_the_log(qrproxy
     assert "connection refused" in table and "aborted" not in table, table
 
 
-def test_a_delivery_marks_a_node_back_before_its_next_echo(qrproxy: Any, storescp_factory: Any,
+def test_a_delivery_marks_a_node_back_before_its_next_echo(qrproxy: Any, storescp_factory: Any, db_url: str,
                                                            tmp_path: Path) -> None:
     """The page showed the PACS unreachable right after the queue drained to it: real traffic now
     counts, so the node is back as soon as an instance reaches it (echoes here only hourly)."""
@@ -267,7 +268,7 @@ def test_a_delivery_marks_a_node_back_before_its_next_echo(qrproxy: Any, storesc
     from support import queue_rows, storescu
 
     pacs_port = free_port()
-    cfg = proxy_config(f"sqlite:///{tmp_path / 'q.sqlite3'}", {
+    cfg = proxy_config(db_url, {
         "PACS": {"ae_title": "LATEPACS", "host": LOCALHOST, "port": pacs_port, "roles": ["store"]}},
         node_check_interval="1h")
     proc = qrproxy(cfg)
