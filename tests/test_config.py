@@ -222,3 +222,21 @@ def test_whitelist_defaults_to_reject(tmp_path: Path) -> None:
     assert cfg.known_calling_ae_titles == {"CT1", "ORTHANC"}
     (tmp_path / "q.yml").write_text("allowed_calling_ae_titles: []\n")
     assert not load_config(tmp_path / "q.yml").rejects_unknown_ae
+
+
+def test_the_documented_refresh_example_is_a_valid_config(tmp_path: Path) -> None:
+    """docs/configuration.md "Refresh jobs" is copied by site engineers: it must load as written."""
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
+    block = doc.split("### Refresh jobs\n\n```yaml\n", 1)[1].split("```", 1)[0]
+    cfg_file = tmp_path / "site.yml"
+    cfg_file.write_text(textwrap.dedent("""\
+        ae_title: QRPROXY
+        database: sqlite:///q.sqlite3
+        nodes:
+          RIS: {ae_title: RIS, host: 127.0.0.1, port: 1, roles: [worklist]}
+          PACS: {ae_title: PACS, host: 127.0.0.1, port: 2, roles: [query, retrieve]}
+        """) + block)
+    cfg = load_config(cfg_file)
+    jobs = {job.name: job for job in cfg.refresh}
+    assert jobs["worklist"].kind == "worklist" and jobs["worklist"].every == 120
+    assert jobs["last-week-studies"].cron and jobs["last-week-studies"].timeout == 600
