@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from fuzz.pdus import (A_ABORT, A_ASSOCIATE_AC, A_RELEASE_RP, CT_IMAGE, EXPLICIT_LE, IMPLICIT_LE,
+from fuzz.pdus import (A_ABORT, A_ASSOCIATE_AC, A_RELEASE_RP, CT_IMAGE, EXPLICIT_LE, IMPLICIT_LE, store_rq,
                        P_DATA_TF, RELEASE_RQ, VERIFICATION, RawPeer, associate_rq, echo_rq, establish,
                        p_data, pdu, pdv)
 from peers import dcmtk, free_port
@@ -231,3 +231,33 @@ def test_bad_limit_config_names_the_key(qrproxy, tmp_path: Path, key: str, value
     r = proc.cli("check")
     assert r.returncode == 2, r.stdout + r.stderr
     assert named in r.stdout + r.stderr, r.stdout + r.stderr
+
+
+def test_unknown_vr_in_an_indexed_attribute_is_refused_in_words(qrproxy, tmp_path: Path) -> None:
+    """Found by the long fuzz run: a Patient ID with an unknown VR parses (values are converted
+    lazily) and then failed while indexing, with a traceback. It is the sender's data set: 0xC000
+    with the reason, nothing stored, the association still usable."""
+    from qrproxy.net import dimse
+
+    proc = qrproxy(config(f"sqlite:///{tmp_path / 'q.sqlite3'}"))
+    ds = dicomgen.make_ct(patient_id="BADVR1")
+    data = dimse.encode_dataset(ds, "1.2.840.10008.1.2.1")
+    needle = b"\x10\x00\x20\x00LO"
+    assert data.count(needle) == 1
+    data = data.replace(needle, b"\x10\x00\x20\x00\x4f\x8b")
+    peer, accepted = establish("127.0.0.1", proc.port, contexts=((CT_IMAGE, (EXPLICIT_LE,)),))
+    with peer:
+        assert accepted.get(1) == 0, accepted
+        assert peer.send(p_data(1, 0x03, store_rq(str(ds.SOPInstanceUID))))
+        assert peer.send(pdu(P_DATA_TF, pdv(1, 0x02, data)))
+        reply = peer.read_pdu(timeout=30)
+        assert reply is not None and reply.type == P_DATA_TF, reply
+        rsp = dimse.decode(reply.body[6:])
+        assert rsp.field == 0x8001 and rsp.Status == 0xC000, rsp
+        assert "cannot read attribute values" in (rsp.ErrorComment or ""), rsp
+    assert echoscu(proc.port).returncode == 0  # the proxy serves on
+    log = proc.log_text()
+    assert "Traceback" not in log, log[-3000:]
+    assert "status=0xC000 reason=\"cannot read attribute values" in log, log[-3000:]
+    objects = proc.dir / "var" / "spool" / "objects"
+    assert not [p for p in objects.rglob("*") if p.is_file()], "a refused data set was stored"

@@ -294,8 +294,14 @@ class StoreSCP:
                 if isinstance(parsed, Dataset):
                     return fail(parsed)
                 ds, ts = parsed
-                hdr = Header.from_dataset(ds)
-                decision = route(self.cfg, ds, calling, called)
+                try:
+                    # the values are converted here, on first access: an unknown VR or a malformed
+                    # value in an indexed or routed attribute is the sender's data set, not our fault
+                    hdr = Header.from_dataset(ds)
+                    decision = route(self.cfg, ds, calling, called)
+                except (NotImplementedError, ValueError, TypeError, KeyError, AttributeError, EOFError,
+                        RecursionError, InvalidDicomError) as exc:
+                    return fail(_status(CANNOT_UNDERSTAND, f"cannot read attribute values: {exc}"))
         except (CryptoError, OSError) as exc:
             # Our own file failed to read back (disk error, or changed under us): a local failure.
             return fail(_status(OUT_OF_RESOURCES, f"spool file unreadable after writing: {exc}"), logging.ERROR)
