@@ -7,7 +7,10 @@ import socket
 import statistics
 import threading
 import time
+from pathlib import Path
+from typing import Any
 
+import pytest
 from wan import WanRelay
 
 
@@ -98,3 +101,61 @@ def test_relay_limits_the_rate_shared_by_all_connections() -> None:
         assert 0.85 * rate <= measured <= 1.10 * rate, (measured, rate)
     finally:
         echo.close()
+
+
+# --- bandwidth limits (scu/pacing.py) ------------------------------------------------------------
+
+
+def test_bandwidth_windows_pure() -> None:
+    import datetime as dt
+
+    from qrproxy.config.schema import Node
+    from qrproxy.scu.pacing import limit_at
+
+    node = Node.model_validate({"ae_title": "PACS", "host": "h", "port": 104, "bandwidth": "10MB",
+                                "bandwidth_schedule": [
+                                    {"days": ["mon", "tue", "wed", "thu", "fri"], "from": "07:00", "to": "19:00",
+                                     "limit": "2MB"},
+                                    {"days": ["fri"], "from": "22:00", "to": "06:00", "limit": "1MB"}]})
+    monday_noon = dt.datetime(2026, 12, 7, 12, 0)  # a Monday
+    assert limit_at(node, monday_noon) == 2_000_000
+    assert limit_at(node, monday_noon.replace(hour=19)) == 10_000_000  # `to` is exclusive
+    assert limit_at(node, monday_noon.replace(hour=6, minute=59)) == 10_000_000
+    assert limit_at(node, dt.datetime(2026, 12, 12, 12, 0)) == 10_000_000  # Saturday
+    assert limit_at(node, dt.datetime(2026, 12, 11, 23, 0)) == 1_000_000  # Friday night
+    assert limit_at(node, dt.datetime(2026, 12, 12, 5, 59)) == 1_000_000  # ... past midnight into Saturday
+    assert limit_at(node, dt.datetime(2026, 12, 12, 6, 0)) == 10_000_000
+
+
+def _delivery_rate(storescp: Any, count: int) -> float:
+    """Bytes/s at storescp from the first file to the last (file completion times)."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(storescp.received_files()) < count:
+        time.sleep(0.2)
+    files = sorted(storescp.received_files(), key=lambda p: p.stat().st_mtime)
+    assert len(files) == count, len(files)
+    span = files[-1].stat().st_mtime - files[0].stat().st_mtime
+    return sum(p.stat().st_size for p in files[1:]) / span
+
+
+@pytest.mark.parametrize("limits,expected", [
+    ({"bandwidth": "1MB"}, 1_000_000),
+    ({"bandwidth": 0, "bandwidth_schedule": [{"from": "00:00", "to": "24:00", "limit": "500KB"}]}, 500_000),
+], ids=["bandwidth", "schedule-window"])
+def test_forwarding_keeps_to_the_node_bandwidth(qrproxy: Any, storescp_factory: Any, db_url: str, tmp_path: Path,
+                                                limits: dict[str, Any], expected: int) -> None:
+    import dicomgen
+    from peers import free_port
+    from support import proxy_config, storescu
+
+    pacs_port = free_port()
+    count = 12 if expected >= 1_000_000 else 7
+    cfg = proxy_config(db_url, {"PACS": {"ae_title": "WANPACS", "host": "127.0.0.1", "port": pacs_port,
+                                         "roles": ["store"], **limits}})
+    proc = qrproxy(cfg)
+    files = dicomgen.write_all(dicomgen.make_study(1, count, rows=256, cols=256), tmp_path / "in")
+    assert storescu(proc.port, files, aec="QRPROXY").returncode == 0  # queued: the PACS is not up yet
+    pacs = storescp_factory(aet="WANPACS", port=pacs_port)
+    rate = _delivery_rate(pacs, count)
+    assert rate <= 1.15 * expected, (rate, expected)
+    assert rate >= 0.5 * expected, f"far below the limit: {rate:.0f} B/s for {expected} (is it throttled twice?)"

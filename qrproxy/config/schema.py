@@ -67,6 +67,31 @@ class NodeCommitment(_Strict):
     deadline: Duration | None = None
 
 
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+def _clock_time(value: Any) -> str:
+    text = str(value).strip()
+    parts = text.split(":")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts) or not (0 <= int(parts[0]) <= 24 and 0 <= int(parts[1]) < 60) \
+            or (int(parts[0]) == 24 and int(parts[1]) != 0):
+        raise ValueError(f"expected a time of day HH:MM (00:00 to 24:00), got {value!r}")
+    return f"{int(parts[0]):02d}:{int(parts[1]):02d}"
+
+
+ClockTime = Annotated[str, BeforeValidator(_clock_time)]
+
+
+class BandwidthWindow(_Strict):
+    """One window of `bandwidth_schedule`: from `from` to `to` (host local time; a window that
+    ends before it starts runs past midnight) on `days`, at most `limit` bytes/s (0: unlimited)."""
+
+    days: list[Literal[WEEKDAYS]] = Field(default_factory=lambda: list(WEEKDAYS))  # type: ignore[valid-type]
+    start: ClockTime = Field(alias="from")
+    end: ClockTime = Field(alias="to")
+    limit: Size
+
+
 class Node(_Strict):
     ae_title: AETitle
     host: str
@@ -84,6 +109,10 @@ class Node(_Strict):
     # Further source addresses (IPs or host names) this node's AE title may call from, besides
     # `host` (docs/operations.md "Security and limits": bind_ae_to_host).
     addresses: list[str] = Field(default_factory=list)
+    # What qrproxy sends to this node, bytes/s, shared by all its associations (0: unlimited), and
+    # windows that set another limit at certain hours (scu/pacing.py).
+    bandwidth: Size = 0
+    bandwidth_schedule: list[BandwidthWindow] = Field(default_factory=list)
 
     @field_validator("roles")
     @classmethod

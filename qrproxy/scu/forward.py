@@ -47,6 +47,7 @@ from qrproxy.index.uidmap import DbPseudonyms
 from qrproxy.logs import kv
 from qrproxy.rules.anonymize import AnonymizeError
 from qrproxy.rules.routes import apply_mutations, mutations_for
+from qrproxy.scu.pacing import Pacer
 from qrproxy.scu.upstream import UpstreamError, associate
 from qrproxy.store.codec import TARGETS
 from qrproxy.store.crypto import CryptoError, KeySource
@@ -209,6 +210,9 @@ class NodeWorker(threading.Thread):
         self._assoc = ctx.__enter__()
         self._assoc_ctx = ctx
         self._assoc_key = key
+        pacer = self.fw.pacer(self.node)
+        if pacer.limited:
+            self._assoc.pace = pacer.take  # the node's bandwidth, shared by its associations
         return self._assoc
 
     # --- the loop ---------------------------------------------------------------------------
@@ -488,6 +492,15 @@ class Forwarder:
         # told when an instance reached a node (jobs/health.py's NodeHealth.observe, set by app.py):
         # a delivery proves the node up sooner than its next C-ECHO would
         self.on_delivered: Callable[[str, bool, str], None] | None = None
+        self._pacers: dict[str, Pacer] = {}
+        self._pacers_lock = threading.Lock()
+
+    def pacer(self, node: str) -> Pacer:
+        """The node's bandwidth limit (scu/pacing.py), one per node for every association to it."""
+        with self._pacers_lock:
+            if node not in self._pacers:
+                self._pacers[node] = Pacer(self.config.nodes[node], share=max(1, self.config.workers))
+            return self._pacers[node]
 
     def variant(self, job: Job, ts: str) -> Future[Any]:
         """The spool file of `job` converted to `ts`, made once and shared by every node that wants
