@@ -159,3 +159,68 @@ def test_forwarding_keeps_to_the_node_bandwidth(qrproxy: Any, storescp_factory: 
     rate = _delivery_rate(pacs, count)
     assert rate <= 1.15 * expected, (rate, expected)
     assert rate >= 0.5 * expected, f"far below the limit: {rate:.0f} B/s for {expected} (is it throttled twice?)"
+
+
+# --- priority and order (scu/forward.py claim_query) ---------------------------------------------
+
+
+def _arrival_order(storescp: Any, count: int) -> list[str]:
+    """SOP Instance UIDs in the order storescp finished writing them (storescp is single-process:
+    one file after the other)."""
+    import pydicom
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(storescp.received_files()) < count:
+        time.sleep(0.2)
+    files = storescp.received_files()
+    assert len(files) == count, (len(files), count)
+    files = sorted(files, key=lambda p: (p.stat().st_mtime_ns, p.name))
+    return [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files]
+
+
+def test_a_higher_priority_study_overtakes_the_backlog_and_studies_go_in_series_instance_order(
+        qrproxy: Any, storescp_factory: Any, db_url: str, tmp_path: Path) -> None:
+    import random
+
+    import dicomgen
+    from peers import free_port
+    from support import proxy_config, storescu
+
+    pacs_port = free_port()
+    cfg = proxy_config(db_url, {"PACS": {"ae_title": "WANPACS", "host": "127.0.0.1", "port": pacs_port,
+                                         "roles": ["store"]}},
+                       routes=[{"name": "stat", "when": {"PatientID": "^STAT"}, "to": ["PACS"], "priority": 10}])
+    proc = qrproxy(cfg)
+    backlog = dicomgen.make_study(2, 10, patient_id="ROUTINE1", accession="R1")
+    stat = dicomgen.make_study(1, 3, patient_id="STAT1", accession="S1")
+    shuffled = list(backlog)
+    random.Random(7).shuffle(shuffled)  # sent out of order: delivered in series/instance order
+    assert storescu(proc.port, dicomgen.write_all(shuffled, tmp_path / "backlog"), aec="QRPROXY").returncode == 0
+    assert storescu(proc.port, dicomgen.write_all(stat, tmp_path / "stat"), aec="QRPROXY").returncode == 0
+    pacs = storescp_factory(aet="WANPACS", port=pacs_port)
+    order = _arrival_order(pacs, len(backlog) + len(stat))
+    stat_uids = {str(ds.SOPInstanceUID) for ds in stat}
+    assert set(order[:3]) == stat_uids, "the STAT study was not delivered first"
+    expected = [str(ds.SOPInstanceUID) for ds in sorted(backlog, key=lambda d: (d.SeriesNumber, d.InstanceNumber))]
+    assert order[3:] == expected, "the backlog did not go in series and instance order"
+
+
+def test_stable_after_holds_a_study_until_it_is_quiet(qrproxy: Any, storescp: Any, db_url: str,
+                                                      tmp_path: Path) -> None:
+    import dicomgen
+    from support import node, proxy_config, storescu
+
+    cfg = proxy_config(db_url, {"PACS": node(storescp, stable_after="4s")})
+    proc = qrproxy(cfg)
+    study = dicomgen.make_study(1, 4)
+    files = dicomgen.write_all(study, tmp_path / "in")
+    assert storescu(proc.port, files[:2], aec="QRPROXY").returncode == 0
+    time.sleep(2)
+    assert storescu(proc.port, files[2:], aec="QRPROXY").returncode == 0
+    last_store = time.time()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(storescp.received_files()) < 4:
+        time.sleep(0.1)
+    arrived = sorted(p.stat().st_mtime for p in storescp.received_files())
+    assert len(arrived) == 4
+    assert arrived[0] >= last_store + 3.5, f"forwarded {last_store + 4 - arrived[0]:.1f}s before the study was quiet"

@@ -113,6 +113,8 @@ class Node(_Strict):
     # windows that set another limit at certain hours (scu/pacing.py).
     bandwidth: Size = 0
     bandwidth_schedule: list[BandwidthWindow] = Field(default_factory=list)
+    # forward a study only once it has received nothing new for this long (Orthanc's StableAge)
+    stable_after: Duration = 0.0
 
     @field_validator("roles")
     @classmethod
@@ -142,6 +144,8 @@ class Route(_Strict):
     when: dict[str, str] = Field(default_factory=dict)
     to: list[str] = Field(default_factory=list)
     remove_original: bool = False
+    # forward queue order: higher first (a STAT study ahead of a backlog); all its destinations
+    priority: int = Field(default=0, ge=-1000, le=1000)
 
 
 class Anonymize(_Strict):

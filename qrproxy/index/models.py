@@ -160,6 +160,7 @@ class ForwardItem(Base):
     __tablename__ = "forward_queue"
     __table_args__ = (
         Index("ix_forward_queue_claim", "node", "state", "next_attempt_at"),
+        Index("ix_forward_queue_node_study", "node", "study_instance_uid"),
         UniqueConstraint("object_pk", "node", name="uq_forward_queue_object_node"),
     )
 
@@ -172,6 +173,8 @@ class ForwardItem(Base):
     calling_ae: Mapped[str | None] = mapped_column(AE)
     study_instance_uid: Mapped[str | None] = mapped_column(UID, index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # higher first (a route's `priority`); then the study's arrival, then series and instance number
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     next_attempt_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     lease_until: Mapped[dt.datetime | None]
     lease_owner: Mapped[str | None] = mapped_column(String(64))

@@ -339,6 +339,7 @@ class IndexWriter:
         peer: str,
         destinations: list[str],
         origin: str = "received",
+        priority: int = 0,
     ) -> Received:
         """Index a file just committed to the spool and queue it for `destinations`, in the caller's
         transaction. A byte-identical copy of an instance already held is recorded as a duplicate and
@@ -409,6 +410,7 @@ class IndexWriter:
                         "calling_ae": calling_ae or None,
                         "study_instance_uid": hdr.study_instance_uid,
                         "attempts": 0,
+                        "priority": priority,
                         "next_attempt_at": now,
                         "lease_until": None,
                         "lease_owner": None,

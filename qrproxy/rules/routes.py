@@ -40,6 +40,7 @@ class RoutingDecision:
     default_reason: str
     route: str | None = None
     skipped_loop: list[str] = field(default_factory=list)
+    priority: int = 0  # the matched route's; the forward queue sends higher first
 
 
 @lru_cache(maxsize=1024)
@@ -95,7 +96,8 @@ def route(cfg: Config, ds: Dataset, calling_ae: str = "", called_ae: str = "") -
     if sender is not None and sender[0] in dests:
         dests.remove(sender[0])
         skipped.append(sender[0])
-    return RoutingDecision(dests, defaults, why, chosen.name if chosen else None, skipped)
+    return RoutingDecision(dests, defaults, why, chosen.name if chosen else None, skipped,
+                           chosen.priority if chosen else 0)
 
 
 def mutations_for(cfg: Config, on: str, node: str | None, ds: Dataset, calling_ae: str = "",

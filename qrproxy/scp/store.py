@@ -323,7 +323,8 @@ class StoreSCP:
             def record() -> Any:
                 with self.sessions.begin() as session:
                     return self.index.record_received(session, hdr, committed, ts, sender, called, peer,
-                                                      destinations, origin="retrieved" if source else "received")
+                                                      destinations, origin="retrieved" if source else "received",
+                                                      priority=decision.priority)
 
             try:
                 rec = record()

@@ -40,9 +40,10 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import exists, func, or_, select, update
+from sqlalchemy.orm import aliased
 
-from qrproxy.index.models import ForwardItem, ForwardState, SpoolObject, utcnow
+from qrproxy.index.models import ForwardItem, ForwardState, Instance, Series, SpoolObject, utcnow
 from qrproxy.index.uidmap import DbPseudonyms
 from qrproxy.logs import kv
 from qrproxy.rules.anonymize import AnonymizeError
@@ -119,15 +120,9 @@ class NodeWorker(threading.Thread):
         cfg = self.config.forward
         now = utcnow()
         with self.sessions.begin() as s:
-            q = (
-                select(ForwardItem.id)
-                .where(ForwardItem.node == self.node, ForwardItem.state == ForwardState.pending,
-                       ForwardItem.next_attempt_at <= now)
-                .order_by(ForwardItem.id)
-                .limit(cfg.batch)
-            )
+            q = claim_query(self.node, now, cfg.batch, self.config.nodes[self.node].stable_after)
             if s.get_bind().dialect.name == "postgresql":
-                q = q.with_for_update(skip_locked=True)
+                q = q.with_for_update(skip_locked=True, of=ForwardItem)
             ids = list(s.execute(q).scalars())
             if not ids:
                 return []
@@ -143,8 +138,9 @@ class NodeWorker(threading.Thread):
                        SpoolObject.transfer_syntax_uid)
                 .join(SpoolObject, SpoolObject.id == ForwardItem.object_pk)
                 .where(ForwardItem.id.in_(ids))
-                .order_by(ForwardItem.id)
             ).all()
+        order = {item_id: i for i, item_id in enumerate(ids)}  # the claim's order: priority, study, series, instance
+        rows = sorted(rows, key=lambda r: order[r.id])
         return [Job(r.id, r.object_pk, r.path, r.sop_class_uid, r.sop_instance_uid, r.transfer_syntax_uid,
                     r.calling_ae, r.attempts) for r in rows]
 
@@ -414,6 +410,35 @@ class NodeWorker(threading.Thread):
         level = logging.WARNING if self.node_failures == 1 else logging.DEBUG
         log.log(level, kv(event="node-down", node=self.node, reason=reason, retry_in=f"{wait:.1f}s",
                           pending=len(jobs), attempt=self.node_failures))
+
+
+def claim_query(node: str, now: dt.datetime, limit: int, stable_after: float = 0.0) -> Any:
+    """The due rows of `node` in sending order: higher priority first (a route's `priority`), then
+    the study that came first (its first row for this node), then series and instance number, then
+    arrival. With `stable_after`, a study that received something newer than that is left for
+    later (Orthanc's StableAge: the whole study goes once it is quiet)."""
+    first = aliased(ForwardItem)
+    study_first = (select(func.min(first.id))
+                   .where(first.node == ForwardItem.node, first.study_instance_uid == ForwardItem.study_instance_uid)
+                   .correlate(ForwardItem).scalar_subquery())
+    q = (
+        select(ForwardItem.id)
+        .join(SpoolObject, SpoolObject.id == ForwardItem.object_pk)
+        .outerjoin(Instance, Instance.sop_instance_uid == SpoolObject.sop_instance_uid)
+        .outerjoin(Series, Series.id == Instance.series_pk)
+        .where(ForwardItem.node == node, ForwardItem.state == ForwardState.pending,
+               ForwardItem.next_attempt_at <= now)
+        .order_by(ForwardItem.priority.desc(), func.coalesce(study_first, ForwardItem.id),
+                  Series.series_number, Instance.instance_number, ForwardItem.id)
+        .limit(limit)
+    )
+    if stable_after > 0:
+        newer = aliased(ForwardItem)
+        quiet_since = now - dt.timedelta(seconds=stable_after)
+        q = q.where(~exists().where(newer.node == ForwardItem.node,
+                                    newer.study_instance_uid == ForwardItem.study_instance_uid,
+                                    newer.created_at > quiet_since))
+    return q
 
 
 def candidates(target: str | None, received: str) -> tuple[str, ...]:
