@@ -96,7 +96,7 @@ def test_upstream_killed_mid_instance_repeatedly(db_url: str, qrproxy: Any, reco
     queue that nothing drained any more once the connection was gone: the SCP saw no further
     association after its first death.)"""
     scp = recording_scp(start=False)  # port reserved; the backlog is queued while it is down
-    cfg = proxy_config(db_url, {"PACS": node(scp)},
+    cfg = proxy_config(db_url, {"PACS": node(scp, associations=associations)},
                        forward={"max_attempts": 20, "retry_min": "1s", "retry_max": "2s", "poll": "1s"})
     proc = qrproxy(cfg)
     study = big_study(BIG_INSTANCES)
@@ -146,8 +146,9 @@ HOLD = 0.05  # the SCP sleeps this long before answering each C-STORE: forwardin
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.parametrize("associations", [1, 3])
 def test_kill9_while_forwarding_resends_at_most_in_flight(db_url: str, qrproxy: Any, recording_scp: Any,
-                                                         tmp_path: Path) -> None:
+                                                         tmp_path: Path, associations: int) -> None:
     """qrproxy is killed with SIGKILL twice while it forwards 80 instances, and restarted on the same
     spool and database; afterwards every instance is at the upstream, and the re-sends are bounded by
     what can be in flight at a kill, not by a commit batch.
@@ -158,7 +159,8 @@ def test_kill9_while_forwarding_resends_at_most_in_flight(db_url: str, qrproxy: 
       SCP; if the SCP recorded it and answered, the restarted qrproxy sends it again: 1 re-send;
     - in addition, allow 1 more for an instance whose Success response had arrived but whose "sent"
       row was not yet committed (or an implementation that overlaps that commit with the next send).
-    So at most 2 re-sends per kill per association (1 association to the node), 2 x 2 = 4 for two kills.
+    So at most 2 re-sends per kill per association, 2 x 2 = 4 for two kills on one association, 12
+    with `associations: 3` (which also shows N associations deliver every instance, none lost).
     Before the fix "sent" was committed every 50 instances: about 25 re-sends on the first kill alone.
     """
     scp = recording_scp(start=False, hold_seconds=HOLD)
@@ -189,14 +191,14 @@ def test_kill9_while_forwarding_resends_at_most_in_flight(db_url: str, qrproxy: 
     assert set(delivered) == want, f"unexpected instances at the SCP: {set(delivered) - want}"
 
     resent = {sop: n - 1 for sop, n in delivered.items() if n > 1}
-    bound = 2 * len(KILL_AT)
+    bound = 2 * len(KILL_AT) * associations
     kills = ", ".join(f"kill {i + 1} at {len(c)} distinct / {sum(c.values())} deliveries"
                       for i, c in enumerate(at_kill))
     total = sum(resent.values())
     assert total <= bound, (
         f"{total} re-sends ({len(resent)} instances delivered more than once) for "
-        f"{len(KILL_AT)} kills of qrproxy; at most {bound} allowed (2 per kill: in flight + response "
-        f"not yet committed). {kills}; {sum(delivered.values())} deliveries of {INSTANCES} instances")
+        f"{len(KILL_AT)} kills of qrproxy; at most {bound} allowed (2 per kill and association: in flight + "
+        f"response not yet committed). {kills}; {sum(delivered.values())} deliveries of {INSTANCES} instances")
 
     wait_until(lambda: queue_states(proc, want) == Counter(sent=INSTANCES), 60,
                lambda: f"queue rows after delivery: {dict(queue_states(proc, want))}")

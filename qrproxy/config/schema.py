@@ -115,6 +115,9 @@ class Node(_Strict):
     bandwidth_schedule: list[BandwidthWindow] = Field(default_factory=list)
     # forward a study only once it has received nothing new for this long (Orthanc's StableAge)
     stable_after: Duration = 0.0
+    # associations qrproxy opens to this node at once to forward (each claims the next instances in
+    # queue order): on a far link, one association waits a round trip per instance
+    associations: int = Field(default=2, ge=1, le=16)
 
     @field_validator("roles")
     @classmethod

@@ -65,6 +65,7 @@ log = logging.getLogger("qrproxy.forward")
 SUCCESS_CODES = {0x0000}
 WARNING_CODES = {0x0001, 0xB000, 0xB006, 0xB007}
 MAX_CONTEXTS = 120  # PS3.8 allows 128 presentation contexts; keep headroom
+SHARED_CLAIM = 8  # rows claimed at a time when a node has several associations: they share a backlog
 EXPLICIT_LITTLE = "1.2.840.10008.1.2.1"
 
 
@@ -99,9 +100,15 @@ class Job:
 
 
 class NodeWorker(threading.Thread):
-    def __init__(self, forwarder: Forwarder, node: str):
-        super().__init__(name=f"forward-{node}", daemon=True)
+    """One association's worth of forwarding to a node; a node has `associations` of them, each
+    claiming the next rows in queue order (a few at a time when there are several, so that they
+    share a single study's backlog too)."""
+
+    def __init__(self, forwarder: Forwarder, node: str, slot: int = 0):
+        super().__init__(name=f"forward-{node}" + (f"-{slot}" if slot else ""), daemon=True)
         self.fw = forwarder
+        self.slot = slot
+        self.owner = f"{forwarder.owner}#{slot}"  # lease owner: this process, this association
         self.config = forwarder.config
         self.sessions = forwarder.sessions
         self.spool = forwarder.spool
@@ -120,7 +127,11 @@ class NodeWorker(threading.Thread):
         cfg = self.config.forward
         now = utcnow()
         with self.sessions.begin() as s:
-            q = claim_query(self.node, now, cfg.batch, self.config.nodes[self.node].stable_after)
+            node_cfg = self.config.nodes[self.node]
+            batch = cfg.batch if node_cfg.associations == 1 else min(cfg.batch, SHARED_CLAIM)
+            if self.slot and not self._backlog_for_me(s, now):
+                return []
+            q = claim_query(self.node, now, batch, node_cfg.stable_after)
             if s.get_bind().dialect.name == "postgresql":
                 q = q.with_for_update(skip_locked=True, of=ForwardItem)
             ids = list(s.execute(q).scalars())
@@ -130,7 +141,7 @@ class NodeWorker(threading.Thread):
                 update(ForwardItem)
                 .where(ForwardItem.id.in_(ids))
                 .values(state=ForwardState.inflight, lease_until=now + dt.timedelta(seconds=cfg.lease),
-                        lease_owner=self.fw.owner)
+                        lease_owner=self.owner)
             )
             rows = s.execute(
                 select(ForwardItem.id, ForwardItem.object_pk, ForwardItem.calling_ae, ForwardItem.attempts,
@@ -143,6 +154,16 @@ class NodeWorker(threading.Thread):
         rows = sorted(rows, key=lambda r: order[r.id])
         return [Job(r.id, r.object_pk, r.path, r.sop_class_uid, r.sop_instance_uid, r.transfer_syntax_uid,
                     r.calling_ae, r.attempts) for r in rows]
+
+    def _backlog_for_me(self, s: Any, now: dt.datetime) -> bool:
+        """An extra association (slot k > 0) opens only for a backlog the first k cannot take in
+        one claim each: a trickle of instances never costs a second association (which a peer that
+        serves one association at a time would keep waiting)."""
+        need = self.slot * SHARED_CLAIM + 1
+        due = s.execute(select(func.count()).select_from(
+            select(ForwardItem.id).where(ForwardItem.node == self.node, ForwardItem.state == ForwardState.pending,
+                                         ForwardItem.next_attempt_at <= now).limit(need).subquery())).scalar_one()
+        return due >= need
 
     def _finish(self, sent: list[int], unclaim: list[int], failed: list[tuple[Job, str, int | None]],
                 note: str | None = None) -> None:
@@ -296,7 +317,7 @@ class NodeWorker(threading.Thread):
         if done and sent_any and self.fw.on_delivered is not None:
             self.fw.on_delivered(self.node, True, "delivered instances")
         if done:
-            if self.node_failures:
+            if self.fw.node_up(self.node):
                 log.info(kv(event="node-back", node=self.node, service="forward", after_failures=self.node_failures))
             self.node_failures = 0
             ms = (time.monotonic() - t0) * 1000
@@ -406,8 +427,9 @@ class NodeWorker(threading.Thread):
         wait = backoff(self.node_failures, cfg.retry_min, cfg.retry_max)
         self.backoff_until = time.monotonic() + wait
         self._finish([], [j.item_id for j in jobs], [], note=f"node unreachable: {reason}")
-        # one warning when the node goes down, not one per retry; the retries are DEBUG
-        level = logging.WARNING if self.node_failures == 1 else logging.DEBUG
+        # one warning when the node goes down (whichever of its associations finds it first), not
+        # one per retry or per association; the rest are DEBUG
+        level = logging.WARNING if self.fw.node_down(self.node) else logging.DEBUG
         log.log(level, kv(event="node-down", node=self.node, reason=reason, retry_in=f"{wait:.1f}s",
                           pending=len(jobs), attempt=self.node_failures))
 
@@ -508,7 +530,9 @@ class Forwarder:
         # those of a sibling that is still sending them.
         self.owner = f"{socket.gethostname()}:{config.port}:{worker}"
         self.stopping = threading.Event()
-        self.workers: dict[str, NodeWorker] = {}
+        self.workers: dict[str, list[NodeWorker]] = {}
+        self._down: set[str] = set()
+        self._down_lock = threading.Lock()
         self.has_store_mutations = any(m.on == "store" for m in config.mutations)
         self.pseudonyms = DbPseudonyms(sessions)
         self.pool: ProcessPoolExecutor | None = None
@@ -578,8 +602,8 @@ class Forwarder:
             n = s.execute(
                 update(ForwardItem)
                 .where(ForwardItem.state == ForwardState.inflight,
-                       or_(ForwardItem.lease_owner == self.owner, ForwardItem.lease_until < now,
-                           ForwardItem.lease_owner.is_(None)))
+                       or_(ForwardItem.lease_owner == self.owner, ForwardItem.lease_owner.like(self.owner + "#%"),
+                           ForwardItem.lease_until < now, ForwardItem.lease_owner.is_(None)))
                 .values(state=ForwardState.pending, lease_until=None, lease_owner=None, next_attempt_at=now)
             ).rowcount
         if n:
@@ -588,23 +612,37 @@ class Forwarder:
 
     def start(self) -> None:
         self.recover()
-        for node in self.config.nodes:
-            w = NodeWorker(self, node)
-            self.workers[node] = w
-            w.start()
+        for node, node_cfg in self.config.nodes.items():
+            self.workers[node] = [NodeWorker(self, node, slot) for slot in range(node_cfg.associations)]
+            for w in self.workers[node]:
+                w.start()
+
+    def node_down(self, node: str) -> bool:
+        """Note that `node` failed; True the first time (the outage's one warning)."""
+        with self._down_lock:
+            first = node not in self._down
+            self._down.add(node)
+            return first
+
+    def node_up(self, node: str) -> bool:
+        """Note a delivery to `node`; True when it had been down (the outage's one node-back)."""
+        with self._down_lock:
+            was = node in self._down
+            self._down.discard(node)
+            return was
 
     def notify(self, nodes: Sequence[str]) -> None:
         for n in nodes:
-            w = self.workers.get(n)
-            if w is not None:
+            for w in self.workers.get(n, ()):
                 w.wake.set()
 
     def stop(self, timeout: float = 6.0) -> None:
         self.stopping.set()
-        for w in self.workers.values():
+        every = [w for ws in self.workers.values() for w in ws]
+        for w in every:
             w.wake.set()
         deadline = time.monotonic() + timeout
-        for w in self.workers.values():
+        for w in every:
             w.join(max(0.1, deadline - time.monotonic()))
         if self.pool is not None:
             self.pool.shutdown(wait=False, cancel_futures=True)
