@@ -96,7 +96,7 @@ def test_upstream_killed_mid_instance_repeatedly(db_url: str, qrproxy: Any, reco
     queue that nothing drained any more once the connection was gone: the SCP saw no further
     association after its first death.)"""
     scp = recording_scp(start=False)  # port reserved; the backlog is queued while it is down
-    cfg = proxy_config(db_url, {"PACS": node(scp, associations=associations)},
+    cfg = proxy_config(db_url, {"PACS": node(scp)},
                        forward={"max_attempts": 20, "retry_min": "1s", "retry_max": "2s", "poll": "1s"})
     proc = qrproxy(cfg)
     study = big_study(BIG_INSTANCES)
@@ -164,7 +164,7 @@ def test_kill9_while_forwarding_resends_at_most_in_flight(db_url: str, qrproxy: 
     Before the fix "sent" was committed every 50 instances: about 25 re-sends on the first kill alone.
     """
     scp = recording_scp(start=False, hold_seconds=HOLD)
-    cfg = proxy_config(db_url, {"PACS": node(scp)},
+    cfg = proxy_config(db_url, {"PACS": node(scp, associations=associations)},
                        forward={"max_attempts": 20, "retry_min": "1s", "retry_max": "2s", "poll": "1s"})
     proc = qrproxy(cfg)
     study = dicomgen.make_study(1, INSTANCES)

@@ -408,6 +408,10 @@ def test_upstream_first_sees_new_items_cache_only_does_not(db_url: str, worklist
     refresh(proxies["cache-only"])  # one database: one refresh, before either schedules its own
     for p in proxies.values():
         p.start()
+    # each serve runs its scheduled refresh 2 s after start (then hourly): let those pass first, or
+    # one could run after the new item appears upstream and put it in the cache (a race under load)
+    for p in proxies.values():
+        wait_until(lambda p=p: "event=refresh job=mwl" in p.log_text(), 60, "the scheduled first refresh")
     worklist_scp.add_dump(_dump("W2")[0].replace("A002", "A010").replace("S002", "S010")
                           .replace(STUDY_UID["W2"], STUDY_UID["W2"] + ".10"), "latin-1", filename="W10")
     keys = {**BASE, "PatientName": "DOE^JOHN"}
