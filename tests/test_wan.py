@@ -127,6 +127,64 @@ def test_bandwidth_windows_pure() -> None:
     assert limit_at(node, dt.datetime(2026, 12, 12, 6, 0)) == 10_000_000
 
 
+def test_the_contract_spelling_of_a_bandwidth_window() -> None:
+    """CONTRACT.md writes `{days: mon-fri, hours: "07:00-19:00", bandwidth: 2MB}`."""
+    import datetime as dt
+
+    from pydantic import ValidationError
+
+    from qrproxy.config.schema import Node
+    from qrproxy.scu.pacing import limit_at
+
+    node = Node.model_validate({"ae_title": "PACS", "host": "h", "port": 104, "bandwidth_schedule": [
+        {"days": "mon-fri", "hours": "07:00-19:00", "bandwidth": "2MB"},
+        {"days": "fri-sun", "hours": "22:00-06:00", "bandwidth": "1MB"}]})
+    assert node.bandwidth_schedule[0].days == ["mon", "tue", "wed", "thu", "fri"]
+    assert node.bandwidth_schedule[1].days == ["fri", "sat", "sun"]
+    assert limit_at(node, dt.datetime(2026, 12, 8, 7, 0)) == 2_000_000  # a Tuesday
+    assert limit_at(node, dt.datetime(2026, 12, 8, 20, 0)) == 0
+    assert limit_at(node, dt.datetime(2026, 12, 14, 5, 0)) == 1_000_000  # Monday early: Sunday's night
+    for bad in ({"days": "mon-xyz", "hours": "07:00-19:00", "bandwidth": 1},
+                {"hours": "07:00", "bandwidth": 1}, {"hours": "07:00-25:00", "bandwidth": 1}):
+        with pytest.raises(ValidationError):
+            Node.model_validate({"ae_title": "PACS", "host": "h", "port": 104, "bandwidth_schedule": [bad]})
+
+
+def test_line_speed_watchdog_and_auto_choice_pure() -> None:
+    from qrproxy.scu.linespeed import CodecRate, Line, Watch, check
+
+    class _Assoc:
+        bytes_sent = 0
+
+    w = Watch(_Assoc(), "PACS", min_rate=100_000, window=2.0)
+    t0 = w.started
+    assert check(w, t0 + 1.0, 10_000) is None  # not a whole window yet
+    assert check(w, t0 + 2.5, 400_000) is None  # 200 kB/s over the window
+    slow = check(w, t0 + 4.6, 450_000)  # 50 kB over the last ~2 s
+    assert slow is not None and slow < 100_000
+
+    codec = CodecRate(processes=2)
+    codec.converted(1_000_000, 350_000, 0.05)  # 20 MB/s per process, 40 MB/s the pool
+    line = Line("PACS", codec)
+    assert line.choose() is False  # nothing measured yet: as received
+    line.done(1_000_000, 0.01, 1, ok=True)  # 100 MB/s: a fast line
+    assert line.choose() is False
+    for _ in range(30):
+        line.done(1_000_000, 0.5, 1, ok=True)  # 2 MB/s: the link is the bottleneck
+    assert line.choose() is True
+    for _ in range(30):
+        line.done(1_000_000, 1_000_000 / 24e6, 1, ok=True)  # 24 MB/s: above 40/2, below 40/1.5: keeps
+    assert line.choose() is True
+    for _ in range(30):
+        line.done(1_000_000, 1_000_000 / 30e6, 1, ok=True)  # 30 MB/s: back to as received
+    assert line.choose() is False
+    incompressible = CodecRate(processes=2)
+    incompressible.converted(1_000_000, 950_000, 0.05)
+    slow_line = Line("PACS", incompressible)
+    slow_line.done(1_000_000, 1.0, 1, ok=True)
+    assert slow_line.choose() is False, "compressing what does not shrink"
+
+
 def _delivery_rate(storescp: Any, count: int) -> float:
     """Bytes/s at storescp from the first file to the last (file completion times)."""
     deadline = time.monotonic() + 120
@@ -226,3 +284,103 @@ def test_stable_after_holds_a_study_until_it_is_quiet(qrproxy: Any, storescp: An
     arrived = sorted(p.stat().st_mtime for p in storescp.received_files())
     assert len(arrived) == 4
     assert arrived[0] >= last_store + 3.5, f"forwarded {last_store + 4 - arrived[0]:.1f}s before the study was quiet"
+
+
+# --- min_line_speed and transfer_syntax: auto (scu/linespeed.py) ----------------------------------
+
+
+def _orthanc_uids(orthanc: Any) -> dict[str, str]:
+    """SOP Instance UID -> transfer syntax UID as Orthanc received it."""
+    out = {}
+    for iid in orthanc.instances():
+        tags = orthanc.instance_tags(iid)
+        out[tags["SOPInstanceUID"]] = orthanc.get_bytes(f"/instances/{iid}/metadata/TransferSyntax").decode().strip()
+    return out
+
+
+def test_a_line_that_slows_to_a_trickle_is_cut_retried_and_nothing_is_lost(qrproxy: Any, orthanc: Any, db_url: str,
+                                                                           tmp_path: Path) -> None:
+    import urllib.request
+
+    import dicomgen
+    from peers import free_port
+    from support import cli, proxy_config, queue_rows, settles, storescu
+    from support.waits import wait_until
+
+    study = dicomgen.make_study(1, 6, rows=256, cols=256)  # 128 KiB each
+    with WanRelay(("127.0.0.1", orthanc.dicom_port), delay=0.005, rate=4_000) as wan:  # a trickle: 4 kB/s
+        http_port = free_port()
+        cfg = proxy_config(db_url, {"PACS": {"ae_title": orthanc.aet, "host": "127.0.0.1", "port": wan.port,
+                                             "roles": ["store"], "associations": 1, "min_line_speed": "100KB",
+                                             "min_line_speed_window": "2s"}},
+                           http={"host": "127.0.0.1", "port": http_port})
+        proc = qrproxy(cfg)
+        assert storescu(proc.port, dicomgen.write_all(study, tmp_path / "in"), aec="QRPROXY").returncode == 0
+        wait_until(lambda: "event=line-too-slow" in proc.log_text(), 60,
+                   lambda: f"no line-too-slow in the log:\n{proc.log_tail(40)}")
+        assert not orthanc.instances(), "an instance went through a 4 kB/s line within the window?"
+        status = cli(proc, "status")
+        assert "cut below min_line_speed" in status.stdout, status.stdout
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10) as resp:
+            metrics = resp.read().decode()
+        cuts = [float(ln.split()[-1]) for ln in metrics.splitlines()
+                if ln.startswith('qrproxy_line_too_slow_total{node="PACS"}')]
+        assert cuts and cuts[0] >= 1, [ln for ln in metrics.splitlines() if "too_slow" in ln]
+        wan.set_rate(0)  # the line recovers: the instance cut on the wire is sent again, then the rest
+        wait_until(lambda: len(orthanc.instances()) >= len(study), 90,
+                   lambda: f"{len(orthanc.instances())} of {len(study)} arrived\n{proc.log_tail(40)}")
+    assert set(_orthanc_uids(orthanc)) == {str(ds.SOPInstanceUID) for ds in study}
+
+    def all_sent() -> None:  # Orthanc has them a moment before the last row is marked sent
+        rows = [r for r in queue_rows(proc) if r.get("node") == "PACS"]
+        assert rows and all(r["state"] == "sent" for r in rows), rows
+        assert all(r["attempts"] == 0 for r in rows), "a slow line charged an attempt to an instance"
+
+    settles(all_sent)
+
+
+def test_auto_compresses_on_a_narrow_link_losslessly(qrproxy: Any, orthanc: Any, db_url: str, tmp_path: Path) -> None:
+    import io
+
+    import dicomgen
+    import numpy as np
+    import pydicom
+    from support import cli, proxy_config, storescu
+    from support.waits import wait_until
+
+    study = dicomgen.make_study(1, 20, rows=256, cols=256, phantom=True)
+    with WanRelay(("127.0.0.1", orthanc.dicom_port), delay=0.01, rate=1_000_000) as wan:  # 8 Mbit/s
+        cfg = proxy_config(db_url, {"PACS": {"ae_title": orthanc.aet, "host": "127.0.0.1", "port": wan.port,
+                                             "roles": ["store"], "associations": 1, "transfer_syntax": "auto"}})
+        proc = qrproxy(cfg)
+        assert storescu(proc.port, dicomgen.write_all(study, tmp_path / "in"), aec="QRPROXY").returncode == 0
+        wait_until(lambda: len(orthanc.instances()) >= len(study), 120,
+                   lambda: f"{len(orthanc.instances())} of {len(study)} arrived\n{proc.log_tail(40)}")
+    got = _orthanc_uids(orthanc)
+    assert set(got) == {str(ds.SOPInstanceUID) for ds in study}
+    compressed = [uid for uid, ts in got.items() if ts in ("1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.90")]
+    assert len(compressed) >= len(study) // 2, f"auto compressed only {len(compressed)} of {len(study)}: {got}"
+    # lossless: every compressed instance decodes to the pixels that were sent
+    sent = {str(ds.SOPInstanceUID): ds for ds in study}
+    for iid in orthanc.instances():
+        ds = pydicom.dcmread(io.BytesIO(orthanc.instance_file(iid)))
+        if str(ds.SOPInstanceUID) in compressed:
+            assert "LossyImageCompression" not in ds or ds.LossyImageCompression != "01"
+            assert np.array_equal(ds.pixel_array, sent[str(ds.SOPInstanceUID)].pixel_array)
+    status = cli(proc, "status")
+    assert "sending compressed" in status.stdout and "MB/s measured" in status.stdout, status.stdout
+
+
+def test_auto_sends_as_received_on_loopback(qrproxy: Any, storescp: Any, db_url: str, tmp_path: Path) -> None:
+    import dicomgen
+    from support import node, proxy_config, storescu
+    from support.waits import wait_until
+
+    study = dicomgen.make_study(1, 20, rows=256, cols=256, phantom=True)
+    cfg = proxy_config(db_url, {"PACS": node(storescp, transfer_syntax="auto", associations=1)})
+    proc = qrproxy(cfg)
+    assert storescu(proc.port, dicomgen.write_all(study, tmp_path / "in"), aec="QRPROXY").returncode == 0
+    wait_until(lambda: len(storescp.received_files()) >= len(study), 60, "not everything arrived")
+    syntaxes = {dicomgen.transfer_syntax(p.read_bytes()) for p in storescp.received_files()}
+    assert syntaxes == {"1.2.840.10008.1.2.1"}, syntaxes
+    assert "event=auto-transfer-syntax" not in proc.log_text()

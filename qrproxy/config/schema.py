@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from qrproxy.config.tags import parse_tag
 from qrproxy.config.units import parse_duration, parse_size
@@ -26,6 +26,7 @@ TRANSFER_SYNTAXES = (
     "jpegls-lossless",
     "rle-lossless",
     "jpeg-baseline",
+    "auto",  # lossless compression chosen by the measured line speed (scu/linespeed.py)
 )
 ROUTE_AE_KEYS = ("calling_ae", "called_ae")
 
@@ -82,14 +83,58 @@ def _clock_time(value: Any) -> str:
 ClockTime = Annotated[str, BeforeValidator(_clock_time)]
 
 
+def _weekdays(value: Any) -> Any:
+    """`mon-fri`, `sat,sun`, `[mon, wed-fri]` or `[mon, tue]`: a list of day names."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list):
+        return value
+    out: list[str] = []
+    for item in items:
+        text = str(item).strip().lower()
+        if "-" in text:
+            first, _, last = (t.strip() for t in text.partition("-"))
+            if first not in WEEKDAYS or last not in WEEKDAYS:
+                raise ValueError(f"expected a day range such as mon-fri, got {item!r}")
+            i, j = WEEKDAYS.index(first), WEEKDAYS.index(last)
+            out += [WEEKDAYS[(i + k) % 7] for k in range((j - i) % 7 + 1)]
+        else:
+            out.append(text)
+    return list(dict.fromkeys(out))
+
+
+def _window_shorthand(value: Any) -> Any:
+    """CONTRACT.md's spelling `{days: mon-fri, hours: "07:00-19:00", bandwidth: 2MB}` is the same
+    window as `{days: [mon, ..., fri], from: "07:00", to: "19:00", limit: 2MB}`."""
+    if not isinstance(value, dict):
+        return value
+    out = dict(value)
+    if "hours" in out:
+        hours = out.pop("hours")
+        start, sep, end = str(hours).partition("-")
+        if not sep:
+            raise ValueError(f"hours: expected a window such as 07:00-19:00, got {hours!r}")
+        out.setdefault("from", start.strip())
+        out.setdefault("to", end.strip())
+    if "bandwidth" in out and "limit" not in out:
+        out["limit"] = out.pop("bandwidth")
+    return out
+
+
 class BandwidthWindow(_Strict):
     """One window of `bandwidth_schedule`: from `from` to `to` (host local time; a window that
-    ends before it starts runs past midnight) on `days`, at most `limit` bytes/s (0: unlimited)."""
+    ends before it starts runs past midnight) on `days`, at most `limit` bytes/s (0: unlimited).
+    Also written `{days: mon-fri, hours: "07:00-19:00", bandwidth: 2MB}`."""
 
-    days: list[Literal[WEEKDAYS]] = Field(default_factory=lambda: list(WEEKDAYS))  # type: ignore[valid-type]
+    days: Annotated[list[Literal[WEEKDAYS]], BeforeValidator(_weekdays)] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: list(WEEKDAYS))
     start: ClockTime = Field(alias="from")
     end: ClockTime = Field(alias="to")
     limit: Size
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        return _window_shorthand(value)
 
 
 class Node(_Strict):
@@ -118,6 +163,10 @@ class Node(_Strict):
     # associations qrproxy opens to this node at once to forward (each claims the next instances in
     # queue order): on a far link, one association waits a round trip per instance
     associations: int = Field(default=2, ge=1, le=16)
+    # Capacitor's MinimumLineSpeed: an association sending slower than this (bytes/s) for
+    # `min_line_speed_window` is aborted and its instance retried later (0: off; scu/linespeed.py)
+    min_line_speed: Size = 0
+    min_line_speed_window: Duration = 30.0
 
     @field_validator("roles")
     @classmethod

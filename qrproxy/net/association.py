@@ -375,6 +375,7 @@ class Association(ServiceUser):
         self.send_pdu = DEFAULT_SEND_PDU
         # bytes-to-send -> blocks until they may go (a node's bandwidth limit); None: full speed
         self.pace: Callable[[int], None] | None = None
+        self.bytes_sent = 0  # read by the line-speed watchdog (scu/linespeed.py)
         if contexts is not None:
             self.establish(contexts)
 
@@ -437,10 +438,13 @@ class Association(ServiceUser):
     def _write_now(self, buffers: list[Any]) -> None:
         try:
             if self._tls:
-                self.sock.sendall(b"".join(buffers))
+                data = b"".join(buffers)
+                self.sock.sendall(data)
+                self.bytes_sent += len(data)
                 return
             while buffers:
                 sent = self.sock.sendmsg(buffers)
+                self.bytes_sent += sent
                 while buffers and sent >= len(buffers[0]):
                     sent -= len(buffers[0])
                     buffers.pop(0)
@@ -763,6 +767,22 @@ class Association(ServiceUser):
         except OSError:
             pass
         self._lost(reason)
+
+    def cut(self, reason: str, detail: str = "") -> None:
+        """End the association from another thread (a watchdog): A-ABORT when no message is being
+        written, else close the connection under the writer (an A-ABORT in the middle of a PDU
+        would be garbage to the peer); either way the peer drops what it had of the message."""
+        with self._state_lock:
+            self.end_reason = self.end_reason or reason
+        if self._send_lock.acquire(blocking=False):
+            try:
+                self.abort(reason, detail)
+            finally:
+                self._send_lock.release()
+        else:
+            log.warning(kv(event="association-aborted", reason=reason, peer=f"{self.peer.address}:{self.peer.port}",
+                           calling=self.requestor.ae_title, detail=detail or None))
+            self._lost(reason)
 
     def _close_socket(self) -> None:
         try:

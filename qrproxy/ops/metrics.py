@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -261,3 +261,16 @@ class StateCollector(Collector):
         yield reach
         yield checked
         yield problem
+        speed = GaugeMetricFamily("qrproxy_node_line_speed_bytes", "Measured speed of the line to the node "
+                                  "(what qrproxy sends, all associations), bytes/s", labels=["node"])
+        compressed = GaugeMetricFamily("qrproxy_node_auto_compressing", "1 when transfer_syntax: auto sends "
+                                       "compressed (lossless) to the node, 0 when as received", labels=["node"])
+        slow = CounterMetricFamily("qrproxy_line_too_slow", "Associations cut because they sent slower than "
+                                   "the node's min_line_speed", labels=["node"])
+        for node, line in sorted(st.lines.items()):
+            if line.get("rate") is not None:
+                speed.add_metric([node], line["rate"])
+            if node in st.config.nodes and st.config.nodes[node].transfer_syntax == "auto":
+                compressed.add_metric([node], 1 if line.get("compress") else 0)
+            slow.add_metric([node], line.get("too_slow", 0))
+        yield from (speed, compressed, slow)

@@ -22,7 +22,7 @@ from qrproxy.jobs.refresh import last_runs
 from qrproxy.jobs.retention import summary
 from qrproxy.ops import queue_actions as queue
 from qrproxy.scu import mpps as mpps_relay
-from qrproxy.scu import upstream
+from qrproxy.scu import linespeed, upstream
 
 
 @dataclass
@@ -32,6 +32,8 @@ class Status:
     database_error: str | None = None
     counts: dict[str, int] = field(default_factory=dict)
     nodes: list[dict[str, Any]] = field(default_factory=list)
+    # node -> measured line speed (bytes/s or None), compress (auto's choice), too_slow (cuts)
+    lines: dict[str, dict[str, Any]] = field(default_factory=dict)
     queues: dict[str, dict[str, int]] = field(default_factory=dict)
     oldest: dict[str, Any] = field(default_factory=dict)
     held_reasons: list[tuple[str, str, int]] = field(default_factory=list)
@@ -113,6 +115,7 @@ def collect(cfg: Config, echo_nodes: bool = True, engine: Any = None, log_errors
             engine.dispose()
     if log_errors and cfg.log.file is not None:
         st.recent_errors = log_file_errors(cfg.log.file)
+    st.lines = linespeed.read_published(cfg.spool_dir)
     try:
         st.spool_free = shutil.disk_usage(cfg.spool_dir).free
     except OSError:
@@ -141,6 +144,23 @@ def collect(cfg: Config, echo_nodes: bool = True, engine: Any = None, log_errors
 def table(rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def line_words(cfg: Config, node: str, line: dict[str, Any]) -> str:
+    """'2.41 MB/s measured; sending compressed (auto); 3 cut as too slow' for one node."""
+    parts = ["not measured yet" if line.get("rate") is None else f"{line['rate'] / 1e6:.2f} MB/s measured"]
+    if cfg.nodes[node].transfer_syntax == "auto":
+        parts.append("sending " + ("compressed, lossless" if line.get("compress") else "as received") + " (auto)")
+    if line.get("too_slow"):
+        parts.append(f"{line['too_slow']} association(s) cut below min_line_speed")
+    return "; ".join(parts)
+
+
+def _render_lines(st: Status) -> list[str]:
+    return [f"line to {node}: {line_words(st.config, node, line)}"
+            for node, line in sorted(st.lines.items()) if node in st.config.nodes
+            and (line.get("rate") is not None or line.get("too_slow")
+                 or st.config.nodes[node].transfer_syntax == "auto")]
 
 
 def render(st: Status) -> str:
@@ -176,6 +196,7 @@ def render(st: Status) -> str:
         out.append(table(rows))
         for node, reason, n in st.held_reasons:
             out.append(f"held for {node}: {n} x {reason}")
+        out += _render_lines(st)
     else:
         out.append("forward queue empty")
     out += _render_worklist(st)

@@ -355,7 +355,7 @@ class RetrieveSCP:
                 path = spool.path(relpath)
             else:
                 job = Job(0, pk, relpath, sop_class, item.sop_uid, ts, None, 0)
-                converted, result = self.forwarder.variant(job, usable[0]).result()
+                converted, result, _ = self.forwarder.variant(job, usable[0]).result()
                 if result.ok and result.transfer_syntax in accepted.get(sop_class, ()):
                     path, held = converted, str(result.transfer_syntax)
                 elif ts in usable:

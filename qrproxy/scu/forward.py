@@ -48,9 +48,11 @@ from qrproxy.index.uidmap import DbPseudonyms
 from qrproxy.logs import kv
 from qrproxy.rules.anonymize import AnonymizeError
 from qrproxy.rules.routes import apply_mutations, mutations_for
+from qrproxy.scu import linespeed
+from qrproxy.scu.linespeed import CodecRate, Line, Watch, Watchdog
 from qrproxy.scu.pacing import Pacer
 from qrproxy.scu.upstream import UpstreamError, associate
-from qrproxy.store.codec import TARGETS
+from qrproxy.store.codec import NATIVE_TARGETS, TARGETS, auto_target
 from qrproxy.store.crypto import CryptoError, KeySource
 from qrproxy.store.spool import dcmread
 
@@ -128,7 +130,9 @@ class NodeWorker(threading.Thread):
         now = utcnow()
         with self.sessions.begin() as s:
             node_cfg = self.config.nodes[self.node]
-            batch = cfg.batch if node_cfg.associations == 1 else min(cfg.batch, SHARED_CLAIM)
+            # several associations share the backlog; `auto` looks at the line again every claim
+            batch = cfg.batch if node_cfg.associations == 1 and node_cfg.transfer_syntax != "auto" \
+                else min(cfg.batch, SHARED_CLAIM)
             if self.slot and not self._backlog_for_me(s, now):
                 return []
             q = claim_query(self.node, now, batch, node_cfg.stable_after)
@@ -264,24 +268,35 @@ class NodeWorker(threading.Thread):
             calling = (job.calling_ae or None) if node_cfg.impersonate else None
             by_calling.setdefault(calling, []).append(job)
         remaining = list(jobs)
-        target = TARGETS.get(node_cfg.transfer_syntax)
+        compress = True
+        if node_cfg.transfer_syntax == "auto":
+            # offered both ways on every association (no renegotiation when the choice changes)
+            target: str | None = self.fw.auto_target
+            line = self.fw.line(self.node)
+            before = line.compress
+            compress = line.choose()
+            if compress != before:
+                self.fw.publish()
+        else:
+            target = TARGETS.get(node_cfg.transfer_syntax)
         for calling, group in by_calling.items():
             for chunk in _context_chunks(group, target):
-                done = self._send_group(calling, chunk, target)
+                done = self._send_group(calling, chunk, target, compress)
                 remaining = [j for j in remaining if j.item_id not in done]
                 if self.fw.stopping.is_set() or self.backoff_until > time.monotonic():
                     self._finish([], [j.item_id for j in remaining], [])
                     return
 
-    def _send_group(self, calling: str | None, jobs: list[Job], target: str | None) -> set[int]:
-        """Send `jobs` on one association; returns the ids that reached a final outcome this round."""
+    def _send_group(self, calling: str | None, jobs: list[Job], target: str | None, compress: bool = True) -> set[int]:
+        """Send `jobs` on one association; returns the ids that reached a final outcome this round.
+        `compress` False (`auto` on a fast line): what was received goes as it is when accepted."""
         pairs = frozenset((j.sop_class_uid, ts) for j in jobs for ts in candidates(target, j.transfer_syntax_uid))
         try:
             assoc = self._association(calling, pairs)
         except UpstreamError as exc:
             self._node_down(str(exc), jobs)
             return {j.item_id for j in jobs}
-        plans = self._plan(assoc, jobs, target)
+        plans = self._plan(assoc, jobs, target, compress)
         sent: list[int] = []
         sent_any = False
         failed: list[tuple[Job, str, int | None]] = []
@@ -295,6 +310,14 @@ class NodeWorker(threading.Thread):
                 if outcome is None:
                     sent.append(job.item_id)
                     sent_any = True
+                elif outcome[0] == "line-too-slow":
+                    # The link, not the instance: no attempt charged; the node backs off and the
+                    # instance goes again (first in its order) when it is due.
+                    self._finish(sent, [], failed)
+                    done_ids = set(sent) | {f[0].item_id for f in failed}
+                    self._close(abort=True)
+                    self._node_down(outcome[1], [j for j in jobs if j.item_id not in done_ids])
+                    return {j.item_id for j in jobs}
                 elif outcome[0] == "node-down":
                     # The association died under this instance. Node-level backoff for the rest, but
                     # this instance is charged an attempt: an instance that makes the peer drop the
@@ -325,7 +348,7 @@ class NodeWorker(threading.Thread):
                         calling=calling or self.config.ae_title))
         return done
 
-    def _plan(self, assoc: Any, jobs: list[Job], target: str | None) -> dict[int, Any]:
+    def _plan(self, assoc: Any, jobs: list[Job], target: str | None, compress: bool = True) -> dict[int, Any]:
         """For each job, the file to send: the spool file when the peer accepted the received syntax,
         else a converted copy. Conversions start at once in the process pool, so they run while
         earlier instances are being sent."""
@@ -339,7 +362,11 @@ class NodeWorker(threading.Thread):
             if not usable:
                 plans[job.item_id] = ("refused", f"permanent: node accepted SOP class {job.sop_class_uid} in "
                                                  f"none of {', '.join(candidates(target, job.transfer_syntax_uid))}")
-            elif usable[0] == job.transfer_syntax_uid:
+            elif usable[0] == job.transfer_syntax_uid or (
+                    job.transfer_syntax_uid in usable
+                    and (not compress or job.transfer_syntax_uid not in NATIVE_TARGETS and
+                         self.config.nodes[self.node].transfer_syntax == "auto")):
+                # `auto` only ever compresses what arrived uncompressed
                 plans[job.item_id] = ("original", None)
             else:
                 plans[job.item_id] = ("convert", self.fw.variant(job, usable[0]), usable, accepted)
@@ -353,7 +380,7 @@ class NodeWorker(threading.Thread):
         if kind == "original":
             return self.spool.path(job.path), None
         _, future, usable, accepted = plan
-        path, result = future.result()
+        path, result, _ = future.result()
         if result.ok and result.transfer_syntax in accepted.get(job.sop_class_uid, ()):
             if result.reason:
                 # Expected for instances without pixel data; worth a warning when pixels could not be
@@ -392,6 +419,11 @@ class NodeWorker(threading.Thread):
             dataset: Any = self.fw.mutated(path, self.node, job.calling_ae, job.sop_instance_uid) or path
         except AnonymizeError as exc:  # never send what could not be anonymized
             return ("permanent", f"permanent: anonymize failed: {exc}", None)
+        watch = self._watch(assoc)
+        line = self.fw.line(self.node)
+        parallel = line.start()
+        sent_before, started = assoc.bytes_sent, time.monotonic()
+        rsp = None
         try:
             rsp = assoc.send_c_store(dataset)
         except CryptoError as exc:
@@ -403,11 +435,22 @@ class NodeWorker(threading.Thread):
             # PeerGone (the peer died or stalled under this instance) or a read error half-way: part
             # of a message is on the wire, so the association cannot carry another one.
             assoc.abort()
+            if watch is not None and watch.cut:
+                return ("line-too-slow", watch.cut, None)
             return ("node-down", f"association lost while sending: {exc}", None)
         except (RuntimeError, ValueError) as exc:
+            if watch is not None and watch.cut:
+                return ("line-too-slow", watch.cut, None)
             if not assoc.is_established:
                 return ("node-down", f"association lost: {exc}", None)
             return ("transient", f"send failed: {exc}", None)
+        finally:
+            if watch is not None:
+                self.fw.watchdog.unwatch(watch)
+            line.done(assoc.bytes_sent - sent_before, time.monotonic() - started, parallel,
+                      ok=getattr(rsp, "Status", None) is not None)
+        if watch is not None and watch.cut:
+            return ("line-too-slow", watch.cut, None)
         status = getattr(rsp, "Status", None)
         if status is None:
             return ("node-down", "no C-STORE response (association dropped or timed out)", None)
@@ -420,6 +463,15 @@ class NodeWorker(threading.Thread):
         comment = getattr(rsp, "ErrorComment", "") or ""
         reason = f"{kind}: status 0x{int(status):04X}" + (f" {comment}" if comment else "")
         return (kind, reason, int(status))
+
+    def _watch(self, assoc: Any) -> Watch | None:
+        """Put the association under the line-speed watchdog while an instance is in flight."""
+        node_cfg = self.config.nodes[self.node]
+        if not node_cfg.min_line_speed:
+            return None
+        watch = Watch(assoc, self.node, node_cfg.min_line_speed, node_cfg.min_line_speed_window)
+        self.fw.watchdog.watch(watch)
+        return watch
 
     def _node_down(self, reason: str, jobs: Sequence[Job]) -> None:
         cfg = self.config.forward
@@ -492,7 +544,8 @@ def _context_chunks(jobs: list[Job], target: str | None) -> list[list[Job]]:
 
 
 def convert_variant(src: str, dest: str, ts: str, keys: KeySource | None = None) -> tuple[Any, Any]:
-    """Runs in the conversion process pool: reuse a variant made earlier, else convert.
+    """Runs in the conversion process pool: reuse a variant made earlier, else convert. Returns
+    (path, ConvertResult, seconds spent converting: 0 for a reused variant).
 
     With `keys`, the original is authenticated in full first (CryptoError, naming the chunk, reaches
     the worker through the future and holds the row), and a cached variant that fails
@@ -512,13 +565,15 @@ def convert_variant(src: str, dest: str, ts: str, keys: KeySource | None = None)
             with open_reader(dest, keys) as f:
                 written = str(read(f, stop_before_pixels=True, specific_tags=[0x00020010]).file_meta
                               .TransferSyntaxUID)
-            return Path(dest), ConvertResult(True, written, None if written == ts else "cached fallback", None)
+            return Path(dest), ConvertResult(True, written, None if written == ts else "cached fallback", None), 0.0
         except CryptoError:
             os.unlink(dest)
     if keys is not None:
         verify_file(src, keys)
     os.makedirs(os.path.dirname(dest), exist_ok=True)
-    return Path(dest), convert_file(src, dest, ts, fallbacks=(EXPLICIT_LITTLE,), keys=keys)
+    t0 = time.monotonic()
+    result = convert_file(src, dest, ts, fallbacks=(EXPLICIT_LITTLE,), keys=keys)
+    return Path(dest), result, time.monotonic() - t0
 
 
 class Forwarder:
@@ -543,6 +598,35 @@ class Forwarder:
         self.on_delivered: Callable[[str, bool, str], None] | None = None
         self._pacers: dict[str, Pacer] = {}
         self._pacers_lock = threading.Lock()
+        self.worker = worker
+        self.codec = CodecRate(os.cpu_count() or 1)
+        self.auto_target = auto_target()
+        self._lines = {node: Line(node, self.codec) for node in config.nodes}
+        self.watchdog = Watchdog(self.stopping, self._cut, self.publish)
+
+    def line(self, node: str) -> Line:
+        """The node's measured line speed and `auto` choice (scu/linespeed.py)."""
+        return self._lines[node]
+
+    def _cut(self, watch: Watch, rate: float) -> None:
+        """The watchdog found an association below its node's `min_line_speed`."""
+        node_cfg = self.config.nodes[watch.node]
+        watch.cut = (f"line too slow: {rate / 1000:.1f} kB/s over the last {node_cfg.min_line_speed_window:g}s, "
+                     f"below min_line_speed {node_cfg.min_line_speed / 1000:g} kB/s")
+        line = self._lines[watch.node]
+        line.too_slow += 1
+        log.warning(kv(event="line-too-slow", node=watch.node, rate=f"{rate / 1000:.1f}kB/s",
+                       min_line_speed=f"{node_cfg.min_line_speed / 1000:g}kB/s",
+                       window=f"{node_cfg.min_line_speed_window:g}s", action="abort, retry later"))
+        watch.assoc.cut("line-too-slow", watch.cut)
+        self.publish()
+
+    def publish(self) -> None:
+        """The figures for `qrproxy status` and /metrics (another process reads them)."""
+        try:
+            linespeed.publish(self.spool.root, self.worker, self._lines.values())
+        except OSError as exc:
+            log.debug(kv(event="line-state-not-written", error=str(exc)))
 
     def pacer(self, node: str) -> Pacer:
         """The node's bandwidth limit (scu/pacing.py), one per node for every association to it."""
@@ -564,12 +648,22 @@ class Forwarder:
                     self.pool = ProcessPoolExecutor(max_workers=os.cpu_count() or 1,
                                                     mp_context=multiprocessing.get_context("spawn"))
                 fut = self.pool.submit(convert_variant, str(src), str(dest), ts, self.spool.keys)
+                fut.add_done_callback(lambda f, src=src: self._measured(f, src))
                 self._variants[key] = fut
                 if len(self._variants) > 4096:
                     for k in list(self._variants)[:2048]:
                         if self._variants[k].done():
                             del self._variants[k]
             return fut
+
+    def _measured(self, fut: Future[Any], src: Any) -> None:
+        """A conversion's speed and size, for `auto` (a cached variant took no time: not counted)."""
+        try:
+            path, result, seconds = fut.result()
+            if seconds > 0 and result.ok and result.transfer_syntax not in NATIVE_TARGETS:
+                self.codec.converted(os.path.getsize(src), os.path.getsize(path), seconds)
+        except Exception:
+            pass
 
     def mutated(self, path: Any, node: str | None, calling_ae: str | None, sop: str) -> Any:
         """The data set of spool file `path` with the `on: store` mutations for `node` applied, or
@@ -612,6 +706,7 @@ class Forwarder:
 
     def start(self) -> None:
         self.recover()
+        self.watchdog.start()
         for node, node_cfg in self.config.nodes.items():
             self.workers[node] = [NodeWorker(self, node, slot) for slot in range(node_cfg.associations)]
             for w in self.workers[node]:

@@ -49,7 +49,7 @@ from pydicom.valuerep import VR
 
 from qrproxy.store.crypto import KeySource, copy_plaintext, open_reader, open_writer
 
-__all__ = ["TARGETS", "ConvertResult", "can_convert", "convert_file", "resolve_target"]
+__all__ = ["NATIVE_TARGETS", "TARGETS", "ConvertResult", "auto_target", "can_convert", "convert_file", "resolve_target"]
 
 TARGETS: dict[str, str | None] = {
     "as-received": None,
@@ -256,6 +256,17 @@ def _target_problem(info: _Pixels, src_ts: str, target: str) -> str | None:
         # pylibjpeg-openjpeg always uses 6 DWT resolutions: smaller images fail to encode
         return f"the {_name(target)} encoder needs at least 32x32 pixels ({info.rows}x{info.columns})"
     return None
+
+
+def auto_target() -> str:
+    """The lossless syntax `transfer_syntax: auto` compresses to: JPEG-LS (fast, about as small as
+    JPEG 2000) when its encoder is installed, else JPEG 2000 lossless (pylibjpeg-openjpeg)."""
+    try:
+        if get_encoder(JPEGLSLossless).is_available:
+            return JPEGLSLossless
+    except NotImplementedError:
+        pass
+    return JPEG2000Lossless
 
 
 def can_convert(ds_header: Dataset, target_uid: str | None, *,
