@@ -150,6 +150,15 @@ def test_the_contract_spelling_of_a_bandwidth_window() -> None:
             Node.model_validate({"ae_title": "PACS", "host": "h", "port": 104, "bandwidth_schedule": [bad]})
 
 
+def test_prefetch_keeps_under_the_lower_of_its_own_and_the_node_limit() -> None:
+    from qrproxy.jobs.prefetch import receive_cap
+
+    assert receive_cap(0, 0) == 0
+    assert receive_cap(5_000_000, 0) == 5_000_000
+    assert receive_cap(0, 2_000_000) == 2_000_000
+    assert receive_cap(5_000_000, 2_000_000) == 2_000_000
+
+
 def test_line_speed_watchdog_and_auto_choice_pure() -> None:
     from qrproxy.scu.linespeed import CodecRate, Line, Watch, check
 

@@ -12,7 +12,9 @@ A rule runs on its schedule, only inside its `hours` window (night hours, when t
    shared retrieval a C-MOVE would use, so a workstation asking meanwhile joins it). Done rows pin
    their study (`studies.pinned_until` = the day it is needed + `pin`), so retention keeps it.
    Failures are retried with backoff and held after `max_attempts`; `max_bytes` caps what one
-   patient may take; `bandwidth` spaces retrievals so the average stays under it.
+   patient may take; retrievals are spaced so the average stays under the rule's `bandwidth` and
+   the node's current `bandwidth`/`bandwidth_schedule` limit, the lower of the two (nobody waits on
+   a prior: it yields the link; a retrieve-through, which a modality waits on, is never throttled).
 
 The state of each prior is its row: a restart resumes where the last run stopped, and `qrproxy
 status` shows the rows per state with the last error.
@@ -36,6 +38,7 @@ from qrproxy.index.writers import dialect_insert
 from qrproxy.jobs import refresh
 from qrproxy.logs import kv
 from qrproxy.scu import upstream
+from qrproxy.scu.pacing import limit_at
 from qrproxy.scu.upstream import UpstreamError
 
 if TYPE_CHECKING:
@@ -48,6 +51,12 @@ log = logging.getLogger("qrproxy.prefetch")
 
 RETRY_MIN, RETRY_MAX = 60.0, 3600.0
 CLAIM_LEASE = 3600.0  # an item being fetched is not due for others this long (a killed fetch is retried after)
+
+
+def receive_cap(rule_limit: int, node_limit: int) -> int:
+    """Bytes/s a prefetch may average: the lower of the two limits that are set (0: none)."""
+    limits = [v for v in (rule_limit, node_limit) if v > 0]
+    return min(limits) if limits else 0
 
 
 @dataclass
@@ -216,8 +225,9 @@ class Prefetcher:
                 return
             t0 = time.monotonic()
             got = self._fetch_one(rule, item_id, result)
-            if rule.bandwidth and got:
-                pause = got / rule.bandwidth - (time.monotonic() - t0)
+            cap = receive_cap(rule.bandwidth, limit_at(self.config.nodes[rule.node], dt.datetime.now()))
+            if cap and got:
+                pause = got / cap - (time.monotonic() - t0)
                 if pause > 0:
                     self._stop.wait(pause)
 

@@ -7,8 +7,11 @@ association to the node in this process (with `workers: N`, each worker paces it
 the limit is divided by the number of workers). The association asks the bucket before each
 64 KiB it writes (net/association.py `pace`), so the link sees an even rate.
 
-What qrproxy receives (retrieve-through, prefetch) is not paced here: a retrieve-through has a
-modality waiting on it and is never slowed; a prefetch pulls at the node's own pace.
+What qrproxy asks for is limited where it can be: a prefetch (jobs/prefetch.py) spaces its
+retrievals so their average stays under the node's current limit (`limit_at`) and the rule's own
+`bandwidth`. A retrieve-through is never throttled: a modality is waiting on it, and slowing it
+would only turn into the modality's C-MOVE timing out; it takes the link like the site's other
+traffic, and forwarding, which is paced, leaves it the room above the limit.
 """
 
 from __future__ import annotations
