@@ -393,3 +393,65 @@ def test_auto_sends_as_received_on_loopback(qrproxy: Any, storescp: Any, db_url:
     syntaxes = {dicomgen.transfer_syntax(p.read_bytes()) for p in storescp.received_files()}
     assert syntaxes == {"1.2.840.10008.1.2.1"}, syntaxes
     assert "event=auto-transfer-syntax" not in proc.log_text()
+
+
+# --- retrieve-through over N associations (scp/move.py, scu/retrieve.py split_whole) ---------------
+
+
+def test_split_whole_pure() -> None:
+    from qrproxy.scu.retrieve import split_whole
+
+    one = {"S1": [f"1.{i}" for i in range(100)]}
+    parts = split_whole(one, 4)
+    assert [p[0] for p in parts] == ["IMAGE"] * 4
+    assert sorted(u for p in parts for u in p[2]) == sorted(one["S1"])  # each instance once
+    mixed = {"BIG": [f"1.{i}" for i in range(100)], "A": ["2.1", "2.2", "2.3"], "B": [f"3.{i}" for i in range(10)]}
+    parts = split_whole(mixed, 4)
+    assert len(parts) <= 4
+    images = [u for p in parts if p[0] == "IMAGE" for u in p[2]]
+    series = [s for p in parts if p[0] == "SERIES" for s in p[1]]
+    assert sorted(images) == sorted(mixed["BIG"]) and sorted(series) == ["A", "B"]
+    assert split_whole({"S": ["1", "2", "3"]}, 4) == [("SERIES", ["S"], [])]  # too small to split
+    assert split_whole(one, 1) == [("SERIES", ["S1"], [])]
+
+
+def test_retrieve_through_a_far_pacs_uses_the_node_associations_exactly_once(qrproxy: Any, orthanc_factory: Any,
+                                                                             storescp: Any, db_url: str) -> None:
+    import dicomgen
+    import pydicom
+    from peers import free_port
+    from pynetdicom import AE
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
+    from support import node, proxy_config
+
+    port = free_port()
+    # both ways through the emulator: qrproxy's C-MOVE to the PACS, and the PACS's C-STOREs back
+    with WanRelay(("127.0.0.1", port), delay=0.01) as back:
+        orthanc = orthanc_factory(modalities={"QRPROXY": ("QRPROXY", "127.0.0.1", back.port)})
+        study = dicomgen.make_study(2, 12)
+        for ds in study:
+            orthanc.upload(dicomgen.encode(ds))
+        with WanRelay(("127.0.0.1", orthanc.dicom_port), delay=0.01) as there:
+            cfg = proxy_config(db_url, {"PACS": {"ae_title": orthanc.aet, "host": "127.0.0.1", "port": there.port,
+                                                 "roles": ["query", "retrieve"], "associations": 4},
+                                        "DEST": node(storescp, roles=["modality"])})
+            cfg["port"] = port
+            proc = qrproxy(cfg)
+            ae = AE(ae_title="MODCT")
+            ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+            assoc = ae.associate("127.0.0.1", proc.port, ae_title="QRPROXY")
+            assert assoc.is_established
+            ident = pydicom.Dataset()
+            ident.QueryRetrieveLevel = "STUDY"
+            ident.StudyInstanceUID = str(study[0].StudyInstanceUID)
+            final = [st for st, _ in assoc.send_c_move(ident, storescp.aet, StudyRootQueryRetrieveInformationModelMove)][-1]
+            assoc.release()
+    assert final.Status == 0x0000 and final.NumberOfCompletedSuboperations == len(study), final
+    storescp.wait_for_files(len(study))
+    sops = [pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in storescp.received_files()]
+    assert sorted(sops) == sorted(str(ds.SOPInstanceUID) for ds in study)  # every instance, once
+    text = proc.log_text()
+    starts = text.count("event=retrieve-start")
+    assert 2 <= starts <= 4, f"{starts} upstream requests for a 24-instance study with associations: 4"
+    assert text.count('action="stored (retrieved from PACS)"') == len(study), "an instance came from the PACS twice"
+    assert len(orthanc.instances()) == len(study)

@@ -53,7 +53,7 @@ from qrproxy.net.association import AssociationEnded
 from qrproxy.rules.anonymize import AnonymizeError
 from qrproxy.scu import upstream
 from qrproxy.scu.forward import EXPLICIT_LITTLE, Job, candidates
-from qrproxy.scu.retrieve import Retrieval
+from qrproxy.scu.retrieve import Retrieval, split_whole
 from qrproxy.scu.upstream import UpstreamError
 from qrproxy.store.codec import TARGETS
 from qrproxy.store.crypto import CryptoError
@@ -288,11 +288,18 @@ class RetrieveSCP:
         for study, series in by_study.items():
             whole = [uid for uid in series if uid not in partly_local]
             if whole:
-                classes = {i.sop_class for uid in whole for i in series[uid] if i.sop_class}
-                uids = [i.sop_uid for uid in whole for i in series[uid]]
-                r = retriever.fetch(node, "SERIES", {"StudyInstanceUID": [study], "SeriesInstanceUID": whole},
-                                    classes, uids, all(i.sop_class for uid in whole for i in series[uid]))
-                out.append((r, uids))
+                # up to the node's `associations` requests at once (scu/retrieve.py split_whole)
+                parts = split_whole({uid: [i.sop_uid for i in series[uid]] for uid in whole},
+                                    self.cfg.nodes[node].associations)
+                for level, series_uids, sops in parts:
+                    chosen = set(sops)
+                    its = [i for uid in series_uids for i in series[uid] if not chosen or i.sop_uid in chosen]
+                    keys = {"StudyInstanceUID": [study], "SeriesInstanceUID": series_uids}
+                    if level == "IMAGE":
+                        keys["SOPInstanceUID"] = sops
+                    r = retriever.fetch(node, level, keys, {i.sop_class for i in its if i.sop_class},
+                                        [i.sop_uid for i in its], all(i.sop_class for i in its))
+                    out.append((r, [i.sop_uid for i in its]))
             for uid, its in series.items():
                 if uid in whole:
                     continue

@@ -103,6 +103,44 @@ class Retrieval:
         return ds
 
 
+MIN_PART = 4  # instances: a smaller share of a study is not worth an association of its own
+
+
+def split_whole(series: dict[str, list[str]], n: int) -> list[tuple[str, list[str], list[str]]]:
+    """A study's wholly missing series (series UID -> its SOP Instance UIDs) as at most `n` requests
+    of about the same size: ("SERIES", series UIDs, []) for a group of whole series, ("IMAGE",
+    [series UID], SOP Instance UIDs) for a part of one large series. Why: the PACS sends the
+    sub-operations of one C-MOVE one instance per round trip on one association; on a far link `n`
+    requests (the node's `associations`) make it send on `n` associations at once."""
+    total = sum(len(v) for v in series.values())
+    n = max(1, min(n, total // MIN_PART))
+    if n == 1 or len(series) == 0:
+        return [("SERIES", sorted(series), [])]
+    share = total / n
+    out: list[tuple[str, list[str], list[str]]] = []
+    small: list[str] = []
+    bins_left = n
+    order = sorted(series, key=lambda u: -len(series[u]))
+    for pos, uid in enumerate(order):
+        k = min(bins_left - (1 if pos + 1 < len(order) else 0), round(len(series[uid]) / share))
+        if k >= 2:
+            sops = series[uid]
+            for i in range(k):
+                out.append(("IMAGE", [uid], sops[i * len(sops) // k:(i + 1) * len(sops) // k]))
+            bins_left -= k
+        else:
+            small.append(uid)
+    if small:
+        bins: list[list[str]] = [[] for _ in range(max(1, min(bins_left, len(small))))]
+        load = [0] * len(bins)
+        for uid in small:  # largest first, into the least loaded
+            i = load.index(min(load))
+            bins[i].append(uid)
+            load[i] += len(series[uid])
+        out += [("SERIES", sorted(b), []) for b in bins if b]
+    return out
+
+
 class Arrivals:
     """A count of instances committed to the spool, that waiters for a retrieval watch. The store
     SCP calls `arrived()`; the Retriever waits; neither needs the other to exist first."""
@@ -190,7 +228,7 @@ class Retriever:
                               status="-" if r.status is None else f"0x{r.status:04X}", completed=r.completed,
                               failed=r.failed, ms=ms, error=r.error or "-"))
             r.done.set()
-            self.arrived()
+            self.arrivals.arrived()  # waiters re-check: the retrieval is over
             with self._lock:
                 if self._running.get(r.key) is r:
                     del self._running[r.key]
