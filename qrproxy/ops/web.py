@@ -31,7 +31,7 @@ from qrproxy import __version__
 from qrproxy.index.session import read_only
 from qrproxy.logs import kv
 from qrproxy.ops.metrics import StateCollector, scrape_registry
-from qrproxy.ops.status import Status, _duration, collect
+from qrproxy.ops.status import Status, _duration, collect, line_words
 from qrproxy.scu import upstream
 
 if TYPE_CHECKING:
@@ -339,6 +339,10 @@ def render_page(st: Status, reach: dict[str, tuple[upstream.EchoResult, float]],
     section = ["<section id=queues><h2>Forward queues</h2>"]
     section.append(_table(["Node", "Pending", "In flight", "Held", "Sent", "Oldest unsent"], rows) if rows
                    else "<p class=muted>forward queue empty</p>")
+    lines = [[_e(node), _e(line_words(cfg, node, line))] for node, line in sorted(st.lines.items())
+             if node in cfg.nodes]
+    if lines:
+        section.append("<h2 style='margin-top:12px'>Lines</h2>" + _table(["Node", "Measured"], lines))
     if st.held_reasons:
         section.append("<h2 style='margin-top:12px'>Held items</h2>")
         section.append(_table(["Node", "Items", "Reason"],
