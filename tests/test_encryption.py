@@ -37,8 +37,10 @@ def key_id(path: Path) -> str:
 
 
 def spool_files(proc: Any) -> list[Path]:
+    """Every file under the spool but state/, which holds per-node line figures (bytes/s, counts:
+    scu/linespeed.py), no patient data (checked in test_spool_encrypted_delivery_exact_and_variants_encrypted)."""
     root = proc.dir / "spool"
-    return sorted(p for p in root.rglob("*") if p.is_file())
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.relative_to(root).parts[0] != "state")
 
 
 def make_instances(n: int, rows: int = 256, name: str = "SECRET^PATIENTNAME", **kw: Any) -> list[Any]:
@@ -99,6 +101,10 @@ def test_spool_encrypted_delivery_exact_and_variants_encrypted(db_url: str, orth
     assert len(objects) == 5 and len(variants) == 5, f"{len(objects)} objects, {len(variants)} variants"
     assert_nothing_in_clear(on_disk, datasets, b"SECRET^PATIENTNAME")
     assert {key_id(p) for p in on_disk} == {"k1"}
+    # the one plain folder, state/ (line figures), holds nothing of the patients or their instances
+    for f in (proc.dir / "spool" / "state").glob("*"):
+        raw = f.read_bytes()
+        assert b"SECRET" not in raw and not any(sop.encode() in raw for sop in sops), f"{f}: {raw[:200]!r}"
 
     # An identical re-send is still recognised (digests are of the plaintext): no second copy kept.
     res = storescu(proc.port, files, aec="QRPROXY")
