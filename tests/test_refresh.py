@@ -13,6 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
 import yaml
 from sqlalchemy import create_engine, func, select, update
 from sqlalchemy.orm import Session
@@ -257,3 +258,155 @@ def test_a_job_never_overlaps_itself(tmp_path: Path) -> None:
     with lock:  # a run in progress
         r = run_job(cfg, None, cfg.refresh[0])
     assert r.skipped and not r.ok and "still running" in (r.error or "")
+
+
+# --- several associations over a far link (issue 18) -------------------------------------------
+
+
+def _tree_of_index(db_url: str) -> dict[str, dict[str, set[str]]]:
+    """study uid -> series uid -> SOP Instance UIDs, as the index holds them."""
+    return {uid: {se: set(row["instances"]) for se, row in study["series"].items()}
+            for uid, study in _index(db_url).items()}
+
+
+def _tree_of_orthanc(orthanc: OrthancServer) -> dict[str, dict[str, set[str]]]:
+    """The same, as Orthanc's REST API lists what it holds."""
+    out: dict[str, dict[str, set[str]]] = {}
+    for study_id in orthanc.studies():
+        study = orthanc.get(f"/studies/{study_id}")
+        out[study["MainDicomTags"]["StudyInstanceUID"]] = {
+            se["MainDicomTags"]["SeriesInstanceUID"]: {
+                i["MainDicomTags"]["SOPInstanceUID"] for i in orthanc.get(f"/series/{se['ID']}/instances")}
+            for se in orthanc.get(f"/studies/{study_id}/series")}
+    return out
+
+
+def _wan_config(tmp_path: Path, db_url: str, aet: str, port: int, associations: int) -> Path:
+    """One node behind the relay, and a job refreshing every study it holds."""
+    cfg = {
+        "ae_title": "QRPROXY", "host": "127.0.0.1", "port": 11112, "database": db_url, "spool_dir": "spool",
+        "nodes": {"PACS": {"ae_title": aet, "host": "127.0.0.1", "port": port, "roles": ["query"],
+                           "timeout": "30s", "associations": associations}},
+        "refresh": [{"name": "all", "node": "PACS", "kind": "studies", "every": "1h", "query": {}}],
+    }
+    path = tmp_path / "qrproxy.yml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def _upload_shapes(orthanc: OrthancServer, n: int, tag: str) -> list[dict[str, Any]]:
+    """`n` studies of 1 to 3 series of 1 to 3 instances (so several IMAGE queries per study)."""
+    out = []
+    for i in range(n):
+        datasets = dicomgen.make_study(n_series=1 + i % 3, per_series=1 + (i // 3) % 3, patient_id=f"W{tag}{i % 4}",
+                                       accession=f"W{tag}{i}", StudyDescription=f"WAN {tag} {i}")
+        answers = [orthanc.upload(dicomgen.encode(ds)) for ds in datasets]
+        out.append({"uid": datasets[0].StudyInstanceUID, "id": answers[0]["ParentStudy"], "datasets": datasets})
+    return out
+
+
+def test_refresh_on_four_associations_through_a_wan(tmp_path: Path, db_url: str, orthanc: OrthancServer) -> None:
+    from wan import WanRelay
+
+    studies = _upload_shapes(orthanc, 14, "A")
+    with WanRelay(target=(orthanc.host, orthanc.dicom_port), delay=0.02, rate=0) as wan:
+        cfg = _wan_config(tmp_path, db_url, orthanc.aet, wan.port, associations=4)
+        r = run_cli(cfg, "refresh", "all")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "all: node PACS, rows 14, new studies 14, updated 0, removed 0, ok" in r.stdout
+        # the queries did go out on several associations (the relay saw several connections)
+        assert wan.connections >= 2
+    assert _tree_of_index(db_url) == _tree_of_orthanc(orthanc)
+    index = _index(db_url)
+    for study in studies:
+        _check_against_orthanc_shape(orthanc, index[study["uid"]], study["id"])
+
+
+def _check_against_orthanc_shape(orthanc: OrthancServer, row: dict[str, Any], orthanc_id: str) -> None:
+    """_check_against_orthanc for studies whose series count varies (it checks the counts too)."""
+    o_series = orthanc.get(f"/studies/{orthanc_id}/series")
+    assert row["number_of_series"] == len(o_series)
+    assert row["number_of_instances"] == sum(len(se["Instances"]) for se in o_series)
+    assert row["patient_id"] == orthanc.get(f"/studies/{orthanc_id}")["PatientMainDicomTags"]["PatientID"]
+    for se in o_series:
+        mine = row["series"][se["MainDicomTags"]["SeriesInstanceUID"]]
+        assert mine["series_number"] == int(se["MainDicomTags"]["SeriesNumber"])
+        assert mine["number_of_instances"] == len(se["Instances"])
+        for i in orthanc.get(f"/series/{se['ID']}/instances"):
+            got = mine["instances"][i["MainDicomTags"]["SOPInstanceUID"]]
+            assert got["instance_number"] == int(i["MainDicomTags"]["InstanceNumber"])
+            assert got["sop_class_uid"] == dicomgen.CT_IMAGE_STORAGE
+
+
+def test_refresh_on_four_associations_from_dcmqrscp(tmp_path: Path, db_url: str, dcmqrscp: Any) -> None:
+    """dcmqrscp answers only strictly hierarchical queries (SERIES needs the study, IMAGE the
+    series) and leaves SOPClassUID out: the same index as one association would build."""
+    from wan import WanRelay
+
+    datasets = [ds for i in range(6) for ds in dicomgen.make_study(n_series=1 + i % 3, per_series=2,
+                                                                   patient_id=f"WQ{i % 2}")]
+    dcmqrscp.load(dicomgen.write_all(datasets, tmp_path / "files"))
+    expected: dict[str, dict[str, set[str]]] = {}
+    for ds in datasets:
+        expected.setdefault(ds.StudyInstanceUID, {}).setdefault(ds.SeriesInstanceUID, set()).add(ds.SOPInstanceUID)
+    with WanRelay(target=(dcmqrscp.host, dcmqrscp.port), delay=0.02, rate=0) as wan:
+        cfg = _wan_config(tmp_path, db_url, dcmqrscp.aet, wan.port, associations=4)
+        r = run_cli(cfg, "refresh", "all")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "all: node PACS, rows 6, new studies 6, updated 0, removed 0, ok" in r.stdout
+        assert wan.connections >= 2
+    assert _tree_of_index(db_url) == expected
+    # and what dcmqrscp itself lists, asked directly
+    for uid in expected:
+        assert {i for se in _tree_of_index(db_url)[uid].values() for i in se} == dcmqrscp.instance_uids(uid)
+
+
+@pytest.mark.parametrize("dies", ["link", "peer"])
+def test_upstream_dying_mid_refresh_fails_the_run_and_removes_nothing(
+        tmp_path: Path, db_url: str, orthanc: OrthancServer, dies: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import qrproxy.jobs.learn as learn_module
+    from qrproxy.jobs.refresh import run_job
+    from wan import WanRelay
+
+    first = _upload_shapes(orthanc, 4, "F")
+    wan = WanRelay(target=(orthanc.host, orthanc.dicom_port), delay=0.02, rate=0).start()
+    try:
+        cfg = load_config(_wan_config(tmp_path, db_url, orthanc.aet, wan.port, associations=4))
+        engine = make_engine(cfg.database)
+        upgrade(engine)
+        sessions = make_sessionmaker(engine)
+        assert run_job(cfg, sessions, cfg.refresh[0]).ok
+        # Upstream now: one known study gone (a successful run would remove it), new ones to learn.
+        orthanc.delete(f"/studies/{first[0]['id']}")
+        _upload_shapes(orthanc, 12, "N")
+        truth = _tree_of_orthanc(orthanc)
+        before = _tree_of_index(db_url)
+
+        # The link (or the PACS) goes away as soon as the first new study has been written.
+        real_write = learn_module.write_study
+        written: list[str] = []
+
+        def write_then_die(session: Session, node: str, hdr: Any, series: Any) -> None:
+            real_write(session, node, hdr, series)
+            written.append(hdr.study_instance_uid)
+            if len(written) == 1:
+                wan.stop() if dies == "link" else orthanc.stop()
+
+        monkeypatch.setattr(learn_module, "write_study", write_then_die)
+        result = run_job(cfg, sessions, cfg.refresh[0])
+        engine.dispose()
+    finally:
+        wan.stop()
+    assert not result.ok and "PACS" in (result.error or ""), result
+    assert result.removed == 0
+    runs = _runs(db_url)
+    assert [run.status for run in runs] == ["ok", "error"] and runs[-1].error == result.error
+    after = _tree_of_index(db_url)
+    # nothing removed: the study Orthanc no longer has is still there, as is everything else
+    assert first[0]["uid"] in after
+    assert all(after[uid] == tree for uid, tree in before.items())
+    # what was written in the failed run is complete, exactly as Orthanc held it
+    new = set(after) - set(before)
+    assert written[0] in new and len(new) < 12
+    for uid in new:
+        assert after[uid] == truth[uid]

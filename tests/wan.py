@@ -106,6 +106,7 @@ class WanRelay:
         self.listener.listen(64)
         self.host, self.port = self.listener.getsockname()[:2]
         self._sockets: list[socket.socket] = []
+        self.connections = 0  # accepted so far (each opens one to the target)
         self._stopped = False
         self._thread = threading.Thread(target=self._accept, name="wan-accept", daemon=True)
 
@@ -147,6 +148,7 @@ class WanRelay:
             except OSError:
                 client.close()
                 continue
+            self.connections += 1
             for s in (client, server):
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 self._sockets.append(s)

@@ -160,8 +160,9 @@ class Node(_Strict):
     bandwidth_schedule: list[BandwidthWindow] = Field(default_factory=list)
     # forward a study only once it has received nothing new for this long (Orthanc's StableAge)
     stable_after: Duration = 0.0
-    # associations qrproxy opens to this node at once to forward (each claims the next instances in
-    # queue order): on a far link, one association waits a round trip per instance
+    # associations qrproxy opens to this node at once: to forward (each claims the next instances
+    # in queue order), to retrieve through (a study in that many requests) and to refresh (that many
+    # C-FIND queries in flight): on a far link, one association waits a round trip per request
     associations: int = Field(default=2, ge=1, le=16)
     # Capacitor's MinimumLineSpeed: an association sending slower than this (bytes/s) for
     # `min_line_speed_window` is aborted and its instance retried later (0: off; scu/linespeed.py)

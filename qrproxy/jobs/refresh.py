@@ -5,7 +5,9 @@ worklist.py and worklist_index.py) and replaces that node's items in the query's
 transaction. A `kind: studies` job asks its node for the studies matching `query` (relative dates such as `-7d`
 resolved against today), then, for every study that is new to the index or whose number of instances
 changed, for its series and instances, and writes all of it through `index` (so the rows look the same
-whichever path learnt them). Only when every request of the run succeeded are the studies that the
+whichever path learnt them). Those series and instance queries go out on up to the node's
+`associations` at once (jobs/learn.py, scu/findpool.py): over a far link each C-FIND is a round
+trip, and one at a time they bound the run. Only when every request of the run succeeded are the studies that the
 node no longer lists removed: those the same query selects in the index, that came from that node
 (`source_node`), and of which no instance has a local copy in the spool. A failing or slow upstream
 records the error in `refresh_runs` and leaves the index as it was (studies already written in that run
@@ -36,16 +38,17 @@ from sqlalchemy.orm import Session, sessionmaker
 from qrproxy.config.schema import Config, RefreshJob
 from qrproxy.config.tags import parse_tag
 from qrproxy.config.units import is_relative_date, resolve_relative_date
-from qrproxy.index.columns import IMAGE_KEYS, SERIES_KEYS, STUDY_KEYS
+from qrproxy.index.columns import STUDY_KEYS
 from qrproxy.index.models import Instance, Patient, RefreshRun, Series, Study, utcnow
-from qrproxy.index.writers import (Header, found_study_header, int_of, merge_found_instances, text_of,
-                                   upsert_found_study, upsert_series)
+from qrproxy.index.writers import Header, found_study_header, text_of, upsert_found_study
+from qrproxy.jobs.learn import learn, learn_studies, write_study
 from qrproxy.logs import kv
 from qrproxy.query import worklist
 from qrproxy.query.matching import QueryError, parse_query, residual_keys, select_matching
 from qrproxy.query.worklist_index import item_row, prune, replace
 from qrproxy.rules import routes as rules
 from qrproxy.scu import upstream
+from qrproxy.scu.findpool import FindPool
 
 log = logging.getLogger("qrproxy.refresh")
 
@@ -103,85 +106,6 @@ def study_identifier(query: dict[str, Any], today: dt.date | None = None) -> Dat
     if non_ascii:
         ds.SpecificCharacterSet = "ISO_IR 192"
     return ds
-
-
-def _level_identifier(level: str, keys: Iterable[str], **unique: str) -> Dataset:
-    ds = Dataset()
-    ds.QueryRetrieveLevel = level
-    for keyword, value in unique.items():
-        setattr(ds, keyword, value)
-    for keyword in keys:
-        if keyword not in ds:
-            setattr(ds, keyword, "")
-    return ds
-
-
-# --- writing ----------------------------------------------------------------------------------
-
-
-def write_study(session: Session, node: str, hdr: Header, series: list[tuple[Dataset, list[Dataset]]]) -> None:
-    """A study with its complete series and instance lists: merge all into the index, drop what the
-    node no longer lists (unless the spool holds a copy). Existing local copies (object_pk) are never
-    touched, and values read from them are never replaced by the node's answers."""
-    study_pk = upsert_found_study(session, hdr, node)
-    kept_series: list[int] = []
-    for series_ds, images in series:
-        s_hdr = Header.from_dataset(series_ds)
-        s_hdr.patient, s_hdr.study, s_hdr.study_instance_uid = hdr.patient, hdr.study, hdr.study_instance_uid
-        s_hdr.series["number_of_instances"] = int_of(series_ds, "NumberOfSeriesRelatedInstances")
-        series_pk = upsert_series(session, s_hdr, source_node=node, refreshed=True, found=True)
-        if series_pk is None:
-            continue
-        kept_series.append(series_pk)
-        rows = []
-        for image in images:
-            uid = text_of(image, "SOPInstanceUID", 64)
-            if uid:
-                rows.append({"sop_instance_uid": uid, "series_pk": series_pk,
-                             "sop_class_uid": text_of(image, "SOPClassUID", 64),
-                             "instance_number": int_of(image, "InstanceNumber")})
-        listed = set(merge_found_instances(session, rows))
-        stale = [pk for pk, uid in session.execute(
-            select(Instance.id, Instance.sop_instance_uid)
-            .where(Instance.series_pk == series_pk, Instance.object_pk.is_(None))) if uid not in listed]
-        for i in range(0, len(stale), 500):
-            session.execute(delete(Instance).where(Instance.id.in_(stale[i:i + 500])))
-    local = select(Instance.id).where(Instance.series_pk == Series.id, Instance.object_pk.is_not(None)).exists()
-    session.execute(delete(Series).where(Series.study_pk == study_pk, Series.id.not_in(kept_series), ~local))
-
-
-def _learn_study(fs: upstream.FindSession, sessions: sessionmaker[Session], node: str, hdr: Header) -> None:
-    """Series and instance lists of one study (hierarchical C-FINDs: SERIES, then IMAGE per series,
-    as a strict PACS requires), written in one transaction."""
-    assert hdr.study_instance_uid is not None
-    series_q = _level_identifier("SERIES", SERIES_KEYS, StudyInstanceUID=hdr.study_instance_uid)
-    series = []
-    for series_ds in fs.find(series_q):
-        series_uid = text_of(series_ds, "SeriesInstanceUID")
-        if not series_uid:
-            continue
-        image_q = _level_identifier("IMAGE", IMAGE_KEYS, StudyInstanceUID=hdr.study_instance_uid,
-                                    SeriesInstanceUID=series_uid)
-        series.append((series_ds, fs.find(image_q)))
-    with sessions.begin() as s:
-        write_study(s, node, hdr, series)
-
-
-def learn_studies(config: Config, sessions: sessionmaker[Session], node: str, study_uids: Iterable[str],
-                  timeout: float | None = None) -> int:
-    """Ask `node` for these studies down to their instances and write what it lists into the index
-    (C-MOVE/C-GET need the SOP Instance UIDs to count sub-operations before retrieving through).
-    Returns how many of the studies the node knows; UpstreamError when it cannot be asked."""
-    found = 0
-    with upstream.find_session(config, node, "study", timeout=timeout) as fs:
-        for uid in study_uids:
-            matches = [m for m in fs.find(_level_identifier("STUDY", STUDY_KEYS, StudyInstanceUID=uid))
-                       if text_of(m, "StudyInstanceUID") == uid]
-            if not matches:
-                continue
-            found += 1
-            _learn_study(fs, sessions, node, found_study_header(matches[0]))
-    return found
 
 
 def _remove_vanished(session: Session, job: RefreshJob, identifier: Dataset, seen: set[str]) -> int:
@@ -288,11 +212,16 @@ def run_job(config: Config, sessions: sessionmaker[Session], job: RefreshJob, ca
 
 def _run_studies(config: Config, sessions: sessionmaker[Session], job: RefreshJob, result: RefreshResult,
                  cancel: threading.Event | None, today: dt.date | None) -> None:
+    """STUDY C-FIND, then every new or changed study learnt down to its instances on up to
+    `nodes.NODE.associations` associations at once (jobs/learn.py: the index ends as if learnt one
+    by one); then, only if every request succeeded, the studies the node no longer lists removed."""
     identifier = study_identifier(job.query, today)
-    with upstream.find_session(config, job.node, "study", timeout=job.timeout, cancel=cancel) as fs:
-        studies = [m for m in fs.find(identifier) if text_of(m, "StudyInstanceUID")]
+    size = config.nodes[job.node].associations
+    with FindPool(config, job.node, "study", size=size, timeout=job.timeout, cancel=cancel) as pool:
+        studies = [m for m in pool.find(identifier) if text_of(m, "StudyInstanceUID")]
         result.rows = len(studies)
         headers = [found_study_header(m) for m in studies]
+        del studies  # the headers hold what is needed; thousands of answers need not stay alive
         uids = [h.study_instance_uid for h in headers]
         with sessions.begin() as s:
             known: dict[str, int | None] = {}
@@ -310,14 +239,15 @@ def _run_studies(config: Config, sessions: sessionmaker[Session], job: RefreshJo
             with sessions.begin() as s:
                 for h in unchanged:
                     upsert_found_study(s, h, job.node)
-        for h in headers:
-            if h.study_instance_uid in unchanged_uids:
-                continue
-            _learn_study(fs, sessions, job.node, h)
+
+        def counted(h: Header) -> None:
             if h.study_instance_uid in known:
                 result.updated += 1
             else:
                 result.new_studies += 1
+
+        learn(pool, sessions, job.node, [(h.study_instance_uid, h) for h in headers  # type: ignore[misc]
+                                         if h.study_instance_uid not in unchanged_uids], counted)
     # Every request succeeded: what the node no longer lists is gone there.
     with sessions.begin() as s:
         result.removed = _remove_vanished(s, job, identifier, set(uids))  # type: ignore[arg-type]
@@ -404,4 +334,4 @@ def last_runs(session: Session, names: Iterable[str]) -> dict[str, RefreshRun]:
     return out
 
 
-__all__ = ["RefreshResult", "Refresher", "run_job", "study_identifier", "last_runs"]
+__all__ = ["RefreshResult", "Refresher", "run_job", "study_identifier", "last_runs", "learn_studies", "write_study"]
