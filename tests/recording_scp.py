@@ -11,6 +11,8 @@ told to die (SIGKILL, no goodbye) in the middle of an instance. For fault tests 
                      (EVT_DATA_RECV, len(event.data)), kill this process with SIGKILL at once: the
                      sender is cut off in the middle of an instance, as by a PACS crash or power loss.
 --hold-seconds S     sleep S seconds before answering each C-STORE (a slow upstream).
+--max-associations N associations at once (default 50); one more is rejected (A-ASSOCIATE-RJ,
+                     transient, local limit exceeded), as by a PACS that allows a sender only N.
 
 Also, importable without side effects (pytest does not collect it: no test_ prefix):
     RecordingSCP        a tests/peers.py Peer running this script, restartable on the same port
@@ -44,7 +46,7 @@ def _log(text: str) -> None:
 
 
 def serve(port: int, aet: str, record: Path, die_after_bytes: int | None, hold_seconds: float,
-          host: str = "127.0.0.1") -> None:
+          host: str = "127.0.0.1", max_associations: int = 50) -> None:
     from pynetdicom import AE, AllStoragePresentationContexts, evt
     from pynetdicom.sop_class import Verification
 
@@ -82,8 +84,13 @@ def serve(port: int, aet: str, record: Path, die_after_bytes: int | None, hold_s
     ae = AE(ae_title=aet)
     ae.supported_contexts = AllStoragePresentationContexts
     ae.add_supported_context(Verification)
-    ae.maximum_associations = 50
+    ae.maximum_associations = max_associations
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
+    if max_associations < 50:
+        # pynetdicom counts a connection that never sent an A-ASSOCIATE-RQ (the fixture's port
+        # probe) and one it rejected until their ARTIM expires (acse_timeout): with a low limit
+        # they would take the only slot for a minute
+        ae.acse_timeout = 2
     handlers = [
         (evt.EVT_C_STORE, on_store),
         (evt.EVT_DATA_RECV, on_data_recv),
@@ -103,7 +110,7 @@ def serve(port: int, aet: str, record: Path, die_after_bytes: int | None, hold_s
             _log(f"cannot bind {host}:{port} yet ({exc}); retrying")
             time.sleep(0.2)
     _log(f"listening on {host}:{port} as {aet}, record {record}, die_after_bytes={die_after_bytes}, "
-         f"hold_seconds={hold_seconds}")
+         f"hold_seconds={hold_seconds}, max_associations={max_associations}")
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -123,8 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--die-after-bytes", type=int, default=None)
     p.add_argument("--hold-seconds", type=float, default=0.0)
+    p.add_argument("--max-associations", type=int, default=50)
     args = p.parse_args(argv)
-    serve(args.port, args.aet, args.record, args.die_after_bytes, args.hold_seconds, host=args.host)
+    serve(args.port, args.aet, args.record, args.die_after_bytes, args.hold_seconds, host=args.host,
+          max_associations=args.max_associations)
     return 0
 
 
@@ -151,7 +160,8 @@ class RecordingSCP(PortPeer):
     stop_timeout = 5.0  # SIGTERM, then SIGKILL (nothing to flush: the record is fsynced line by line)
 
     def __init__(self, tmpdir: str | os.PathLike[str], aet: str = "RECSCP", *, port: int | None = None,
-                 name: str | None = None, die_after_bytes: int | None = None, hold_seconds: float = 0.0):
+                 name: str | None = None, die_after_bytes: int | None = None, hold_seconds: float = 0.0,
+                 max_associations: int = 50):
         super().__init__(tmpdir, name)
         self.aet = aet
         self.host = LOCALHOST
@@ -159,10 +169,12 @@ class RecordingSCP(PortPeer):
         self.record = self.dir / "deliveries.txt"
         self.die_after_bytes = die_after_bytes
         self.hold_seconds = hold_seconds
+        self.max_associations = max_associations
 
     def argv(self) -> list[str]:
         argv = [sys.executable, str(SCRIPT), "--port", str(self.port), "--aet", self.aet,
-                "--record", str(self.record), "--hold-seconds", str(self.hold_seconds)]
+                "--record", str(self.record), "--hold-seconds", str(self.hold_seconds),
+                "--max-associations", str(self.max_associations)]
         if self.die_after_bytes is not None:
             argv += ["--die-after-bytes", str(self.die_after_bytes)]
         return argv

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import subprocess
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from io import BytesIO
@@ -202,6 +203,44 @@ def test_kill9_while_forwarding_resends_at_most_in_flight(db_url: str, qrproxy: 
 
     wait_until(lambda: queue_states(proc, want) == Counter(sent=INSTANCES), 60,
                lambda: f"queue rows after delivery: {dict(queue_states(proc, want))}")
+
+
+@pytest.mark.timeout(300)
+def test_a_node_that_allows_fewer_associations_is_not_an_outage(db_url: str, qrproxy: Any, recording_scp: Any,
+                                                                 tmp_path: Path) -> None:
+    """`associations: 4` to a PACS that allows one sender one association (the others rejected,
+    transient, local limit exceeded): every instance arrives exactly once on the one it allows, the
+    limit is said once as associations-limited, and the node is never reported down (before: a
+    node-down warning and a node-back for every retry of the extra associations), not even by the
+    health check whose own association the PACS turns down while the forwarder holds the one it
+    allows (`node_check_interval: 1s`)."""
+    scp = recording_scp(start=False, hold_seconds=0.05, max_associations=1)
+    cfg = proxy_config(db_url, {"PACS": node(scp, associations=4)}, node_check_interval="1s",
+                       forward={"max_attempts": 3, "retry_min": "1s", "retry_max": "2s", "poll": "1s"})
+    proc = qrproxy(cfg)
+    study = dicomgen.make_study(1, 80)
+    files = dicomgen.write_all(study, tmp_path / "in")
+    assert_all_success(storescu(proc.port, files, aec="QRPROXY"), files)  # queued: the PACS is down
+    want = {str(ds.SOPInstanceUID) for ds in study}
+    scp.start()
+    wait_until(lambda: want <= set(scp.deliveries()), 180,
+               lambda: f"{missing(scp.deliveries(), want)}; queue rows: {dict(queue_states(proc, want))}")
+    wait_until(lambda: queue_states(proc, want) == Counter(sent=len(want)), 60,
+               lambda: f"queue rows: {dict(queue_states(proc, want))}")
+    time.sleep(3)  # a few more health checks while the forwarder's association is still open
+    delivered = scp.deliveries()
+    assert set(delivered) == want and max(delivered.values()) == 1, \
+        f"re-sent: {[u for u, n in delivered.items() if n > 1][:3]}"
+    text = proc.log_text()
+    limited = [ln for ln in text.splitlines() if "event=associations-limited" in ln and "WARNING" in ln]
+    assert len(limited) == 1, f"associations-limited warnings: {len(limited)} (expected 1)\n{text[-4000:]}"
+    assert "configured=4" in limited[0] and "hint=" in limited[0], limited[0]
+    # one node-down: the outage before the PACS started; none for the associations it turns down
+    downs = [ln for ln in text.splitlines() if "qrproxy.forward" in ln and "event=node-down" in ln and "WARNING" in ln]
+    assert len(downs) <= 1, "node-down/node-back flapping while the node worked:\n" + "\n".join(downs)
+    back = text.index("event=node-back")
+    health_downs = [ln for ln in text[back:].splitlines() if "qrproxy.health" in ln and "event=node-down" in ln]
+    assert not health_downs, "the health check called a busy node down:\n" + "\n".join(health_downs)
 
 
 # ==============================================================================================

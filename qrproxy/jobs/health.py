@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
 
 from qrproxy.config.schema import Config
@@ -28,6 +29,7 @@ from qrproxy.scu.upstream import EchoResult
 log = logging.getLogger("qrproxy.health")
 
 ECHO_TIMEOUT = 5.0  # a health echo gives up sooner than a node's own timeout
+BUSY_GRACE = 60.0  # s: a delivery this recent makes a rejected echo "busy", not down
 
 
 class NodeHealth:
@@ -39,6 +41,7 @@ class NodeHealth:
         self.echo = echo
         self.results: dict[str, tuple[EchoResult, float]] = {}
         self._down_since: dict[str, float] = {}
+        self._traffic_at: dict[str, float] = {}  # last delivery by real traffic (monotonic)
         self._lock = threading.Lock()
         self._first_round = threading.Event()
         self._scheduler: Any = None
@@ -79,9 +82,21 @@ class NodeHealth:
             return []
         finally:
             self._first_round.set()
-        for r in results:
-            self.record(r)
-        return results
+        return [self.record(self._busy(r)) for r in results]
+
+    def _busy(self, r: EchoResult) -> EchoResult:
+        """A node that turned the echo's association down while it works is busy, not down (a PACS
+        allowing a sender N associations, all in use by the forwarder): a transient rejection
+        leaves an up node up; a rejection of another kind, or a close during negotiation, counts as
+        busy only while real traffic to the node works. Nothing listening, or no answer, is down."""
+        with self._lock:
+            seen = self._traffic_at.get(r.node, 0.0)
+            previous = self.results.get(r.node)
+        recent = time.monotonic() - seen <= max(self.interval, BUSY_GRACE)
+        if r.ok or not ((r.busy and previous is not None and previous[0].ok)
+                        or (r.kind in ("rejected", "aborted") and recent)):
+            return r
+        return replace(r, ok=True, kind="busy", detail=f"up; the check itself was turned down: {r.detail}")
 
     # --- results ------------------------------------------------------------------------------
 
@@ -91,10 +106,12 @@ class NodeHealth:
         process checks nodes at all (worker 0)."""
         with self._lock:
             known = node in self.results
+            if ok:
+                self._traffic_at[node] = time.monotonic()
         if ok and known:
             self.record(EchoResult(node, True, detail, 0), source="traffic")
 
-    def record(self, r: EchoResult, source: str = "echo") -> None:
+    def record(self, r: EchoResult, source: str = "echo") -> EchoResult:
         now = time.time()
         with self._lock:
             previous = self.results.get(r.node)
@@ -120,6 +137,7 @@ class NodeHealth:
         elif not was_ok and r.ok:
             after = f"{now - down_since:.0f}s" if down_since else "-"
             log.info(kv(event="node-back", node=r.node, **where, down_for=after, seen_by=source))
+        return r
 
     def snapshot(self) -> dict[str, tuple[EchoResult, float]]:
         with self._lock:

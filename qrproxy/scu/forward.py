@@ -12,8 +12,9 @@ of instances into held rows:
 Rows are claimed with a lease (state inflight, lease_until, lease_owner); a crash leaves them
 inflight and the next start (or, for another proxy sharing a PostgreSQL queue, lease expiry) puts them
 back to pending. Each instance is recorded as sent in its own transaction as soon as its C-STORE
-response arrives, so a crash re-sends at most the instance that was on the wire per association
-(which the upstream dedupes by UID).
+response arrives (committed while the next instance is sent), so a crash re-sends at most the
+instance that was on the wire and the one being recorded per association (which the upstream dedupes
+by UID).
 
 A peer that dies at any byte never stalls a worker: every write on the association is bounded by
 the node's timeout (net/association.PeerGone), the association is aborted and the node backs off.
@@ -36,7 +37,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -67,6 +68,7 @@ log = logging.getLogger("qrproxy.forward")
 SUCCESS_CODES = {0x0000}
 WARNING_CODES = {0x0001, 0xB000, 0xB006, 0xB007}
 MAX_CONTEXTS = 120  # PS3.8 allows 128 presentation contexts; keep headroom
+EXTRA_RETRY = 300.0  # s before an association the node turned down (while others worked) is tried again
 SHARED_CLAIM = 8  # rows claimed at a time when a node has several associations: they share a backlog
 EXPLICIT_LITTLE = "1.2.840.10008.1.2.1"
 
@@ -122,6 +124,9 @@ class NodeWorker(threading.Thread):
         self._assoc_ctx: Any = None
         self._assoc_key: tuple[str | None, frozenset[tuple[str, str]]] | None = None
         self._idle_since = time.monotonic()
+        self.connecting = False  # waiting for the node to accept an association (siblings look)
+        self._recorder = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"record-{node}")
+        self._recording: Future[None] | None = None
 
     # --- queue operations (each its own short transaction) ---------------------------------------
 
@@ -133,7 +138,9 @@ class NodeWorker(threading.Thread):
             # several associations share the backlog; `auto` looks at the line again every claim
             batch = cfg.batch if node_cfg.associations == 1 and node_cfg.transfer_syntax != "auto" \
                 else min(cfg.batch, SHARED_CLAIM)
-            if self.slot and not self._backlog_for_me(s, now):
+            # extra associations only for a backlog, and only next to one that works: after an
+            # outage one association finds out whether the node is back, not all of them at once
+            if self.slot and not (self._sibling_sends() and self._backlog_for_me(s, now)):
                 return []
             q = claim_query(self.node, now, batch, node_cfg.stable_after)
             if s.get_bind().dialect.name == "postgresql":
@@ -228,7 +235,11 @@ class NodeWorker(threading.Thread):
         self._close()
         contexts = [(sop, [ts]) for sop, ts in sorted(pairs)]
         ctx = associate(self.config, self.node, contexts, calling_ae=calling, opener=self.spool.open)
-        self._assoc = ctx.__enter__()
+        self.connecting = True
+        try:
+            self._assoc = ctx.__enter__()
+        finally:
+            self.connecting = False
         self._assoc_ctx = ctx
         self._assoc_key = key
         pacer = self.fw.pacer(self.node)
@@ -252,7 +263,7 @@ class NodeWorker(threading.Thread):
                 self.fw.stopping.wait(self.config.forward.poll)
                 continue
             if not jobs:
-                if self._assoc is not None and time.monotonic() - self._idle_since > 5.0:
+                if self._assoc is not None and (time.monotonic() - self._idle_since > 5.0 or self._sibling_waits()):
                     self._close()
                 self.wake.wait(self.config.forward.poll if self._assoc is None else 1.0)
                 self.wake.clear()
@@ -260,6 +271,45 @@ class NodeWorker(threading.Thread):
             self._send_batch(jobs)
             self._idle_since = time.monotonic()
         self._close()
+        self._recorder.shutdown(wait=True)
+
+    def _record(self, sent: list[int], failed: list[tuple[Job, str, int | None]]) -> None:
+        """`_finish` in the recorder thread, at most one at a time: the previous must be committed
+        (or its error raised here) before the next is handed over."""
+        self._settle()
+        if sent or failed:
+            self._recording = self._recorder.submit(self._finish, sent, [], failed)
+
+    def _settle(self) -> None:
+        """Wait for the row being recorded; re-raises what its commit raised."""
+        pending, self._recording = self._recording, None
+        if pending is not None:
+            pending.result()
+
+    def _sibling_sends(self) -> bool:
+        """Another association to this node is open: the node is up, whatever this one got."""
+        return any(w is not self and w._assoc is not None and w._assoc.is_established
+                   for w in self.fw.workers.get(self.node, ()))
+
+    def _extra_refused(self, reason: str, jobs: Sequence[Job]) -> None:
+        """The node turned down one more association while others to it work: it allows fewer than
+        `associations`. Not an outage (no node-down, no node-back flapping on every retry): this
+        association's rows go back to its siblings at once and it tries again much later."""
+        self.backoff_until = time.monotonic() + max(EXTRA_RETRY, self.config.forward.retry_max)
+        self._finish([], [j.item_id for j in jobs], [])
+        open_now = 1 + sum(1 for w in self.fw.workers.get(self.node, ()) if w is not self
+                           and w._assoc is not None and w._assoc.is_established)
+        level = logging.WARNING if self.fw.limited(self.node) else logging.DEBUG
+        log.log(level, kv(event="associations-limited", node=self.node,
+                          configured=self.config.nodes[self.node].associations, open=open_now - 1,
+                          reason=reason, action=f"sending on fewer; trying again in {EXTRA_RETRY:.0f}s",
+                          hint=f"set nodes.{self.node}.associations to what the node allows"))
+
+    def _sibling_waits(self) -> bool:
+        """Another association to this node is waiting to be accepted. A peer that serves one
+        association at a time (storescp without --fork, small archives) queues it behind ours, with
+        the rows it claimed: an idle association is then released at once, not after 5 s."""
+        return any(w is not self and w.connecting for w in self.fw.workers.get(self.node, ()))
 
     def _send_batch(self, jobs: list[Job]) -> None:
         node_cfg = self.config.nodes[self.node]
@@ -294,7 +344,11 @@ class NodeWorker(threading.Thread):
         try:
             assoc = self._association(calling, pairs)
         except UpstreamError as exc:
-            self._node_down(str(exc), jobs)
+            # turned down or left unanswered (not "nothing listens") while a sibling works
+            if exc.kind in ("rejected", "timeout", "aborted") and self._sibling_sends():
+                self._extra_refused(str(exc), jobs)
+            else:
+                self._node_down(str(exc), jobs)
             return {j.item_id for j in jobs}
         plans = self._plan(assoc, jobs, target, compress)
         sent: list[int] = []
@@ -313,6 +367,7 @@ class NodeWorker(threading.Thread):
                 elif outcome[0] == "line-too-slow":
                     # The link, not the instance: no attempt charged; the node backs off and the
                     # instance goes again (first in its order) when it is due.
+                    self._settle()
                     self._finish(sent, [], failed)
                     done_ids = set(sent) | {f[0].item_id for f in failed}
                     self._close(abort=True)
@@ -322,6 +377,7 @@ class NodeWorker(threading.Thread):
                     # The association died under this instance. Node-level backoff for the rest, but
                     # this instance is charged an attempt: an instance that makes the peer drop the
                     # association must end up held, not block the node's queue forever.
+                    self._settle()
                     self._finish(sent, [], failed + [(job, f"transient: {outcome[1]}", None)])
                     done_ids = set(sent) | {f[0].item_id for f in failed} | {job.item_id}
                     rest = [j for j in jobs if j.item_id not in done_ids]
@@ -331,11 +387,14 @@ class NodeWorker(threading.Thread):
                 else:
                     failed.append((job, outcome[1], outcome[2]))
                 done.add(job.item_id)
-                # Recorded as soon as its response is in: a crash re-sends at most the instance on
-                # the wire (the batch of 50 this replaced re-sent up to 50 per node after kill -9).
-                self._finish(sent, [], failed)
+                # Recorded as soon as its response is in, in the recorder thread while the next
+                # instance goes out: a crash re-sends at most the instance on the wire and the one
+                # whose row was being committed (the batch of 50 this replaced re-sent up to 50 per
+                # node after kill -9). The commit's fsync no longer sits between two instances.
+                self._record(sent, failed)
                 sent, failed = [], []
         finally:
+            self._settle()
             self._finish(sent, [], failed)
         if done and sent_any and self.fw.on_delivered is not None:
             self.fw.on_delivered(self.node, True, "delivered instances")
@@ -587,6 +646,7 @@ class Forwarder:
         self.stopping = threading.Event()
         self.workers: dict[str, list[NodeWorker]] = {}
         self._down: set[str] = set()
+        self._limited: set[str] = set()  # nodes that allowed fewer associations than configured
         self._down_lock = threading.Lock()
         self.has_store_mutations = any(m.on == "store" for m in config.mutations)
         self.pseudonyms = DbPseudonyms(sessions)
@@ -711,6 +771,13 @@ class Forwarder:
             self.workers[node] = [NodeWorker(self, node, slot) for slot in range(node_cfg.associations)]
             for w in self.workers[node]:
                 w.start()
+
+    def limited(self, node: str) -> bool:
+        """Note that `node` refused an extra association; True the first time (one warning)."""
+        with self._down_lock:
+            first = node not in self._limited
+            self._limited.add(node)
+            return first
 
     def node_down(self, node: str) -> bool:
         """Note that `node` failed; True the first time (the outage's one warning)."""

@@ -29,11 +29,13 @@ log = logging.getLogger("qrproxy.upstream")
 class UpstreamError(Exception):
     """The node could not be reached or refused the association; the message says which, `kind`
     names it in one word (net/requestor.py's: dns, refused, timeout, unreachable, tls, rejected,
-    aborted, protocol, no-context; or config, status, lost)."""
+    aborted, protocol, no-context; or config, status, lost). `busy`: rejected-transient (PS3.8
+    9.3.4: local limit exceeded, congestion): the node is up, just not taking one more now."""
 
-    def __init__(self, message: str, kind: str = "error"):
+    def __init__(self, message: str, kind: str = "error", busy: bool = False):
         super().__init__(message)
         self.kind = kind
+        self.busy = busy
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class EchoResult:
     detail: str
     ms: int
     kind: str = "ok"  # else what went wrong, in one word (UpstreamError.kind)
+    busy: bool = False  # UpstreamError.busy: turned down for now, so reachable
 
 
 @contextmanager
@@ -75,7 +78,8 @@ def associate(
                         timeout=node.timeout, connect_timeout=min(node.timeout, 10.0), ssl_context=ssl_context,
                         sink_for=sink_for, handlers={dimse.C_STORE: on_store} if on_store else None)
     except ConnectFailed as exc:
-        raise UpstreamError(f"{name} ({node.ae_title}@{node.host}:{node.port}): {exc.detail}", exc.kind) from None
+        raise UpstreamError(f"{name} ({node.ae_title}@{node.host}:{node.port}): {exc.detail}", exc.kind,
+                            busy=exc.rejection is not None and exc.rejection[0] == 2) from None
     if opener is not None:
         assoc.opener = opener
     try:
@@ -97,7 +101,8 @@ def echo(config: Config, name: str) -> EchoResult:
             detail = "ok" if ok else ("no response" if code is None else f"C-ECHO answered status 0x{code:04X}")
             kind = "ok" if ok else ("lost" if code is None else "status")
     except UpstreamError as exc:
-        ok, detail, kind = False, str(exc).split(": ", 1)[-1], exc.kind
+        ms = int((time.monotonic() - t0) * 1000)
+        return EchoResult(name, False, str(exc).split(": ", 1)[-1], ms, exc.kind, busy=exc.busy)
     except (AssociationEnded, OSError) as exc:  # the peer aborted or vanished during the echo
         ok, detail, kind = False, f"association lost during C-ECHO: {exc}", "lost"
     ms = int((time.monotonic() - t0) * 1000)
