@@ -286,30 +286,34 @@ class NodeWorker(threading.Thread):
         if pending is not None:
             pending.result()
 
+    def _siblings(self) -> list[NodeWorker]:
+        return [w for w in self.fw.workers.get(self.node, ()) if w is not self]
+
+    def _siblings_open(self) -> int:
+        """Other associations to this node that are open: the node is up, whatever this one got."""
+        return sum(1 for w in self._siblings() if w._assoc is not None and w._assoc.is_established)
+
     def _sibling_sends(self) -> bool:
-        """Another association to this node is open: the node is up, whatever this one got."""
-        return any(w is not self and w._assoc is not None and w._assoc.is_established
-                   for w in self.fw.workers.get(self.node, ()))
+        return self._siblings_open() > 0
 
     def _extra_refused(self, reason: str, jobs: Sequence[Job]) -> None:
         """The node turned down one more association while others to it work: it allows fewer than
         `associations`. Not an outage (no node-down, no node-back flapping on every retry): this
         association's rows go back to its siblings at once and it tries again much later."""
-        self.backoff_until = time.monotonic() + max(EXTRA_RETRY, self.config.forward.retry_max)
+        wait = max(EXTRA_RETRY, self.config.forward.retry_max)
+        self.backoff_until = time.monotonic() + wait
         self._finish([], [j.item_id for j in jobs], [])
-        open_now = 1 + sum(1 for w in self.fw.workers.get(self.node, ()) if w is not self
-                           and w._assoc is not None and w._assoc.is_established)
         level = logging.WARNING if self.fw.limited(self.node) else logging.DEBUG
         log.log(level, kv(event="associations-limited", node=self.node,
-                          configured=self.config.nodes[self.node].associations, open=open_now - 1,
-                          reason=reason, action=f"sending on fewer; trying again in {EXTRA_RETRY:.0f}s",
+                          configured=self.config.nodes[self.node].associations, open=self._siblings_open(),
+                          reason=reason, action=f"sending on fewer; trying again in {wait:.0f}s",
                           hint=f"set nodes.{self.node}.associations to what the node allows"))
 
     def _sibling_waits(self) -> bool:
         """Another association to this node is waiting to be accepted. A peer that serves one
         association at a time (storescp without --fork, small archives) queues it behind ours, with
         the rows it claimed: an idle association is then released at once, not after 5 s."""
-        return any(w is not self and w.connecting for w in self.fw.workers.get(self.node, ()))
+        return any(w.connecting for w in self._siblings())
 
     def _send_batch(self, jobs: list[Job]) -> None:
         node_cfg = self.config.nodes[self.node]
@@ -772,19 +776,19 @@ class Forwarder:
             for w in self.workers[node]:
                 w.start()
 
+    def _first(self, seen: set[str], node: str) -> bool:
+        with self._down_lock:
+            first = node not in seen
+            seen.add(node)
+            return first
+
     def limited(self, node: str) -> bool:
         """Note that `node` refused an extra association; True the first time (one warning)."""
-        with self._down_lock:
-            first = node not in self._limited
-            self._limited.add(node)
-            return first
+        return self._first(self._limited, node)
 
     def node_down(self, node: str) -> bool:
         """Note that `node` failed; True the first time (the outage's one warning)."""
-        with self._down_lock:
-            first = node not in self._down
-            self._down.add(node)
-            return first
+        return self._first(self._down, node)
 
     def node_up(self, node: str) -> bool:
         """Note a delivery to `node`; True when it had been down (the outage's one node-back)."""

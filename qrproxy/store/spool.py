@@ -182,8 +182,7 @@ class Spool:
         ~15% of the forwarder's time per instance; a row that names '..' or an absolute path is
         refused all the same."""
         norm = os.path.normpath(relpath)
-        if not relpath or os.path.isabs(norm) or norm == os.curdir or norm == os.pardir \
-                or norm.startswith(os.pardir + os.sep):
+        if os.path.isabs(norm) or norm in (os.curdir, os.pardir) or norm.startswith(os.pardir + os.sep):
             raise ValueError(f"spool path escapes the spool: {relpath!r}")
         if self._objects_real is None:
             self._objects_real = self.objects.resolve()
